@@ -1,0 +1,55 @@
+"""Exponential moving average of model weights, updated in place with fused foreach ops."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA:
+    """EMA of a module's floating-point parameters and buffers.
+
+    The shadow model is a frozen copy kept in eval mode; `update` runs after the optimizer step on the
+    unwrapped module (never the DDP/FSDP wrapper) with one `torch._foreach_lerp_` over all tensors.
+
+    Args:
+        model: the module to track (its current weights initialise the average).
+        decay: target decay (0.9999 in the official recipe).
+        warmup: if True, decay at step s is min(decay, (1 + s) / (10 + s)), so short runs are not dominated
+            by the random initialisation.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = False) -> None:
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+        self.decay = decay
+        self.warmup = warmup
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self._pairs = self._match(model)
+
+    def _match(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        del model  # the shadow copy has the same names
+        dst = dict(self.model.named_parameters())
+        keys = [k for k in dst if dst[k].is_floating_point()]
+        return [dst[k] for k in keys], keys
+
+    def decay_at(self, step: int) -> float:
+        if self.warmup:
+            return min(self.decay, (1.0 + step) / (10.0 + step))
+        return self.decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        """shadow <- decay * shadow + (1 - decay) * params  (step = optimizer steps taken before this one)."""
+        decay = self.decay_at(step)
+        params = dict(model.named_parameters())
+        shadow, keys = self._pairs
+        torch._foreach_lerp_(shadow, [params[k].detach() for k in keys], 1.0 - decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state, strict=True)
