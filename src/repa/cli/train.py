@@ -1,0 +1,31 @@
+"""`repa train CONFIG [section.key=value ...]`: train from a YAML preset; rerunning the same command resumes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML preset, e.g. configs/tiny.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=200 repa.align_coeff=0")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    from repa.config import load_config, to_dict
+
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return 0
+    from repa.training import train
+
+    summary = train(cfg)
+    from repa import distributed as D
+
+    D.print0(f"[repa] done: {json.dumps(summary['metrics'])}")
+    D.print0(f"[repa] run directory: {summary['run_dir']} (samples/, metrics.jsonl, checkpoints/, config.yaml)")
+    return 0

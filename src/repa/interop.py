@@ -1,0 +1,90 @@
+"""Rebuild a model from any supported checkpoint (repa, official REPA `last.pt`, bare state dicts)."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from repa.training.checkpoint import load_model_weights
+
+# Official names -> heads (the weights do not encode the head count).
+_HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1152: 16}
+
+
+def infer_model_kwargs(state: dict[str, torch.Tensor], num_heads: int | None = None) -> dict[str, Any]:
+    """Constructor arguments of `DiffusionTransformer` read off a state dict with official key names.
+
+    Args:
+        state: the state dict.
+        num_heads: head count when known (from a config or the official `args.model`); otherwise the
+            official sizes' value for this width, or width / 64.
+    """
+    try:
+        w = state["x_embedder.proj.weight"]  # (D, C, p, p)
+        pos = state["pos_embed"]  # (1, N, D)
+        table = state["y_embedder.embedding_table.weight"]  # (num_classes + 1, D)
+        final = state["final_layer.linear.weight"]  # (p * p * C_out, D)
+    except KeyError as err:
+        raise ValueError(f"not a SiT/DiT state dict with official key names: missing {err}") from err
+    hidden, in_channels, patch = w.shape[0], w.shape[1], w.shape[-1]
+    grid = math.isqrt(pos.shape[1])
+    if grid * grid != pos.shape[1]:
+        raise ValueError(f"pos_embed has {pos.shape[1]} tokens, not a square grid")
+    depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
+    out_channels = final.shape[0] // (patch * patch)
+    projectors = sorted({int(m.group(1)) for k in state if (m := re.match(r"projectors\.(\d+)\.", k))})
+    kwargs: dict[str, Any] = dict(
+        input_size=grid * patch,
+        patch_size=patch,
+        in_channels=in_channels,
+        hidden_size=hidden,
+        depth=depth,
+        num_heads=num_heads or _HEADS_BY_WIDTH.get(hidden, max(1, hidden // 64)),
+        mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
+        num_classes=table.shape[0] - 1,
+        learn_sigma=out_channels == 2 * in_channels,
+        encoder_dims=[state[f"projectors.{k}.4.weight"].shape[0] for k in projectors],
+        qk_norm=any(k.startswith("blocks.0.attn.q_norm") for k in state),
+    )
+    if projectors:
+        kwargs["projector_dim"] = state["projectors.0.0.weight"].shape[0]
+    return kwargs
+
+
+def load_model_for_inference(
+    path: str | Path, prefer_ema: bool = True, num_heads: int | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Load any supported checkpoint into a `DiffusionTransformer` in eval mode (strict key match).
+
+    Returns:
+        (model, info) where info holds the source format, the repa config (if any) and the step.
+    """
+    from repa.models import DiffusionTransformer
+
+    state, info = load_model_weights(path, prefer_ema=prefer_ema)
+    align_depth = None
+    cfg = info.get("config")
+    if cfg is not None:  # a repa checkpoint: the config knows the head count and align depth
+        num_heads = num_heads or cfg["model"].get("num_heads")
+        align_depth = cfg["model"].get("align_depth")
+    args = info.get("args") or {}
+    if "model" in args and num_heads is None:
+        size = str(args["model"]).split("-")[1].split("/")[0]
+        num_heads = {"S": 6, "B": 12, "L": 16, "XL": 16}.get(size)
+    if "encoder_depth" in args:
+        align_depth = int(args["encoder_depth"])
+    kwargs = infer_model_kwargs(state, num_heads)
+    if cfg is not None and num_heads is None:
+        from repa.models import MODELS
+
+        kwargs["num_heads"] = MODELS[cfg["model"]["name"]].get("num_heads", kwargs["num_heads"])
+    if kwargs["encoder_dims"]:
+        kwargs["align_depth"] = align_depth or min(8, kwargs["depth"])
+    model = DiffusionTransformer(**kwargs)
+    model.load_state_dict(state, strict=True)
+    return model.eval(), {**info, "model_kwargs": kwargs}

@@ -1,0 +1,112 @@
+"""Training data as the loop sees it: clean inputs x, labels, uint8 images for encoders, cached targets."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from repa.config import Config
+
+
+def cache_dir() -> Path:
+    """Where repa keeps converted weights, downloaded assets and encoder-target caches."""
+    return Path(os.environ.get("REPA_CACHE", Path.home() / ".cache" / "repa"))
+
+
+def balanced_subset(labels: torch.Tensor, num: int | None, num_classes: int) -> torch.Tensor:
+    """Indices of the first `num // num_classes` items of each class, in dataset order (all if num is None)."""
+    if num is None or num >= len(labels):
+        return torch.arange(len(labels))
+    per_class = num // num_classes
+    if per_class < 1:
+        raise ValueError(f"data.num_train={num} is smaller than the number of classes ({num_classes})")
+    picks = [torch.nonzero(labels == c).flatten()[:per_class] for c in range(num_classes)]
+    return torch.sort(torch.cat(picks)).values
+
+
+@dataclass
+class InMemoryImages:
+    """A uint8 image tensor (N, C, H, W) with labels; pixel-space training reads x = images / 127.5 - 1."""
+
+    images: torch.Tensor  # (N, C, H, W) uint8
+    labels: torch.Tensor  # (N,) int64
+    num_classes: int
+    name: str
+    targets: list[torch.Tensor] = field(default_factory=list)  # per encoder: (num_flips, N, T, D)
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+            raise ValueError(
+                f"{self.name}: images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}"
+            )
+        if len(self.labels) != len(self.images):
+            raise ValueError(f"{self.name}: {len(self.images)} images but {len(self.labels)} labels")
+        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= self.num_classes):
+            bad = int(torch.nonzero((self.labels < 0) | (self.labels >= self.num_classes))[0])
+            raise ValueError(
+                f"{self.name}: label {int(self.labels[bad])} of item {bad} is outside [0, {self.num_classes})"
+            )
+
+    @property
+    def num_items(self) -> int:
+        return len(self.images)
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    def fingerprint(self) -> str:
+        """Content hash (images + labels) identifying this exact training set for target caches."""
+        h = hashlib.sha1()
+        h.update(str(tuple(self.images.shape)).encode())
+        h.update(self.images.contiguous().numpy().tobytes())
+        h.update(self.labels.numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def batch(self, idx: torch.Tensor, flips: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+        """Items `idx` with horizontal flips where `flips`; x in [-1, 1], images uint8 (for encoders)."""
+        images = self.images[idx]
+        if flips.any():
+            images = torch.where(flips[:, None, None, None], images.flip(-1), images)
+        out = {
+            "images": images.to(device),
+            "x": (images.to(device=device, dtype=torch.float32) / 127.5 - 1.0),
+            "y": self.labels[idx].to(device),
+        }
+        if self.targets:
+            f = flips.long() if any(t.shape[0] > 1 for t in self.targets) else torch.zeros_like(flips, dtype=torch.long)
+            out["targets"] = [
+                t[f.clamp(max=t.shape[0] - 1), idx].to(device=device, dtype=torch.float32) for t in self.targets
+            ]
+        return out
+
+
+def decode_pixels(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float images -> uint8 (B, C, H, W)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def load_train_images(cfg: Config) -> InMemoryImages:
+    """The training set of a pixel-space run, fully in memory."""
+    d = cfg.data
+    if d.kind == "fashion-mnist":
+        from repa.data.fashion_mnist import load_fashion_mnist
+
+        images, labels = load_fashion_mnist("train", root=d.root)
+        images = torch.as_tensor(images)
+        labels = torch.as_tensor(labels).long()
+        keep = balanced_subset(labels, d.num_train, 10)
+        return InMemoryImages(images[keep][:, None].contiguous(), labels[keep], 10, "fashion-mnist")
+    if d.kind == "folder":
+        from repa.data.folder import load_image_folder
+
+        if d.root is None:
+            raise ValueError("data.kind=folder needs data.root (an ImageNet-layout folder of class subfolders)")
+        images, labels, classes = load_image_folder(d.root, d.resolution)
+        keep = balanced_subset(labels, d.num_train, len(classes))
+        return InMemoryImages(images[keep], labels[keep], len(classes), f"folder:{d.root}")
+    raise ValueError(f"data.kind={d.kind} is not an in-memory pixel dataset")

@@ -1,0 +1,173 @@
+"""Builders that turn a Config into the run's pieces: encoders, cached targets, model, loss, sample grids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from repa import distributed as D
+from repa.config import Config
+from repa.training.batches import generator
+from repa.training.data import InMemoryImages, cache_dir, decode_pixels
+
+
+def build_encoders(cfg: Config, device: torch.device) -> list[nn.Module]:
+    """The frozen target encoders named in `cfg.repa` (none for vanilla training)."""
+    from repa.encoders import load_encoder
+
+    r = cfg.repa
+    weights = r.encoder_weights or [None] * len(r.encoders)
+    return [
+        load_encoder(name, r.encoder_resolution, weights=w, layer=r.encoder_layer, device=str(device))
+        for name, w in zip(r.encoders, weights)
+    ]
+
+
+def target_cache_path(cfg: Config, data: InMemoryImages, encoder: nn.Module) -> Path:
+    r = cfg.repa
+    layer = "final" if r.encoder_layer is None else f"l{r.encoder_layer}"
+    flips = "flip" if cfg.data.hflip else "noflip"
+    name = f"{data.fingerprint()}-{encoder.name.replace('/', '_')}-{r.encoder_resolution}-{layer}-{flips}.safetensors"
+    return cache_dir() / "targets" / name
+
+
+def prepare_targets(cfg: Config, data: InMemoryImages, encoders: list[nn.Module], acc: Any) -> None:
+    """Compute (once, cached across runs) each encoder's patch tokens for every training image, both flips.
+
+    Rank 0 builds missing caches while the others wait; then every rank memory-maps them into `data.targets`.
+    """
+    if not encoders or not cfg.repa.cache_targets:
+        return
+    from repa.data.features import TargetCache, build_target_cache
+
+    flips = (False, True) if cfg.data.hflip else (False,)
+    paths = [target_cache_path(cfg, data, enc) for enc in encoders]
+    if acc.is_main_process:
+        for enc, path in zip(encoders, paths):
+            if not path.exists():
+                D.print0(f"[repa] computing {enc.name} targets for {data.num_items} images -> {path}")
+                build_target_cache(enc, data.images, path, flips=flips, progress=cfg.train.progress)
+    acc.wait_for_everyone()
+    data.targets = [TargetCache.load(p).tensor for p in paths]
+
+
+def build_model(cfg: Config, data: InMemoryImages, encoders: list[nn.Module]) -> nn.Module:
+    """The diffusion transformer sized for the data, with one projector per encoder."""
+    from repa.models import build_model as build
+
+    m = cfg.model
+    overrides = {k: getattr(m, k) for k in ("hidden_size", "depth", "num_heads", "mlp_ratio", "align_depth")}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    c, h, w = data.sample_shape
+    if h != w:
+        raise ValueError(f"training images must be square, got {h}x{w}")
+    model = build(
+        m.name,
+        input_size=h,
+        in_channels=c,
+        num_classes=data.num_classes,
+        class_dropout_prob=m.class_dropout_prob,
+        encoder_dims=[enc.embed_dim for enc in encoders],
+        projector_dim=m.projector_dim,
+        qk_norm=m.qk_norm,
+        **overrides,
+    )
+    if m.grad_checkpointing and hasattr(model, "grad_checkpointing"):
+        model.grad_checkpointing = True
+    grid = h // model.patch_size
+    for enc in encoders:
+        if tuple(enc.token_grid) != (grid, grid) and not cfg.repa.resample_tokens:
+            raise ValueError(
+                f"token-grid mismatch: {enc.name} at {cfg.repa.encoder_resolution} px gives a {enc.token_grid} grid "
+                f"but the model has {grid}x{grid} patches; set repa.encoder_resolution so they match or "
+                "repa.resample_tokens=true"
+            )
+    return model
+
+
+class StepLoss:
+    """Adapts RepaLoss to the loop's pre-drawn randomness (uniform u, noise, label-drop mask)."""
+
+    def __init__(self, cfg: Config) -> None:
+        from repa.losses import RepaLoss
+        from repa.transport import time_from_uniform
+
+        self.cfg = cfg
+        self.time_from_uniform = time_from_uniform
+        self.loss = RepaLoss(
+            path=cfg.transport.path,
+            prediction=cfg.transport.prediction,
+            time_sampling=cfg.transport.time_sampling,
+            align_coeff=cfg.repa.align_coeff if cfg.repa.enabled else 0.0,
+            align_kind=cfg.repa.align_kind,
+            resample=cfg.repa.resample_tokens,
+        )
+
+    def __call__(self, model, x, y, targets, *, u, noise, drop) -> dict[str, torch.Tensor]:
+        t = self.time_from_uniform(u, self.cfg.transport.time_sampling)
+        return self.loss(model, x, y, targets if self.cfg.repa.enabled else None, t=t, noise=noise,
+                         model_kwargs={"force_drop_ids": drop.long()})  # fmt: skip
+
+
+def build_loss(cfg: Config) -> StepLoss:
+    return StepLoss(cfg)
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module, cfg: Config, labels: torch.Tensor, sample_shape: tuple[int, ...], seed: int
+) -> torch.Tensor:
+    """Samples x (float, data space) for `labels` with the sampler in `cfg.sample` (EMA model, eval mode)."""
+    from repa.samplers import euler_maruyama_sampler, euler_sampler, model_velocity_fn
+
+    s = cfg.sample
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    g = generator(seed, 3)
+    noise = torch.randn((len(labels), *sample_shape), generator=g).to(device)
+    fn = model_velocity_fn(model)
+    common = dict(cfg_scale=s.cfg_scale, guidance_low=s.guidance_low, guidance_high=s.guidance_high,
+                  null_label=model.num_classes)  # fmt: skip
+    if s.sampler == "ode":
+        x = euler_sampler(fn, noise, labels.to(device), num_steps=s.num_steps, heun=s.heun, **common)
+    else:
+        x = euler_maruyama_sampler(fn, noise, labels.to(device), num_steps=s.num_steps, path=cfg.transport.path,
+                                   generator=generator(seed, 4), **common)  # fmt: skip
+    model.train(was_training)
+    return x.float()
+
+
+def grid_labels(num: int, num_classes: int) -> torch.Tensor:
+    """Labels 0, 1, ..., num_classes-1, 0, 1, ... so each grid row cycles the classes."""
+    return torch.arange(num) % num_classes
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int) -> None:
+    """uint8 (B, C, H, W) -> one PNG grid with a 2-pixel border."""
+    from PIL import Image
+
+    b, c, h, w = images.shape
+    ncol = nrow
+    nrows = (b + ncol - 1) // ncol
+    pad = 2
+    canvas = torch.full((c, nrows * (h + pad) + pad, ncol * (w + pad) + pad), 255, dtype=torch.uint8)
+    for i in range(b):
+        r, q = divmod(i, ncol)
+        canvas[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = (
+            images[i]
+        )
+    arr = canvas.permute(1, 2, 0).numpy()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr[..., 0] if c == 1 else arr).save(path)
+
+
+def sample_grid(cfg: Config, model: nn.Module, data: InMemoryImages, path: Path) -> None:
+    """A grid of `cfg.sample.num_images` EMA samples, one class per column."""
+    n = cfg.sample.num_images
+    labels = grid_labels(n, data.num_classes)
+    x = generate(model, cfg, labels, data.sample_shape, cfg.sample.seed)
+    save_grid(decode_pixels(x.cpu()), path, nrow=min(data.num_classes, n))
