@@ -1,0 +1,389 @@
+"""DiT's discrete Gaussian diffusion: linear betas, eps-prediction with learned Sigma, L_simple + L_vlb, respacing.
+
+Follows Ho et al. 2020 (DDPM) and Nichol & Dhariwal 2021 (improved DDPM, "iDDPM"), as used by DiT
+(Peebles & Xie 2023). Discrete timestep i = 0 .. T-1 is the noise level of x_t, with i = 0 closest to data,
+so the direction agrees with the continuous convention (t = 0 data). The model input for timestep i is the
+float `float(i)` in 0 .. 999 (the ORIGINAL index when respaced), exactly what DiT feeds its sinusoidal
+timestep embedder, so official DiT checkpoints work unchanged. Schedules are float64; values are extracted
+to float32 (float64 if the data is float64), as DiT does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+__all__ = [
+    "GaussianDiffusion",
+    "cfg_eps_fn",
+    "create_diffusion",
+    "ddpm_model_fn",
+    "discretized_gaussian_log_likelihood",
+    "linear_beta_schedule",
+    "normal_kl",
+    "space_timesteps",
+]
+
+ModelFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x_t, t_model, y) -> (B, 2C, ...) eps and v
+
+
+def linear_beta_schedule(num_timesteps: int = 1000) -> Tensor:
+    """DDPM's linear betas from 1e-4 to 0.02 for 1000 steps, rescaled by 1000 / num_timesteps (float64)."""
+    scale = 1000 / num_timesteps
+    return torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64)
+
+
+def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int]) -> set[int]:
+    """Timesteps kept by respacing (iDDPM Sec. 4): the range is cut into equal sections and each section
+    keeps `count` evenly strided steps (fractional stride, rounded), first and last included.
+
+    Args:
+        num_timesteps: steps of the base process.
+        section_counts: "250", "10,15,20", an int, or a list of ints.
+
+    Returns:
+        the set of kept base indices.
+    """
+    if isinstance(section_counts, str):
+        counts = [int(c) for c in section_counts.split(",")]
+    elif isinstance(section_counts, int):
+        counts = [section_counts]
+    else:
+        counts = [int(c) for c in section_counts]
+    size_per, extra = divmod(num_timesteps, len(counts))
+    kept: set[int] = set()
+    start = 0
+    for i, count in enumerate(counts):
+        size = size_per + (1 if i < extra else 0)
+        if count < 1 or count > size:
+            raise ValueError(f"cannot take {count} steps from a section of {size} (num_timesteps={num_timesteps})")
+        stride = (size - 1) / (count - 1) if count > 1 else 1.0
+        kept.update(start + round(k * stride) for k in range(count))
+        start += size
+    return kept
+
+
+def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def _approx_std_normal_cdf(x: Tensor) -> Tensor:
+    # the tanh approximation used by DDPM/iDDPM/DiT (kept for identical bits/dim)
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def discretized_gaussian_log_likelihood(x: Tensor, *, means: Tensor, log_scales: Tensor) -> Tensor:
+    """log-likelihood of data in [-1, 1] quantised to 256 bins under N(means, e^(2 log_scales)) (DDPM Eq. 13).
+
+    Returns:
+        elementwise log-probabilities (nats), same shape as x.
+    """
+    centered = x - means
+    inv_stdv = torch.exp(-log_scales)
+    cdf_plus = _approx_std_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
+    cdf_min = _approx_std_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_probs = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    log_probs = torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_probs))
+    return log_probs
+
+
+def _mean_flat(x: Tensor) -> Tensor:
+    return x.mean(dim=tuple(range(1, x.ndim)))
+
+
+class GaussianDiffusion:
+    """Discrete forward process q(x_t | x) = N(sqrt(abar_t) x, (1 - abar_t) I) and its learned reverse process.
+
+    Args:
+        betas: (T,) float64 betas of this process (already respaced if `timestep_map` is given).
+        timestep_map: (T,) original index of each step (respacing); None = identity.
+        learn_sigma: model outputs 2C channels: eps and v in [-1, 1] interpolating the log-variance between
+            beta_tilde (v = -1) and beta (v = +1) (iDDPM Eq. 15). False: C channels (eps), variance beta_tilde.
+        vlb_scale: multiplier of L_vlb in the training loss (iDDPM's lambda = 1e-3 is absorbed in their
+            "RESCALED_MSE" factor T / 1000; DiT trains T = 1000 so both conventions give 1).
+    """
+
+    def __init__(
+        self,
+        betas: Tensor,
+        *,
+        timestep_map: Sequence[int] | Tensor | None = None,
+        learn_sigma: bool = True,
+        vlb_scale: float | None = None,
+    ) -> None:
+        betas = torch.as_tensor(betas, dtype=torch.float64)
+        if betas.ndim != 1 or not bool(((betas > 0) & (betas <= 1)).all()):
+            raise ValueError("betas must be a 1-D tensor with values in (0, 1]")
+        self.num_timesteps = int(betas.shape[0])
+        self.learn_sigma = learn_sigma
+        self.timestep_map = (
+            torch.arange(self.num_timesteps) if timestep_map is None else torch.as_tensor(timestep_map).long()
+        )
+        self.vlb_scale = self.num_timesteps / 1000.0 if vlb_scale is None else vlb_scale
+        self.betas = betas
+        alphas = 1.0 - betas
+        self.alphas_cumprod = torch.cumprod(alphas, 0)
+        self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
+        self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()
+        self.sqrt_recip_alphas_cumprod = (1.0 / self.alphas_cumprod).sqrt()
+        self.sqrt_recipm1_alphas_cumprod = (1.0 / self.alphas_cumprod - 1).sqrt()
+        # posterior q(x_{t-1} | x_t, x) (DDPM Eq. 6-7)
+        self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        # log clipped at step 0, where the posterior variance is 0
+        pv = self.posterior_variance
+        self.posterior_log_variance_clipped = torch.log(torch.cat([pv[1:2], pv[1:]]) if len(pv) > 1 else pv)
+        self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * alphas.sqrt() / (1.0 - self.alphas_cumprod)
+
+    # ------------------------------------------------------------------------------------------ helpers
+
+    @staticmethod
+    def _extract(arr: Tensor, timestep: Tensor, like: Tensor) -> Tensor:
+        """arr[timestep] as (B, 1, ..., 1) on like's device; float32 unless `like` is float64."""
+        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+        out = arr.to(like.device)[timestep.to(like.device).long()].to(dtype)
+        return out.reshape(-1, *([1] * (like.ndim - 1)))
+
+    def model_time(self, timestep: Tensor) -> Tensor:
+        """The model's time input for step indices `timestep`: the original index as float (0 .. 999)."""
+        return self.timestep_map.to(timestep.device)[timestep.long()].float()
+
+    # ------------------------------------------------------------------------------------------ forward
+
+    def q_mean_variance(self, x: Tensor, timestep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean, variance and log-variance of q(x_t | x)."""
+        mean = self._extract(self.sqrt_alphas_cumprod, timestep, x) * x
+        var = self._extract(1.0 - self.alphas_cumprod, timestep, x)
+        return mean, var, self._extract(torch.log(1.0 - self.alphas_cumprod), timestep, x)
+
+    def q_sample(self, x: Tensor, timestep: Tensor, noise: Tensor) -> Tensor:
+        """x_t = sqrt(abar_t) x + sqrt(1 - abar_t) noise (DDPM Eq. 4)."""
+        return (
+            self._extract(self.sqrt_alphas_cumprod, timestep, x) * x
+            + self._extract(self.sqrt_one_minus_alphas_cumprod, timestep, x) * noise
+        )
+
+    def q_posterior_mean_variance(self, x: Tensor, x_t: Tensor, timestep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x) (DDPM Eq. 6-7)."""
+        mean = (
+            self._extract(self.posterior_mean_coef1, timestep, x_t) * x
+            + self._extract(self.posterior_mean_coef2, timestep, x_t) * x_t
+        )
+        var = self._extract(self.posterior_variance, timestep, x_t)
+        return mean, var, self._extract(self.posterior_log_variance_clipped, timestep, x_t)
+
+    def predict_x_from_eps(self, x_t: Tensor, timestep: Tensor, eps: Tensor) -> Tensor:
+        """x = x_t / sqrt(abar_t) - sqrt(1 / abar_t - 1) eps."""
+        return (
+            self._extract(self.sqrt_recip_alphas_cumprod, timestep, x_t) * x_t
+            - self._extract(self.sqrt_recipm1_alphas_cumprod, timestep, x_t) * eps
+        )
+
+    # ------------------------------------------------------------------------------------------ reverse
+
+    def p_mean_variance(
+        self, model_output: Tensor, x_t: Tensor, timestep: Tensor, clip_denoised: bool = False
+    ) -> dict[str, Tensor]:
+        """Mean and variance of p(x_{t-1} | x_t) from a model output.
+
+        Args:
+            model_output: (B, 2C, ...) [eps, v] if learn_sigma else (B, C, ...) eps.
+            x_t: (B, C, ...) noisy input.
+            timestep: (B,) step indices of this process.
+            clip_denoised: clamp the x prediction to [-1, 1] (pixel models; DiT samples latents unclipped).
+
+        Returns:
+            dict with mean, variance, log_variance, pred_x, pred_eps.
+        """
+        c = x_t.shape[1]
+        if self.learn_sigma:
+            if model_output.shape[1] != 2 * c:
+                raise ValueError(f"learned-Sigma model must output {2 * c} channels, got {model_output.shape[1]}")
+            eps, v = model_output[:, :c], model_output[:, c:]
+            min_log = self._extract(self.posterior_log_variance_clipped, timestep, x_t)
+            max_log = self._extract(torch.log(self.betas), timestep, x_t)
+            frac = (v + 1) / 2  # iDDPM Eq. 15: log Sigma = frac log beta + (1 - frac) log beta_tilde
+            log_variance = frac * max_log + (1 - frac) * min_log
+            variance = torch.exp(log_variance)
+        else:
+            eps = model_output[:, :c]
+            variance = self._extract(self.posterior_variance, timestep, x_t).expand_as(x_t)
+            log_variance = self._extract(self.posterior_log_variance_clipped, timestep, x_t).expand_as(x_t)
+        pred_x = self.predict_x_from_eps(x_t, timestep, eps)
+        if clip_denoised:
+            pred_x = pred_x.clamp(-1, 1)
+        mean, _, _ = self.q_posterior_mean_variance(pred_x, x_t, timestep)
+        return {"mean": mean, "variance": variance, "log_variance": log_variance, "pred_x": pred_x, "pred_eps": eps}
+
+    def vb_terms_bpd(self, model_output: Tensor, x: Tensor, x_t: Tensor, timestep: Tensor) -> Tensor:
+        """Per-sample variational bound term L_t in bits/dim (iDDPM Eq. 4-6): KL(q(x_{t-1}|x_t,x) || p) for
+        t > 0, the discretised decoder NLL -log p(x | x_0) at t = 0. Returns (B,)."""
+        true_mean, _, true_log_var = self.q_posterior_mean_variance(x, x_t, timestep)
+        out = self.p_mean_variance(model_output, x_t, timestep)
+        kl = _mean_flat(normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])) / math.log(2.0)
+        nll = -discretized_gaussian_log_likelihood(x, means=out["mean"], log_scales=0.5 * out["log_variance"])
+        nll = _mean_flat(nll) / math.log(2.0)
+        return torch.where(timestep.to(kl.device) == 0, nll, kl)
+
+    def training_losses(
+        self, model_output: Tensor, x: Tensor, x_t: Tensor, timestep: Tensor, noise: Tensor
+    ) -> dict[str, Tensor]:
+        """DiT/iDDPM hybrid loss L_simple + lambda L_vlb per sample (iDDPM Eq. 16).
+
+        L_simple = mean over (C, H, W) of (eps_pred - noise)^2. L_vlb uses the eps half DETACHED (stop-grad
+        on the mean), so it trains only the variance output; it is scaled by `vlb_scale`. Computed in fp32.
+
+        Args:
+            model_output: (B, 2C, ...) raw model output at (x_t, model_time(timestep)).
+            x, x_t, noise: (B, C, ...) clean data, q_sample(x, timestep, noise), the noise.
+            timestep: (B,) step indices.
+
+        Returns:
+            dict of (B,) tensors: loss, mse, vb (vb is zeros when not learn_sigma).
+        """
+        c = x.shape[1]
+        model_output = model_output.float() if model_output.dtype != torch.float64 else model_output
+        eps = model_output[:, :c]
+        mse = _mean_flat((noise - eps) ** 2)
+        if self.learn_sigma:
+            frozen = torch.cat([eps.detach(), model_output[:, c:]], dim=1)
+            vb = self.vb_terms_bpd(frozen, x.to(frozen.dtype), x_t.to(frozen.dtype), timestep) * self.vlb_scale
+        else:
+            vb = torch.zeros_like(mse)
+        return {"loss": mse + vb, "mse": mse, "vb": vb}
+
+    def sample_timesteps(
+        self, batch: int, *, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Uniform integer timesteps (B,) in 0 .. T-1 (DiT: torch.randint(0, T, (B,)))."""
+        return torch.randint(0, self.num_timesteps, (batch,), device=device, generator=generator)
+
+    def timesteps_from_uniform(self, u: Tensor) -> Tensor:
+        """Map U(0, 1) draws to uniform integer timesteps floor(u T)."""
+        return (u * self.num_timesteps).long().clamp(0, self.num_timesteps - 1)
+
+    def p_sample(
+        self, model_output: Tensor, x_t: Tensor, timestep: Tensor, noise: Tensor, clip_denoised: bool = False
+    ) -> Tensor:
+        """One ancestral step x_{t-1} = mean + exp(log_var / 2) noise (no noise at step 0)."""
+        out = self.p_mean_variance(model_output, x_t, timestep, clip_denoised)
+        nonzero = (timestep != 0).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
+        return out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
+
+    @torch.no_grad()
+    def p_sample_loop(
+        self,
+        fn: ModelFn,
+        noise: Tensor,
+        y: Tensor,
+        *,
+        clip_denoised: bool = False,
+        generator: torch.Generator | None = None,
+        eps: Sequence[Tensor] | Tensor | None = None,
+        progress: bool = False,
+    ) -> Tensor:
+        """Ancestral sampling from x_{T-1} = noise down to x (DDPM Alg. 2), over this (possibly respaced) process.
+
+        Args:
+            fn: `fn(x_t, t_model, y) -> (B, 2C, ...)` where t_model = `model_time(i)` (original index as float),
+                e.g. `ddpm_model_fn(model)` or `cfg_eps_fn(...)`.
+            noise: (B, C, ...) starting latents.
+            y: (B,) labels.
+            clip_denoised: clamp x predictions to [-1, 1].
+            generator: RNG for the per-step noise (global RNG when None); one `randn` per step except the last.
+            eps: optional injected per-step noises (T - 1 of them, in sampling order), replacing the draws.
+            progress: show a tqdm bar.
+
+        Returns:
+            samples, same shape and dtype as `noise`.
+        """
+        x = noise
+        b = x.shape[0]
+        steps = list(range(self.num_timesteps))[::-1]
+        for k, i in enumerate(tqdm(steps, disable=not progress, desc="ddpm")):
+            timestep = torch.full((b,), i, device=x.device, dtype=torch.long)
+            out = fn(x, self.model_time(timestep), y)
+            if i == 0:
+                z = torch.zeros_like(x)
+            elif eps is not None:
+                z = eps[k].to(device=x.device, dtype=x.dtype)
+            else:
+                g_dev = generator.device if generator is not None else x.device
+                z = torch.randn(x.shape, generator=generator, device=g_dev, dtype=x.dtype).to(x.device)
+            x = self.p_sample(out.to(x.dtype), x, timestep, z, clip_denoised)
+        return x
+
+
+def create_diffusion(
+    timestep_respacing: str | int | Sequence[int] | None = None,
+    *,
+    num_timesteps: int = 1000,
+    learn_sigma: bool = True,
+) -> GaussianDiffusion:
+    """DiT's `create_diffusion`: linear betas over `num_timesteps`, optionally respaced.
+
+    Args:
+        timestep_respacing: None/"" = all steps (training), "250" / 250 / "10,20" = respaced (sampling).
+        num_timesteps: base steps (1000).
+        learn_sigma: learned-range variance (DiT: True).
+
+    Returns:
+        a `GaussianDiffusion` whose alphas_cumprod are the base ones at the kept steps.
+    """
+    betas = linear_beta_schedule(num_timesteps)
+    if timestep_respacing in (None, ""):
+        return GaussianDiffusion(betas, learn_sigma=learn_sigma)
+    kept = sorted(space_timesteps(num_timesteps, timestep_respacing))
+    base_alphas_cumprod = torch.cumprod(1.0 - betas, 0)
+    new_betas, last = [], torch.tensor(1.0, dtype=torch.float64)
+    for i in kept:  # choose betas so the kept steps have the base alphas_cumprod
+        new_betas.append(1.0 - base_alphas_cumprod[i] / last)
+        last = base_alphas_cumprod[i]
+    return GaussianDiffusion(torch.stack(new_betas), timestep_map=kept, learn_sigma=learn_sigma,
+                             vlb_scale=num_timesteps / 1000.0)  # fmt: skip
+
+
+def ddpm_model_fn(model: torch.nn.Module) -> ModelFn:
+    """Adapter `fn(x_t, t_model, y) -> out` for a `DiffusionTransformer` with learned Sigma (no projectors)."""
+
+    def fn(x_t: Tensor, t_model: Tensor, y: Tensor) -> Tensor:
+        out, _ = model(x_t, t_model, y, project=False)
+        return out
+
+    return fn
+
+
+def cfg_eps_fn(fn: ModelFn, cfg_scale: float, null_label: int, guidance_channels: int | None = None) -> ModelFn:
+    """Classifier-free guidance for an eps model (Ho & Salimans 2022): eps = eps_u + s (eps_c - eps_u).
+
+    The batch [x, x] is evaluated with labels [y, null]; the variance channels are the conditional ones.
+    We guide all C eps channels. DiT's `forward_with_cfg` guides only the first 3 channels of its 4-channel
+    latents (a known quirk of the official code); pass `guidance_channels=3` to reproduce it.
+
+    Args:
+        fn: `fn(x_t, t_model, y) -> (B, 2C, ...)`.
+        cfg_scale: guidance scale s (1 = no guidance).
+        null_label: the unconditional class (num_classes).
+        guidance_channels: number of leading eps channels guided (None = all C).
+
+    Returns:
+        a function with the same signature returning (B, 2C, ...) for the B conditional inputs.
+    """
+
+    def guided(x_t: Tensor, t_model: Tensor, y: Tensor) -> Tensor:
+        b, c = x_t.shape[0], x_t.shape[1]
+        out = fn(torch.cat([x_t, x_t]), torch.cat([t_model, t_model]), torch.cat([y, torch.full_like(y, null_label)]))
+        cond, uncond = out[:b], out[b:]
+        k = c if guidance_channels is None else guidance_channels
+        guided_eps = uncond[:, :k] + cfg_scale * (cond[:, :k] - uncond[:, :k])
+        return torch.cat([guided_eps, cond[:, k:]], dim=1)
+
+    return guided
