@@ -1,0 +1,269 @@
+"""The SiT/DiT diffusion transformer with REPA projectors on the tokens after block `align_depth`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from repa.models.layers import (
+    FinalLayer,
+    LabelEmbedder,
+    PatchEmbed,
+    TimestepEmbedder,
+    TransformerBlock,
+    build_projector,
+    sincos_pos_embed_2d,
+)
+
+__all__ = ["DiffusionTransformer"]
+
+
+class DiffusionTransformer(nn.Module):
+    """Class-conditional latent diffusion transformer (DiT, Peebles & Xie 2023; SiT, Ma et al. 2024) + REPA.
+
+    One backbone for both: SiT predicts the velocity (`learn_sigma=False`, C_out = C), DiT predicts the
+    noise and the variance interpolation (`learn_sigma=True`, C_out = 2C). REPA (Yu et al. 2025, Eq. 8)
+    adds one projector MLP per target encoder on the hidden tokens after block `align_depth` (1-indexed);
+    projectors exist iff `encoder_dims` is non-empty.
+
+    The model embeds `t` as given, unscaled: SiT/REPA feed t in [0, 1] (t = 0 data), DiT's DDPM feeds the
+    step index (0 .. 999) as a float.
+
+    Args:
+        input_size: side of the (square) input, in pixels or latent cells.
+        patch_size: side of a patch; `input_size` must be a multiple of it.
+        in_channels: input channels C.
+        hidden_size: model width D (a multiple of `num_heads` and of 4).
+        depth: number of transformer blocks.
+        num_heads: attention heads.
+        mlp_ratio: MLP hidden width / D.
+        num_classes: number of classes; with `class_dropout_prob > 0` label `num_classes` is the null class.
+        class_dropout_prob: probability of replacing a label by the null class in training (CFG).
+        learn_sigma: output 2C channels (DiT's eps and variance) instead of C.
+        align_depth: 1-indexed block whose output feeds the projectors (only checked when projectors exist).
+        encoder_dims: output width of each projector (one per target encoder); empty = vanilla model.
+        projector_dim: hidden width of the projector MLPs.
+        qk_norm: per-head LayerNorm on queries and keys.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        patch_size: int,
+        in_channels: int,
+        hidden_size: int,
+        depth: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 1000,
+        class_dropout_prob: float = 0.1,
+        learn_sigma: bool = False,
+        align_depth: int = 8,
+        encoder_dims: Sequence[int] = (),
+        projector_dim: int = 2048,
+        qk_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        encoder_dims = tuple(int(d) for d in encoder_dims)
+        _validate(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio, num_classes,
+                  class_dropout_prob, align_depth, encoder_dims)  # fmt: skip
+        self.config: dict[str, Any] = dict(
+            input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
+            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, num_classes=num_classes,
+            class_dropout_prob=class_dropout_prob, learn_sigma=learn_sigma, align_depth=align_depth,
+            encoder_dims=list(encoder_dims), projector_dim=projector_dim, qk_norm=qk_norm,
+        )  # fmt: skip
+        self.input_size = input_size
+        self.patch_size = patch_size
+        self.in_channels = in_channels
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.hidden_size = hidden_size
+        self.depth = depth
+        self.num_heads = num_heads
+        self.num_classes = num_classes
+        self.learn_sigma = learn_sigma
+        self.align_depth = align_depth
+        self.encoder_dims = encoder_dims
+        self.grid_size = input_size // patch_size
+        self.num_patches = self.grid_size**2
+        self.grad_checkpointing = False  # recompute block activations in backward (set by the trainer)
+
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        # Fixed sin-cos table: a persistent buffer (in the state dict under the official key, never trained).
+        self.register_buffer("pos_embed", torch.zeros(1, self.num_patches, hidden_size), persistent=True)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm) for _ in range(depth)
+        )
+        self.projectors = nn.ModuleList(build_projector(hidden_size, projector_dim, d) for d in encoder_dims)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """The official init: xavier-uniform linears (and patch conv, as a linear) with zero biases, N(0, 0.02)
+        label table and timestep MLP, zero adaLN modulations and final layer (so each block starts as the
+        identity and the output as 0: adaLN-Zero), fixed sin-cos `pos_embed`."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        self.pos_embed.copy_(sincos_pos_embed_2d(self.hidden_size, self.grid_size).float()[None])
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(
+        self, x_t: Tensor, t: Tensor, y: Tensor, *, force_drop_ids: Tensor | None = None, project: bool = True
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Predict the denoising target and, for REPA, the projected hidden tokens.
+
+        Args:
+            x_t: (B, C, H, W) noisy input.
+            t: (B,) float times (or a 0-d tensor, broadcast to the batch).
+            y: (B,) integer labels; `num_classes` is the null class.
+            force_drop_ids: (B,) entries equal to 1 are replaced by the null class (any mode, no RNG draw).
+                Without it, training mode drops each label with probability `class_dropout_prob` using one
+                `torch.rand(B)` draw on y's device; eval mode drops nothing.
+            project: compute the projector outputs (False skips them, e.g. for sampling).
+
+        Returns:
+            (out, zs): out (B, C_out, H, W); zs one (B, N, D_enc_k) tensor per projector, or [] when
+            `project=False` or the model has no projectors.
+        """
+        t = self._check_inputs(x_t, t, y, force_drop_ids)
+        tokens_BND, c_BD = self._embed(x_t, t, y, force_drop_ids)
+        zs: list[Tensor] = []
+        for i, block in enumerate(self.blocks):
+            tokens_BND = self._run_block(block, tokens_BND, c_BD)
+            if project and i + 1 == self.align_depth:
+                zs = [projector(tokens_BND) for projector in self.projectors]  # (B, N, D_enc) each
+        out_BNP = self.final_layer(tokens_BND, c_BD)  # (B, N, p * p * C_out)
+        return self.unpatchify(out_BNP), zs
+
+    def velocity(self, x_t: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        """The first `in_channels` output channels without projectors: the velocity for SiT, eps for DiT.
+
+        This is the `fn(x, t, y)` the samplers take; label dropout follows the module's mode (use eval).
+        """
+        out, _ = self.forward(x_t, t, y, project=False)
+        return out[:, : self.in_channels]
+
+    def forward_hidden(
+        self, x_t: Tensor, t: Tensor, y: Tensor, layers: Iterable[int], *, force_drop_ids: Tensor | None = None
+    ) -> dict[int, Tensor]:
+        """Hidden tokens after the given blocks (for probing and CKNNA); stops after the deepest one.
+
+        Args:
+            x_t, t, y, force_drop_ids: as in `forward` (label dropout also follows the module's mode).
+            layers: 1-indexed block numbers in [0, depth]; 0 = patch embedding + position embedding.
+
+        Returns:
+            {layer: (B, N, D) tokens}.
+        """
+        wanted = sorted(set(int(layer) for layer in layers))
+        bad = [layer for layer in wanted if not 0 <= layer <= self.depth]
+        if bad:
+            raise ValueError(f"layers must be in [0, {self.depth}] (0 = embeddings), got {bad}")
+        t = self._check_inputs(x_t, t, y, force_drop_ids)
+        tokens_BND, c_BD = self._embed(x_t, t, y, force_drop_ids)
+        hidden = {0: tokens_BND} if 0 in wanted else {}
+        for i, block in enumerate(self.blocks[: max(wanted, default=0)]):
+            tokens_BND = self._run_block(block, tokens_BND, c_BD)
+            if i + 1 in wanted:
+                hidden[i + 1] = tokens_BND
+        return hidden
+
+    def unpatchify(self, x_BNP: Tensor) -> Tensor:
+        """(B, N, p * p * C_out) patch tokens -> (B, C_out, H, W) (token n = row * grid + column)."""
+        B, p, g, c = x_BNP.shape[0], self.patch_size, self.grid_size, self.out_channels
+        x = x_BNP.reshape(B, g, g, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(B, c, g * p, g * p)
+
+    def _embed(self, x_t: Tensor, t: Tensor, y: Tensor, force_drop_ids: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Patch tokens + position embedding (B, N, D) and the conditioning t_emb + y_emb (B, D)."""
+        tokens_BND = self.x_embedder(x_t) + self.pos_embed
+        c_BD = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)
+        return tokens_BND, c_BD
+
+    def _run_block(self, block: nn.Module, tokens_BND: Tensor, c_BD: Tensor) -> Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, tokens_BND, c_BD, use_reentrant=False)
+        return block(tokens_BND, c_BD)
+
+    def _check_inputs(self, x_t: Tensor, t: Tensor, y: Tensor, force_drop_ids: Tensor | None) -> Tensor:
+        """Raise a ValueError naming the mismatch; returns t broadcast to (B,)."""
+        expected = (self.in_channels, self.input_size, self.input_size)
+        if x_t.ndim != 4 or tuple(x_t.shape[1:]) != expected:
+            raise ValueError(f"x_t must have shape (B, {', '.join(map(str, expected))}), got {tuple(x_t.shape)}")
+        B = x_t.shape[0]
+        if not torch.is_tensor(t):
+            t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device)
+        if t.ndim == 0:
+            t = t.expand(B)
+        if t.shape != (B,):
+            raise ValueError(f"t must have shape ({B},) to match x_t's batch, got {tuple(t.shape)}")
+        if y.shape != (B,):
+            raise ValueError(f"y must have shape ({B},) to match x_t's batch, got {tuple(y.shape)}")
+        if y.is_floating_point() or y.is_complex():
+            raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
+        if force_drop_ids is not None and force_drop_ids.shape != (B,):
+            raise ValueError(f"force_drop_ids must have shape ({B},), got {tuple(force_drop_ids.shape)}")
+        return t
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"input_size={c['input_size']}, patch_size={c['patch_size']}, hidden_size={c['hidden_size']}, "
+                f"depth={c['depth']}, num_heads={c['num_heads']}, learn_sigma={c['learn_sigma']}, "
+                f"align_depth={c['align_depth']}, encoder_dims={c['encoder_dims']}")  # fmt: skip
+
+
+def _validate(
+    input_size: int,
+    patch_size: int,
+    in_channels: int,
+    hidden_size: int,
+    depth: int,
+    num_heads: int,
+    mlp_ratio: float,
+    num_classes: int,
+    class_dropout_prob: float,
+    align_depth: int,
+    encoder_dims: tuple[int, ...],
+) -> None:
+    """Constructor argument checks with messages that say what to change."""
+    for name, value in dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
+                            hidden_size=hidden_size, depth=depth, num_heads=num_heads,
+                            num_classes=num_classes).items():  # fmt: skip
+        if int(value) != value or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if input_size % patch_size != 0:
+        raise ValueError(f"input_size={input_size} is not divisible by patch_size={patch_size}")
+    if hidden_size % num_heads != 0:
+        raise ValueError(f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
+    if hidden_size % 4 != 0:
+        raise ValueError(f"hidden_size={hidden_size} must be divisible by 4 (2-D sin-cos position embedding)")
+    if not mlp_ratio > 0:
+        raise ValueError(f"mlp_ratio must be positive, got {mlp_ratio}")
+    if not 0.0 <= class_dropout_prob < 1.0:
+        raise ValueError(f"class_dropout_prob must be in [0, 1), got {class_dropout_prob}")
+    if any(d < 1 for d in encoder_dims):
+        raise ValueError(f"encoder_dims must be positive, got {list(encoder_dims)}")
+    if encoder_dims and not 1 <= align_depth <= depth:
+        raise ValueError(
+            f"align_depth={align_depth} must be in [1, depth={depth}] (1-indexed block feeding the projectors)"
+        )
