@@ -106,8 +106,8 @@ class GaussianDiffusion:
         timestep_map: (T,) original index of each step (respacing); None = identity.
         learn_sigma: model outputs 2C channels: eps and v in [-1, 1] interpolating the log-variance between
             beta_tilde (v = -1) and beta (v = +1) (iDDPM Eq. 15). False: C channels (eps), variance beta_tilde.
-        vlb_scale: multiplier of L_vlb in the training loss (iDDPM's lambda = 1e-3 is absorbed in their
-            "RESCALED_MSE" factor T / 1000; DiT trains T = 1000 so both conventions give 1).
+        vlb_scale: weight of the one sampled vlb term L_t in the loss; default T / 1000. Since L_vlb = sum of
+            the T terms, T / 1000 * L_t is iDDPM's lambda = 1e-3 on L_vlb in expectation; DiT (T = 1000) uses 1.
     """
 
     def __init__(

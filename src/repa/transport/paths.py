@@ -34,7 +34,7 @@ def expand_t(t: Tensor | float, x: Tensor) -> Tensor:
 
 
 class InterpolationPath:
-    """A path x_t = alpha(t) x + sigma(t) noise with velocity v = d_alpha(t) x + d_sigma(t) noise (SiT, Eq. 2-3).
+    """A path x_t = alpha(t) x + sigma(t) noise with velocity v = d_alpha(t) x + d_sigma(t) noise (REPA Sec. 2).
 
     Subclasses define the four schedule functions; everything else (interpolation, targets and the conversions
     between velocity, score, noise (eps) and x predictions) is derived here once. All methods take `t` as a
