@@ -1,0 +1,207 @@
+"""Samplers for velocity models (t = 1 noise -> t = 0 data): Euler/Heun ODE and Euler-Maruyama SDE with CFG.
+
+Both follow the official REPA samplers step for step (float64 integration, model evaluated in float32, CFG
+on a doubled batch inside a guidance interval [guidance_low, guidance_high] of t_cur), so they reproduce the
+official outputs. They take a velocity function `fn(x_t, t, y) -> v` (t of shape (B,)); `model_velocity_fn`
+builds one from a `DiffusionTransformer`. DDPM (DiT) sampling lives in `repa.transport.ddpm`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from repa.transport import InterpolationPath, get_path
+
+__all__ = ["VelocityFn", "euler_maruyama_sampler", "euler_sampler", "model_velocity_fn"]
+
+VelocityFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def model_velocity_fn(model: nn.Module) -> VelocityFn:
+    """`fn(x_t, t, y) -> v` for a `DiffusionTransformer`: puts it in eval mode, skips the projectors, keeps the
+    first C output channels (drops learned-Sigma channels), runs without gradients."""
+    model.eval()
+
+    @torch.no_grad()
+    def fn(x_t: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        out, _ = model(x_t, t, y, project=False)
+        return out[:, : x_t.shape[1]]
+
+    return fn
+
+
+def _check_cfg(cfg_scale: float, null_label: int | None) -> None:
+    if cfg_scale > 1.0 and null_label is None:
+        raise ValueError("cfg_scale > 1 needs null_label (the model's unconditional class, = num_classes)")
+
+
+def _use_cfg(t_cur: Tensor, cfg_scale: float, guidance_low: float, guidance_high: float) -> bool:
+    return cfg_scale > 1.0 and guidance_low <= float(t_cur) <= guidance_high
+
+
+def _evaluate(
+    fn: VelocityFn, x: Tensor, t_cur: Tensor, y: Tensor, use_cfg: bool, null_label: int | None, model_dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Model velocity at (x, t_cur) in float64, on [x, x] with labels [y, null] under CFG.
+
+    Returns:
+        (v, x_in, t_in): v (B or 2B, ...) float64, the (possibly doubled) float64 input and its times.
+    """
+    if use_cfg:
+        x_in = torch.cat([x, x])
+        y_in = torch.cat([y, torch.full_like(y, null_label)])
+    else:
+        x_in, y_in = x, y
+    t_in = torch.ones(x_in.shape[0], device=x.device, dtype=torch.float64) * t_cur
+    v = fn(x_in.to(model_dtype), t_in.to(model_dtype), y_in).to(torch.float64)
+    return v, x_in, t_in
+
+
+def _guide(d: Tensor, use_cfg: bool, cfg_scale: float) -> Tensor:
+    if not use_cfg:
+        return d
+    d_cond, d_uncond = d.chunk(2)
+    return d_uncond + cfg_scale * (d_cond - d_uncond)  # Ho & Salimans 2022, on all channels
+
+
+def _model_dtype(noise: Tensor, model_dtype: torch.dtype | None) -> torch.dtype:
+    if model_dtype is not None:
+        return model_dtype
+    return torch.float32 if noise.dtype == torch.float64 else noise.dtype
+
+
+@torch.no_grad()
+def euler_sampler(
+    fn: VelocityFn,
+    noise: Tensor,
+    y: Tensor,
+    num_steps: int = 50,
+    heun: bool = False,
+    cfg_scale: float = 1.0,
+    guidance_low: float = 0.0,
+    guidance_high: float = 1.0,
+    null_label: int | None = None,
+    *,
+    t_steps: Sequence[float] | Tensor | None = None,
+    model_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """Probability-flow ODE dx = v(x, t) dt from t = 1 to 0 with Euler or Heun (2nd order) steps.
+
+    x_next = x + (t_next - t_cur) v(x, t_cur); Heun adds the corrector v' = v(x_next, t_next) on every step
+    but the last (where t_next = 0): x_next = x + dt (v + v') / 2. CFG (scale > 1) applies where
+    guidance_low <= t_cur <= guidance_high; the Heun corrector reuses that decision.
+
+    Args:
+        fn: velocity function `fn(x_t, t (B,), y) -> v`.
+        noise: (B, C, H, W) initial latents at t = 1.
+        y: (B,) labels.
+        num_steps: steps on the uniform grid linspace(1, 0, num_steps + 1).
+        heun: use Heun's method.
+        cfg_scale: classifier-free guidance scale (1 = off).
+        guidance_low, guidance_high: guidance interval in t (Kynkaanniemi et al. 2024).
+        null_label: unconditional label (required when cfg_scale > 1).
+        t_steps: optional custom decreasing time grid from 1 to 0 (overrides num_steps).
+        model_dtype: dtype of the model's inputs (default float32 for float64 noise, else noise.dtype).
+        progress: show a tqdm bar.
+
+    Returns:
+        (B, C, H, W) float64 samples at t = 0.
+    """
+    _check_cfg(cfg_scale, null_label)
+    dtype = _model_dtype(noise, model_dtype)
+    if t_steps is None:
+        t_steps = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64, device=noise.device)
+    else:
+        t_steps = torch.as_tensor(t_steps, dtype=torch.float64).to(noise.device)
+        if t_steps.ndim != 1 or len(t_steps) < 2 or not bool((t_steps[1:] < t_steps[:-1]).all()):
+            raise ValueError("t_steps must be a strictly decreasing 1-D grid")
+    num = len(t_steps) - 1
+    x_next = noise.to(torch.float64)
+    for i in tqdm(range(num), disable=not progress, desc="ode"):
+        t_cur, t_next = t_steps[i], t_steps[i + 1]
+        x_cur = x_next
+        use_cfg = _use_cfg(t_cur, cfg_scale, guidance_low, guidance_high)
+        d_cur = _guide(_evaluate(fn, x_cur, t_cur, y, use_cfg, null_label, dtype)[0], use_cfg, cfg_scale)
+        x_next = x_cur + (t_next - t_cur) * d_cur
+        if heun and i < num - 1:
+            d_prime = _guide(_evaluate(fn, x_next, t_next, y, use_cfg, null_label, dtype)[0], use_cfg, cfg_scale)
+            x_next = x_cur + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
+    return x_next
+
+
+@torch.no_grad()
+def euler_maruyama_sampler(
+    fn: VelocityFn,
+    noise: Tensor,
+    y: Tensor,
+    num_steps: int = 250,
+    path: str | InterpolationPath = "linear",
+    cfg_scale: float = 1.0,
+    guidance_low: float = 0.0,
+    guidance_high: float = 1.0,
+    null_label: int | None = None,
+    last_step: float = 0.04,
+    generator: torch.Generator | None = None,
+    eps: Sequence[Tensor] | Tensor | None = None,
+    *,
+    model_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """Reverse SDE dx = [v - (w_t / 2) s] dt + sqrt(w_t) dW_bar with w_t = 2 t (REPA Sec. 2 / SiT;
+    any w_t > 0 keeps the marginals of the probability-flow ODE, REPA's sampler uses 2 t).
+
+    Grid linspace(1, last_step, num_steps) then 0. Each of the first num_steps - 1 steps draws
+    eps ~ N(0, I) (float64, before the model call), computes the score s from the velocity on `path`, the
+    drift d = v - t s (guided under CFG) and x_next = x + d dt + sqrt(w) sqrt(|dt|) eps. The last step
+    (last_step -> 0) is the deterministic x + d dt, no noise.
+
+    Args:
+        fn: velocity function `fn(x_t, t (B,), y) -> v`.
+        noise: (B, C, H, W) initial latents at t = 1.
+        y: (B,) labels.
+        num_steps: number of steps (model evaluations), >= 2.
+        path: interpolation path the model was trained on (for the velocity -> score conversion).
+        cfg_scale, guidance_low, guidance_high, null_label: as in `euler_sampler`.
+        last_step: time of the last stochastic state.
+        generator: RNG for eps; None uses the global RNG (`torch.randn_like`, replays official runs).
+        eps: injected noises, num_steps - 1 tensors (B, C, H, W) in order (overrides `generator`).
+        model_dtype: dtype of the model's inputs.
+        progress: show a tqdm bar.
+
+    Returns:
+        (B, C, H, W) float64 samples at t = 0.
+    """
+    _check_cfg(cfg_scale, null_label)
+    if num_steps < 2:
+        raise ValueError("euler_maruyama_sampler needs num_steps >= 2")
+    if eps is not None and len(eps) < num_steps - 1:
+        raise ValueError(f"eps holds {len(eps)} noises, {num_steps - 1} are needed")
+    p = get_path(path)
+    dtype = _model_dtype(noise, model_dtype)
+    t_steps = torch.linspace(1, last_step, num_steps, dtype=torch.float64, device=noise.device)
+    t_steps = torch.cat([t_steps, torch.zeros(1, dtype=torch.float64, device=noise.device)])
+    x = noise.to(torch.float64)
+    for i in tqdm(range(num_steps), disable=not progress, desc="sde"):
+        t_cur, t_next = t_steps[i], t_steps[i + 1]
+        dt = t_next - t_cur
+        last = i == num_steps - 1
+        use_cfg = _use_cfg(t_cur, cfg_scale, guidance_low, guidance_high)
+        w = 2 * t_cur  # diffusion coefficient
+        if not last:
+            if eps is not None:
+                z = eps[i].to(device=x.device, dtype=torch.float64)
+            elif generator is None:
+                z = torch.randn_like(x)
+            else:
+                z = torch.randn(x.shape, generator=generator, device=generator.device, dtype=torch.float64)
+                z = z.to(x.device)
+        v, x_in, t_in = _evaluate(fn, x, t_cur, y, use_cfg, null_label, dtype)
+        s = p.velocity_to_score(v, x_in, t_in)
+        d = _guide(v - 0.5 * w * s, use_cfg, cfg_scale)
+        x = x + dt * d if last else x + d * dt + torch.sqrt(w) * (z * torch.sqrt(torch.abs(dt)))
+    return x
