@@ -200,3 +200,36 @@ def test_learn_sigma_false_and_errors():
         create_diffusion().p_mean_variance(torch.zeros_like(x), x, torch.tensor([3, 3]))
     with pytest.raises(ValueError, match="betas"):
         GaussianDiffusion(torch.tensor([0.0, 0.1]))
+
+
+def test_dit_end_to_end_loss_and_sampling():
+    """A tiny learned-Sigma DiffusionTransformer: RepaLoss(diffusion="ddpm") backpropagates to every part, and
+    respaced CFG sampling runs with the model seeing original timesteps 0..999 as floats."""
+    from repa.losses import RepaLoss
+    from repa.models import DiffusionTransformer
+    from repa.transport import ddpm_model_fn
+
+    torch.manual_seed(0)
+    model = DiffusionTransformer(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
+                                 num_classes=10, learn_sigma=True, align_depth=1, encoder_dims=[16], projector_dim=32)  # fmt: skip
+    x, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 2, 3])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        terms = RepaLoss(diffusion="ddpm")(
+            model, x, y, [torch.randn(3, 16, 16)], generator=torch.Generator().manual_seed(1)
+        )
+    assert {"denoise", "mse", "vb", "align", "align/0", "total"} <= set(terms)
+    assert all(bool(torch.isfinite(v)) and v.dtype == torch.float32 for v in terms.values())
+    terms["total"].backward()
+    assert model.final_layer.linear.weight.grad is not None and model.projectors[0][0].weight.grad is not None
+
+    seen = []
+    base = ddpm_model_fn(model.eval())
+
+    def fn(x_t, t_model, y_):
+        seen.append(t_model[0].item())
+        return base(x_t, t_model, y_)
+
+    d = create_diffusion("4")
+    out = d.p_sample_loop(cfg_eps_fn(fn, 1.5, null_label=10), torch.randn(2, 4, 8, 8), torch.tensor([0, 1]))
+    assert out.shape == (2, 4, 8, 8) and bool(torch.isfinite(out).all())
+    assert seen == [999.0, 666.0, 333.0, 0.0]
