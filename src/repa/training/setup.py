@@ -104,10 +104,13 @@ class StepLoss:
             align_coeff=cfg.repa.align_coeff if cfg.repa.enabled else 0.0,
             align_kind=cfg.repa.align_kind,
             resample=cfg.repa.resample_tokens,
+            diffusion=cfg.transport.diffusion,
         )
 
     def __call__(self, model, x, y, targets, *, u, noise, drop) -> dict[str, torch.Tensor]:
-        t = self.time_from_uniform(u, self.cfg.transport.time_sampling)
+        # flow: t from the configured distribution; DDPM: u in [0, 1) maps to timestep floor(u * T)
+        tp = self.cfg.transport
+        t = u if tp.diffusion == "ddpm" else self.time_from_uniform(u, tp.time_sampling, path=tp.path)
         return self.loss(model, x, y, targets if self.cfg.repa.enabled else None, t=t, noise=noise,
                          model_kwargs={"force_drop_ids": drop.long()})  # fmt: skip
 
@@ -132,7 +135,16 @@ def generate(
     fn = model_velocity_fn(model)
     common = dict(cfg_scale=s.cfg_scale, guidance_low=s.guidance_low, guidance_high=s.guidance_high,
                   null_label=model.num_classes)  # fmt: skip
-    if s.sampler == "ode":
+    if cfg.transport.diffusion == "ddpm" or getattr(model, "learn_sigma", False):  # DiT: ancestral DDPM sampling
+        from repa.transport.ddpm import cfg_eps_fn, create_diffusion, ddpm_model_fn
+
+        eps_fn = ddpm_model_fn(model)
+        if s.cfg_scale > 1:
+            eps_fn = cfg_eps_fn(eps_fn, s.cfg_scale, model.num_classes)
+        x = create_diffusion(str(s.num_steps)).p_sample_loop(
+            eps_fn, noise, labels.to(device), generator=generator(seed, 4)
+        )
+    elif s.sampler == "ode":
         x = euler_sampler(fn, noise, labels.to(device), num_steps=s.num_steps, heun=s.heun, **common)
     else:
         x = euler_maruyama_sampler(fn, noise, labels.to(device), num_steps=s.num_steps, path=cfg.transport.path,

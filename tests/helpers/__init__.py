@@ -1,0 +1,1 @@
+"""Shared test helpers: a tiny Fashion-MNIST-format dataset and a tiny frozen encoder."""

@@ -1,0 +1,46 @@
+"""Small stand-ins for real assets: an IDX dataset writer and a patch-conv encoder with the real protocol."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import torch
+
+from repa.encoders.base import Encoder
+
+
+def write_idx_dataset(root: Path, num: int = 64, seed: int = 0, split: str = "train") -> Path:
+    """Fashion-MNIST-format files (IDX, gzip) with `num` 28x28 images whose content depends on the class."""
+    root.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(num) % 10
+    yy, xx = torch.meshgrid(torch.arange(28), torch.arange(28), indexing="ij")
+    images = torch.zeros(num, 28, 28)
+    for i, c in enumerate(labels.tolist()):
+        stripe = ((xx + yy * (c % 3)) // (2 + c)) % 2  # a class-specific stripe pattern
+        images[i] = 200 * stripe + 30 * torch.rand(28, 28, generator=g)
+    images = images.clamp(0, 255).to(torch.uint8)
+    prefix = "train" if split == "train" else "t10k"
+    with gzip.open(root / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">IIII", 2051, num, 28, 28) + images.numpy().tobytes())
+    with gzip.open(root / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">II", 2049, num) + labels.to(torch.uint8).numpy().tobytes())
+    return root
+
+
+class PatchEncoder(Encoder):
+    """A deterministic random patch-conv encoder (patch 14) following the Encoder protocol."""
+
+    def __init__(self, resolution: int = 98, embed_dim: int = 16, seed: int = 0, layer=None) -> None:
+        super().__init__("test-patch-encoder", embed_dim, 14, resolution, layer=layer, source="random-init")
+        g = torch.Generator().manual_seed(seed)
+        self.proj = torch.nn.Conv2d(3, embed_dim, 14, 14)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.randn(self.proj.weight.shape, generator=g) * 0.05)
+            self.proj.bias.zero_()
+        self.freeze()
+
+    def _tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.proj(pixels).flatten(2).transpose(1, 2)  # (B, N, D)

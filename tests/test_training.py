@@ -1,0 +1,172 @@
+"""Training loop contracts: vanilla runs no encoder, resume equals an uninterrupted run bit for bit, cached
+targets equal online targets, 2 processes equal 1 process, `repa sample` works on the result."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from repa.cli.main import main as cli_main
+from repa.config import load_config
+from repa.training import train
+from repa.training.checkpoint import latest_checkpoint, load_checkpoint
+from tests.helpers.tiny import PatchEncoder, write_idx_dataset
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def fmnist_root(tmp_path_factory):
+    return write_idx_dataset(tmp_path_factory.mktemp("fmnist"), num=40)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("REPA_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def test_encoder(monkeypatch):
+    """Replace the configured encoders by a tiny deterministic one (the real ones are tested in test_encoders)."""
+    monkeypatch.setattr("repa.training.setup.build_encoders", lambda cfg, device: [PatchEncoder(98)])
+
+
+def tiny_overrides(run_dir: Path, root: Path, *extra: str) -> list[str]:
+    return [
+        f"train.run_dir={run_dir}",
+        f"data.root={root}",
+        "data.num_train=null",
+        "model.hidden_size=32",
+        "model.depth=2",
+        "model.num_heads=2",
+        "model.align_depth=1",
+        "model.projector_dim=32",
+        "train.global_batch_size=8",
+        "train.max_steps=6",
+        "train.log_every=1",
+        "train.sample_every=1000",
+        "train.checkpoint_every=3",
+        "train.progress=false",
+        "sample.num_images=4",
+        "sample.num_steps=2",
+        *extra,
+    ]
+
+
+def _final(run_dir: Path):
+    return load_checkpoint(latest_checkpoint(run_dir / "checkpoints"))
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_vanilla_runs_no_encoder(tmp_path, fmnist_root, monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("vanilla training must not load an encoder")
+
+    monkeypatch.setattr("repa.training.setup.build_encoders", boom)
+    cfg = load_config(ROOT / "configs/tiny-vanilla.yaml", tiny_overrides(tmp_path / "run", fmnist_root))
+    out = train(cfg)
+    m = _metrics(tmp_path / "run")
+    assert len(m) == 6 and all(r["align"] == 0 for r in m)
+    assert out["step"] == 6 and np.isfinite(m[-1]["denoise"])
+    ck = _final(tmp_path / "run")
+    assert not any(k.startswith("projectors") for k in ck["model"])  # no projector without an encoder
+    assert (tmp_path / "run" / "samples" / "step_00000006.png").exists()
+    assert (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_repa_step_reduces_both_losses(tmp_path, fmnist_root, test_encoder):
+    cfg = load_config(ROOT / "configs/tiny.yaml",
+                      tiny_overrides(tmp_path / "run", fmnist_root, "train.max_steps=30", "optim.lr=1e-3"))  # fmt: skip
+    train(cfg)
+    m = _metrics(tmp_path / "run")
+    first, last = np.mean([r["align"] for r in m[:3]]), np.mean([r["align"] for r in m[-3:]])
+    assert -1 <= last < first <= 1, (first, last)  # the projector learns to align with the targets
+    assert np.mean([r["denoise"] for r in m[-3:]]) < np.mean([r["denoise"] for r in m[:3]])
+    assert {"grad_norm", "lr", "images_per_s", "peak_memory_gb", "align/0", "total"} <= set(m[-1])
+
+
+def test_resume_equals_uninterrupted(tmp_path, fmnist_root, test_encoder):
+    full = tmp_path / "full"
+    train(load_config(ROOT / "configs/tiny.yaml", tiny_overrides(full, fmnist_root)))
+    part = tmp_path / "part"
+    train(load_config(ROOT / "configs/tiny.yaml", tiny_overrides(part, fmnist_root, "train.max_steps=3")))
+    assert latest_checkpoint(part / "checkpoints").name == "step_00000003"
+    train(load_config(ROOT / "configs/tiny.yaml", tiny_overrides(part, fmnist_root)))  # the same command resumes
+    a, b = _final(full), _final(part)
+    assert a["state"]["step"] == b["state"]["step"] == 6
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resume"
+    sa, sb = a["optimizer"]["optimizer"]["state"], b["optimizer"]["optimizer"]["state"]
+    for pid in sa:
+        for k in sa[pid]:
+            assert torch.equal(torch.as_tensor(sa[pid][k]), torch.as_tensor(sb[pid][k]))
+    assert _metrics(full)[3:] == [{**r, "images_per_s": _metrics(full)[3 + i]["images_per_s"],
+                                   "peak_memory_gb": _metrics(full)[3 + i]["peak_memory_gb"]}
+                                  for i, r in enumerate(_metrics(part)[3:])]  # fmt: skip
+
+
+def test_cached_targets_equal_online(tmp_path, fmnist_root, test_encoder):
+    cached = tmp_path / "cached"
+    online = tmp_path / "online"
+    train(load_config(ROOT / "configs/tiny.yaml", tiny_overrides(cached, fmnist_root, "train.max_steps=3")))
+    train(load_config(ROOT / "configs/tiny.yaml",
+                      tiny_overrides(online, fmnist_root, "train.max_steps=3", "repa.cache_targets=false")))  # fmt: skip
+    for ra, rb in zip(_metrics(cached), _metrics(online)):
+        assert ra["align"] == pytest.approx(rb["align"], abs=1e-4)
+        assert ra["denoise"] == pytest.approx(rb["denoise"], abs=1e-5)
+
+
+def test_sample_cli_writes_grid_and_npz(tmp_path, fmnist_root, test_encoder):
+    run = tmp_path / "run"
+    train(load_config(ROOT / "configs/tiny.yaml", tiny_overrides(run, fmnist_root, "train.max_steps=2")))
+    out = tmp_path / "samples"
+    assert cli_main(["sample", str(run), "--num", "12", "--steps", "3", "--out", str(out)]) == 0
+    npz = list(out.glob("*.npz"))
+    assert len(npz) == 1 and len(list(out.glob("*.png"))) == 1
+    data = np.load(npz[0], allow_pickle=False)
+    assert data["arr_0"].shape == (12, 28, 28, 3) and data["arr_0"].dtype == np.uint8
+    assert data["arr_1"].tolist() == [i % 10 for i in range(12)]
+
+
+_TWO_PROC_SCRIPT = """
+import sys, json
+from pathlib import Path
+import repa.training.setup as S
+sys.path.insert(0, {root!r})
+from tests.helpers.tiny import PatchEncoder
+S.build_encoders = lambda cfg, device: [PatchEncoder(98)]
+from repa.config import load_config
+from repa.training import train
+train(load_config({cfg!r}, json.loads(sys.argv[1])))
+"""
+
+
+@pytest.mark.multiproc
+def test_two_processes_equal_one(tmp_path, fmnist_root):
+    script = tmp_path / "run_train.py"
+    script.write_text(_TWO_PROC_SCRIPT.format(root=str(ROOT), cfg=str(ROOT / "configs/tiny.yaml")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "REPA_CACHE": str(tmp_path / "cache")}
+    runs = {}
+    for nproc in (1, 2):
+        run = tmp_path / f"run{nproc}"
+        over = json.dumps(tiny_overrides(run, fmnist_root, "train.max_steps=4"))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(script), over]  # fmt: skip
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[nproc] = _metrics(run)
+    assert len(runs[1]) == len(runs[2]) == 4
+    for a, b in zip(runs[1], runs[2]):
+        for k in ("denoise", "align", "total"):
+            assert abs(a[k] - b[k]) <= 1e-5, (k, a[k], b[k])
