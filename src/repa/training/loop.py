@@ -13,11 +13,11 @@ from tqdm.auto import tqdm
 
 from repa import distributed as D
 from repa.config import Config, dump_config, to_dict, validate
+from repa.training import setup as S
 from repa.training.batches import GlobalOrder, MicroBatchPlan, step_draws
 from repa.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from repa.training.data import InMemoryImages, load_train_images
 from repa.training.ema import EMA
-from repa.training.setup import build_encoders, build_loss, build_model, prepare_targets, sample_grid
 
 
 class NonFiniteError(RuntimeError):
@@ -54,11 +54,12 @@ def train(cfg: Config) -> dict[str, Any]:
 
     # ---- data, encoders, targets, model, loss
     data: InMemoryImages = load_train_images(cfg)
-    encoders = build_encoders(cfg, device) if cfg.repa.enabled else []
-    prepare_targets(cfg, data, encoders, acc)  # fills data.targets when cached; no-op for vanilla / online
+    encoders = S.build_encoders(cfg, device) if cfg.repa.enabled else []
+    S.prepare_targets(cfg, data, encoders, acc)  # fills data.targets when cached; no-op for vanilla / online
     online_encoders = encoders if (encoders and not data.targets) else []
-    model = build_model(cfg, data, encoders).to(device)
-    loss_fn = build_loss(cfg)
+    torch.manual_seed(tc.seed)  # the initial weights are a function of the seed (identical on every rank)
+    model = S.build_model(cfg, data, encoders).to(device)
+    loss_fn = S.build_loss(cfg)
     ema = EMA(model, cfg.optim.ema_decay, warmup=cfg.optim.ema_warmup)
     opt = torch.optim.AdamW(
         model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
@@ -143,7 +144,7 @@ def train(cfg: Config) -> dict[str, Any]:
             )
         if done % tc.sample_every == 0 or done == tc.max_steps:
             if acc.is_main_process:
-                sample_grid(cfg, ema.model, data, run_dir / "samples" / f"step_{done:08d}.png")
+                S.sample_grid(cfg, ema.model, data, run_dir / "samples" / f"step_{done:08d}.png")
             acc.wait_for_everyone()
         if done % tc.checkpoint_every == 0 or done == tc.max_steps:
             _save(cfg, acc, raw_model, ema, opt, sched, done, nonfinite)
