@@ -314,3 +314,18 @@ def test_inception_detector_loads_and_extracts():
     assert pre.shape == (3, 3, 299, 299) and pre.min() >= -1 and pre.max() < 1
     with pytest.raises(ValueError):
         det.features(images.float())
+
+
+def test_encoder_detector_mean_pools_tokens():
+    from repa.evaluation import Detector, EncoderDetector
+
+    class _Tokens(torch.nn.Module):
+        name = "toy"
+
+        def forward(self, images):
+            return images.float().flatten(2).transpose(1, 2)  # (B, H*W, 3)
+
+    det = EncoderDetector(_Tokens(), resolution=4)
+    assert isinstance(det, Detector) and det.name == "encoder/toy/4/mean"
+    images = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    torch.testing.assert_close(det.features(images)["pool"], images.float().mean(dim=(2, 3)))

@@ -21,6 +21,9 @@ def _null_labels(model: nn.Module, batch: int, device: torch.device) -> Tensor:
     num_classes = getattr(model, "num_classes", None)
     if num_classes is None:
         raise ValueError("pass y explicitly: the model has no `num_classes` attribute for the null label")
+    table = getattr(getattr(model, "y_embedder", None), "embedding_table", None)
+    if table is not None and table.num_embeddings <= num_classes:  # trained without label dropout: no null row
+        raise ValueError("the model has no null-label embedding (class_dropout_prob=0); pass y explicitly")
     return torch.full((batch,), int(num_classes), dtype=torch.long, device=device)
 
 

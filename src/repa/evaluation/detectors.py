@@ -325,19 +325,25 @@ class EncoderDetector:
     only, so this detector uses their mean: a Fréchet distance in the same spirit, not numerically EDM2's FD_DINOv2.
 
     Args:
-        encoder: name for `repa.encoders.load_encoder` (imported lazily) or an Encoder module.
-        resolution: input resolution for the encoder (224 for DINOv2 as in EDM2).
+        encoder: a name for `repa.encoders.load_encoder` (imported lazily) or an Encoder module (uint8 images in,
+            (B, N, D) tokens out).
+        resolution: input resolution for a named encoder (224 for DINOv2 as in EDM2).
         device: where to run.
+        **encoder_kwargs: forwarded to `load_encoder` (e.g. `weights=`, `layer=`).
     """
 
     def __init__(
-        self, encoder: str | torch.nn.Module = "dinov2-vit-l", resolution: int = 224, device: str = "cpu"
+        self,
+        encoder: str | torch.nn.Module = "dinov2-vit-l",
+        resolution: int = 224,
+        device: str | torch.device = "cpu",
+        **encoder_kwargs,
     ) -> None:
+        self.device = torch.device(device)
         if isinstance(encoder, str):
             from repa.encoders import load_encoder  # lazy: encoders pull transformers/onnx
 
-            encoder = load_encoder(encoder, resolution=resolution)
-        self.device = torch.device(device)
+            encoder = load_encoder(encoder, resolution=resolution, device=self.device, **encoder_kwargs)
         self.encoder = encoder.to(self.device).eval()
         self.name = f"encoder/{getattr(encoder, 'name', type(encoder).__name__)}/{resolution}/mean"
 
