@@ -281,7 +281,8 @@ class InceptionDetector:
             raise ValueError(f"{self.archive} is not the expected Inception-v3 layout: {self._names}")
         w = inception_classifier(classifier, download=download)
         self.classifier = None if w is None else w.to(self.device)
-        self.name = f"inception-2015-12-05/{resize}" + ("" if path is None else f"/{Path(path).name}")
+        known = path is None or _sha1(self.archive) == INCEPTION_SHA1  # the name keys cached reference stats
+        self.name = f"inception-2015-12-05/{resize}" + ("" if known else f"/{self.archive.name}")
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) -> float (B, 3, 299, 299) in [-1, 1): resize in [0, 255], then (x - 128) / 128."""
