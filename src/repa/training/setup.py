@@ -158,10 +158,14 @@ def grid_labels(num: int, num_classes: int) -> torch.Tensor:
     return torch.arange(num) % num_classes
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int) -> None:
-    """uint8 (B, C, H, W) -> one PNG grid with a 2-pixel border."""
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int, min_cell: int = 64) -> None:
+    """uint8 (B, C, H, W) -> one PNG grid with a 2-pixel border; cells smaller than `min_cell` pixels are
+    enlarged by an integer factor (nearest neighbour) so small images stay legible."""
     from PIL import Image
 
+    scale = max(1, min_cell // images.shape[-1])
+    if scale > 1:
+        images = images.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
     b, c, h, w = images.shape
     ncol = nrow
     nrows = (b + ncol - 1) // ncol
