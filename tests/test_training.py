@@ -170,3 +170,15 @@ def test_two_processes_equal_one(tmp_path, fmnist_root):
     for a, b in zip(runs[1], runs[2]):
         for k in ("denoise", "align", "total"):
             assert abs(a[k] - b[k]) <= 1e-5, (k, a[k], b[k])
+
+
+def test_dit_ddpm_with_repa_trains_and_samples(tmp_path, fmnist_root, test_encoder):
+    run = tmp_path / "dit"
+    over = tiny_overrides(run, fmnist_root, "model.name=DiT-T/4", "transport.diffusion=ddpm", "train.max_steps=3",
+                          "sample.num_steps=4")  # fmt: skip
+    train(load_config(ROOT / "configs/tiny.yaml", over))
+    m = _metrics(run)
+    assert len(m) == 3 and all(np.isfinite(r["denoise"]) and np.isfinite(r["vb"]) for r in m)
+    ck = _final(run)
+    assert ck["model"]["final_layer.linear.weight"].shape[0] == 4 * 4 * 2  # learned sigma: 2C output channels
+    assert (run / "samples" / "step_00000003.png").exists()
