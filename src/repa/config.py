@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -166,6 +167,55 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ValueError("sample guidance interval must satisfy 0 <= guidance_low <= guidance_high <= 1")
     if cfg.model.align_depth is not None and cfg.model.depth is not None and cfg.model.align_depth > cfg.model.depth:
         raise ValueError(f"model.align_depth={cfg.model.align_depth} exceeds model.depth={cfg.model.depth}")
+    _check_ranges(cfg)
+    _check_model(cfg)
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Numbers that would otherwise fail mid-run (a zero cadence divides by zero after the first step)."""
+    t, o, d, m = cfg.train, cfg.optim, cfg.data, cfg.model
+    positive = {"train.log_every": t.log_every, "train.sample_every": t.sample_every,
+                "train.checkpoint_every": t.checkpoint_every, "data.resolution": d.resolution,
+                "repa.encoder_resolution": cfg.repa.encoder_resolution, "sample.num_steps": cfg.sample.num_steps,
+                "sample.num_images": cfg.sample.num_images, "train.num_threads": t.num_threads,
+                "data.num_train": d.num_train}  # fmt: skip
+    for key, value in positive.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{key} must be >= 1, got {value}")
+    non_negative = {"train.keep_checkpoints": t.keep_checkpoints, "train.max_nonfinite_steps": t.max_nonfinite_steps,
+                    "optim.lr": o.lr, "optim.warmup_steps": o.warmup_steps, "optim.grad_clip": o.grad_clip,
+                    "optim.weight_decay": o.weight_decay, "data.num_workers": d.num_workers}  # fmt: skip
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ValueError(f"{key} must be >= 0, got {value}")
+    if not 0.0 <= o.ema_decay <= 1.0:
+        raise ValueError(f"optim.ema_decay must be in [0, 1], got {o.ema_decay}")
+    if not 0.0 <= m.class_dropout_prob < 1.0:
+        raise ValueError(f"model.class_dropout_prob must be in [0, 1), got {m.class_dropout_prob}")
+    if not t.run_dir.strip():
+        raise ValueError("train.run_dir must name a folder")
+
+
+def _check_model(cfg: Config) -> None:
+    """The model name and the depth the projectors read, with the registry's values where the config has none."""
+    from repa.models import MODELS
+
+    m = cfg.model
+    if m.name not in MODELS:
+        close = difflib.get_close_matches(m.name, list(MODELS), n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}?" if close else f"valid: {', '.join(MODELS)}"
+        raise ValueError(f"model.name={m.name!r} is not a registered model ({hint})")
+    reg = MODELS[m.name]
+    depth = m.depth if m.depth is not None else reg["depth"]
+    align = m.align_depth if m.align_depth is not None else reg["align_depth"]
+    if (m.align_depth is not None or cfg.repa.enabled) and not 1 <= align <= depth:
+        src = "" if m.depth is not None else f" (the depth of {m.name}; set model.depth to change it)"
+        what = "model.align_depth" if m.align_depth is not None else f"{m.name}'s default align_depth"
+        raise ValueError(f"{what}={align} must be in [1, {depth}]{src}")
+    hidden = m.hidden_size if m.hidden_size is not None else reg["hidden_size"]
+    heads = m.num_heads if m.num_heads is not None else reg["num_heads"]
+    if hidden % heads:
+        raise ValueError(f"model hidden_size={hidden} is not divisible by num_heads={heads}")
 
 
 # --------------------------------------------------------------------------------------- typed (de)serialisation
@@ -323,5 +373,8 @@ def load_yaml(path: Path) -> dict[str, Any]:
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (safe dump: plain types only)."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    """Write the resolved config as YAML (safe dump: plain types only), atomically (temporary file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)

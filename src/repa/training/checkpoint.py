@@ -1,4 +1,11 @@
-"""Atomic, pickle-free checkpoints: safetensors weights + torch tensors-only optimizer state + JSON metadata."""
+"""Atomic, pickle-free checkpoints: safetensors weights + torch tensors-only optimizer state + JSON metadata.
+
+Kill-anywhere contract (tested in tests/test_faults.py): a checkpoint folder `step_XXXXXXXX` appears only by a rename
+of a complete, fsync'ed temporary folder; a process killed at any instant leaves either the previous checkpoints
+or the new one, plus hidden leftovers (`.tmp_*`, `.old_*`, `.trash_*`) that are never read as checkpoints and are
+cleaned (or, for `.old_*`, restored) by the next save. The environment variable `REPA_FAULT_AFTER_FILE=<point>[@<step>]`
+is a test hook: the process SIGKILLs itself at that point of a checkpoint write (see `FAULT_POINTS`).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +23,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+_OLD_DIR = re.compile(r"^\.old_step_(\d{8})_\d+$")
+# where REPA_FAULT_AFTER_FILE may kill a checkpoint write: after each file lands in the temporary folder, after the
+# fsyncs, while a same-step checkpoint is moved aside, after the rename into place, and while pruning
+FAULT_POINTS = ("model.safetensors", "ema.safetensors", "optimizer.pt", "state.json", "fsync", "old", "rename", "prune")
 
 
 class CheckpointError(RuntimeError):
@@ -37,6 +49,16 @@ def _fsync_dir(path: Path) -> None:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
+
+
+def _fault_point(point: str, step: int) -> None:
+    """Test hook: SIGKILL this process here if REPA_FAULT_AFTER_FILE names `point` (and `step`, if given)."""
+    spec = os.environ.get("REPA_FAULT_AFTER_FILE")
+    if not spec:
+        return
+    name, _, at = spec.partition("@")
+    if name == point and (not at or int(at) == step):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -63,36 +85,44 @@ def save_checkpoint(
         the final checkpoint folder.
     """
     root = Path(ckpt_root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}_{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
         tmp.mkdir()
         save_file(_contiguous(model), str(tmp / "model.safetensors"))
+        _fault_point("model.safetensors", step)
         if ema is not None:
             save_file(_contiguous(ema), str(tmp / "ema.safetensors"))
+            _fault_point("ema.safetensors", step)
         if optimizer is not None:
             torch.save(optimizer, tmp / "optimizer.pt")  # tensors, numbers, lists, dicts: weights_only-loadable
+            _fault_point("optimizer.pt", step)
         (tmp / "state.json").write_text(json.dumps({"step": step, **meta}, indent=1), encoding="utf-8")
+        _fault_point("state.json", step)
         for f in tmp.iterdir():
             _fsync_file(f)
         _fsync_dir(tmp)
-        if final.exists():  # same step written again (e.g. a resumed run re-saving): replace it
+        _fault_point("fsync", step)
+        if final.exists():  # same step written again (e.g. after falling back to an older checkpoint): replace it
             old = root / f".old_step_{step:08d}_{os.getpid()}"
-            final.rename(old)
+            final.rename(old)  # a crash before the next rename leaves `old`, which list/prune treat as step_XXX
+            _fault_point("old", step)
             tmp.rename(final)
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(final)
         _fsync_dir(root)
+        _fault_point("rename", step)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         reason = {
             errno.ENOSPC: "no space left on device",
             errno.EROFS: "read-only file system",
             errno.EACCES: "permission denied",
+            errno.EDQUOT: "disk quota exceeded",
         }.get(err.errno, str(err))
         prev = latest_checkpoint(root)
         kept = f"; the previous checkpoint {prev} is intact" if prev else ""
@@ -102,12 +132,19 @@ def save_checkpoint(
 
 
 def list_checkpoints(ckpt_root: str | Path) -> list[Path]:
-    """Complete checkpoints (renamed into place), oldest first."""
+    """Complete checkpoints, oldest first: renamed-into-place `step_XXXXXXXX` folders, and a `.old_step_XXXXXXXX_*`
+    folder whose replacement was interrupted (it was complete before being moved aside). Read-only."""
     root = Path(ckpt_root)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+    found: dict[int, Path] = {}
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name) or _OLD_DIR.match(p.name)
+        if m and p.is_dir() and (p / "state.json").is_file():
+            step = int(m.group(1))
+            if step not in found or _STEP_DIR.match(p.name):  # the renamed-into-place folder wins
+                found[step] = p
+    return [found[s] for s in sorted(found)]
 
 
 def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
@@ -115,16 +152,90 @@ def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def load_latest_checkpoint(ckpt_root: str | Path) -> tuple[Path | None, dict[str, Any] | None]:
+    """(path, contents) of the newest checkpoint that loads; an unreadable newer one is reported and skipped (it is
+    replaced when training reaches its step again). (None, None) when there is none."""
+    for path in reversed(list_checkpoints(ckpt_root)):
+        try:
+            ckpt = load_checkpoint(path)
+            missing = [k for k in ("ema", "optimizer") if ckpt[k] is None]
+            if missing:
+                raise CheckpointError(f"{path} has no {' / '.join(missing)} state to resume training from")
+            return path, ckpt
+        except CheckpointError as err:
+            print(f"[repa] WARNING: skipping unreadable checkpoint: {err}", flush=True)
+    return None, None
+
+
 def prune_checkpoints(ckpt_root: str | Path, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints, and leftovers of interrupted writes."""
+    """Delete all but the newest `keep` checkpoints and the leftovers of interrupted writes; restore a checkpoint
+    whose same-step replacement was interrupted. Each deletion starts with a rename to a hidden `.trash_` name, so
+    a checkpoint folder is never left half-deleted."""
     root = Path(ckpt_root)
+    for p in root.glob(".old_step_*"):
+        m = _OLD_DIR.match(p.name)
+        final = root / f"step_{m.group(1)}" if m else None
+        if final is not None and not final.exists() and (p / "state.json").is_file():
+            p.rename(final)  # the interrupted replacement never produced the new folder: put the old one back
+        else:
+            _remove(p)
     for p in root.glob(".tmp_step_*"):
         pid = p.name.rsplit("_", 1)[-1]
         if pid != str(os.getpid()):
-            shutil.rmtree(p, ignore_errors=True)
+            _remove(p)
+    for p in root.glob(".trash_*"):
+        shutil.rmtree(p, ignore_errors=True)
     if keep > 0:
         for p in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(p, ignore_errors=True)
+            _remove(p)
+
+
+def _remove(path: Path) -> None:
+    trash = path.with_name(f".trash_{path.name.lstrip('.')}_{os.getpid()}")
+    try:
+        path.rename(trash)
+    except OSError:
+        trash = path
+    _fault_point("prune", -1)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def check_writable(directory: str | Path) -> None:
+    """Raise CheckpointError (naming the folder and the reason) unless a file can be created in `directory`."""
+    directory = Path(directory)
+    probe = directory / f".write_test_{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        raise CheckpointError(f"run directory {directory} is not writable: {err.strerror or err}") from err
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+
+
+def trim_metrics(path: str | Path, step: int) -> None:
+    """On resume from `step`: keep only the complete records of steps <= `step` in the metrics JSON-lines file, so
+    the replayed steps are not logged twice and a line torn by a kill is dropped. Rewritten atomically."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def load_checkpoint(path: str | Path, *, optimizer: bool = True) -> dict[str, Any]:
@@ -139,14 +250,26 @@ def load_checkpoint(path: str | Path, *, optimizer: bool = True) -> dict[str, An
         raise CheckpointError(f"{path} is not a repa checkpoint (no state.json)")
     try:
         state = json.loads(state_file.read_text(encoding="utf-8"))
+        _check_state(path, state)
         out: dict[str, Any] = {"state": state, "model": load_file(str(path / "model.safetensors"))}
         out["ema"] = load_file(str(path / "ema.safetensors")) if (path / "ema.safetensors").exists() else None
         out["optimizer"] = None
         if optimizer and (path / "optimizer.pt").exists():
             out["optimizer"] = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"could not read checkpoint {path}: {err}") from err
+    except Exception as err:  # noqa: BLE001 - OSError, JSON, SafetensorError, UnpicklingError, EOFError, zip errors
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise CheckpointError(f"could not read checkpoint {path}: {type(err).__name__}: {first}") from err
     return out
+
+
+def _check_state(path: Path, state: Any) -> None:
+    """The metadata must be a mapping whose integer `step` matches the folder name (it decides where to resume)."""
+    step = state.get("step") if isinstance(state, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"state.json: 'step' must be a non-negative integer, got {step!r}")
+    m = _STEP_DIR.match(path.name) or _OLD_DIR.match(path.name)
+    if m and int(m.group(1)) != step:
+        raise ValueError(f"state.json says step {step} but the folder is {path.name}")
 
 
 def load_model_weights(path: str | Path, prefer_ema: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -164,7 +287,10 @@ def load_model_weights(path: str | Path, prefer_ema: bool = True) -> tuple[dict[
         use_ema = prefer_ema and ckpt["ema"] is not None
         return (ckpt["ema"] if use_ema else ckpt["model"]), {"format": "repa", "ema": use_ema, **ckpt["state"]}
     if path.suffix == ".safetensors":
-        return load_file(str(path)), {"format": "safetensors", "ema": False}
+        try:
+            return load_file(str(path)), {"format": "safetensors", "ema": False}
+        except Exception as err:  # noqa: BLE001 - SafetensorError (not a safetensors file, truncated), OSError
+            raise CheckpointError(f"could not read {path}: {type(err).__name__}: {err}") from err
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)

@@ -28,6 +28,13 @@ def balanced_subset(labels: torch.Tensor, num: int | None, num_classes: int) -> 
     return torch.sort(torch.cat(picks)).values
 
 
+def check_labels(labels: torch.Tensor, num_classes: int, name: str) -> None:
+    """Raise ValueError naming the first label outside [0, num_classes) (the null class is num_classes)."""
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = int(torch.nonzero((labels < 0) | (labels >= num_classes))[0])
+        raise ValueError(f"{name}: label {int(labels[bad])} of item {bad} is outside [0, {num_classes})")
+
+
 @dataclass
 class InMemoryImages:
     """A uint8 image tensor (N, C, H, W) with labels; pixel-space training reads x = images / 127.5 - 1."""
@@ -45,11 +52,7 @@ class InMemoryImages:
             )
         if len(self.labels) != len(self.images):
             raise ValueError(f"{self.name}: {len(self.images)} images but {len(self.labels)} labels")
-        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= self.num_classes):
-            bad = int(torch.nonzero((self.labels < 0) | (self.labels >= self.num_classes))[0])
-            raise ValueError(
-                f"{self.name}: label {int(self.labels[bad])} of item {bad} is outside [0, {self.num_classes})"
-            )
+        check_labels(self.labels, self.num_classes, self.name)
 
     @property
     def num_items(self) -> int:
@@ -99,6 +102,7 @@ def load_train_images(cfg: Config) -> InMemoryImages:
         images, labels = load_fashion_mnist("train", root=d.root)
         images = torch.as_tensor(images)
         labels = torch.as_tensor(labels).long()
+        check_labels(labels, 10, f"fashion-mnist train labels (data.root={d.root})")  # before subsetting drops them
         keep = balanced_subset(labels, d.num_train, 10)
         return InMemoryImages(images[keep][:, None].contiguous(), labels[keep], 10, "fashion-mnist")
     if d.kind == "folder":

@@ -15,7 +15,7 @@ from repa import distributed as D
 from repa.config import Config, dump_config, to_dict, validate
 from repa.training import setup as S
 from repa.training.batches import GlobalOrder, MicroBatchPlan, step_draws
-from repa.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from repa.training.checkpoint import check_writable, load_latest_checkpoint, save_checkpoint, trim_metrics
 from repa.training.data import InMemoryImages, load_train_images
 from repa.training.ema import EMA
 
@@ -41,6 +41,8 @@ def train(cfg: Config) -> dict[str, Any]:
     acc = D.make_accelerator(tc.mixed_precision)
     world, rank, device = acc.num_processes, acc.process_index, acc.device
     validate(cfg, world_size=world)
+    if tc.mixed_precision == "fp16" and device.type == "cpu":  # Accelerate would silently run fp32, no loss scaling
+        raise ValueError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 (or no)")
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     if device.type == "cuda":
@@ -48,17 +50,17 @@ def train(cfg: Config) -> dict[str, Any]:
         torch.backends.cudnn.allow_tf32 = tc.allow_tf32
     run_dir = Path(tc.run_dir)
     if acc.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        check_writable(run_dir)  # a read-only or full disk fails here, before any work
         (run_dir / "samples").mkdir(exist_ok=True)
     acc.wait_for_everyone()
 
     # ---- data, encoders, targets, model, loss
     data: InMemoryImages = load_train_images(cfg)
     encoders = S.build_encoders(cfg, device) if cfg.repa.enabled else []
+    torch.manual_seed(tc.seed)  # the initial weights are a function of the seed (identical on every rank)
+    model = S.build_model(cfg, data, encoders).to(device)  # checks align depth / token grids before any target
     S.prepare_targets(cfg, data, encoders, acc)  # fills data.targets when cached; no-op for vanilla / online
     online_encoders = encoders if (encoders and not data.targets) else []
-    torch.manual_seed(tc.seed)  # the initial weights are a function of the seed (identical on every rank)
-    model = S.build_model(cfg, data, encoders).to(device)
     loss_fn = S.build_loss(cfg)
     ema = EMA(model, cfg.optim.ema_decay, warmup=cfg.optim.ema_warmup)
     opt = torch.optim.AdamW(
@@ -69,18 +71,23 @@ def train(cfg: Config) -> dict[str, Any]:
 
     # ---- resume: rerunning the same command continues from the newest complete checkpoint
     start_step, nonfinite, overflow = 0, 0, 0
-    ckpt_path = latest_checkpoint(run_dir / "checkpoints")
-    if ckpt_path is not None:
-        ckpt = load_checkpoint(ckpt_path)
+    ckpt_path, ckpt = load_latest_checkpoint(run_dir / "checkpoints")
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"], strict=True)
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"]["optimizer"])
         sched.load_state_dict(ckpt["optimizer"]["scheduler"])
         start_step = int(ckpt["state"]["step"])
         nonfinite = int(ckpt["state"].get("nonfinite_steps", 0))
+        if acc.scaler is not None and "scaler" in ckpt["optimizer"]:
+            acc.scaler.load_state_dict(ckpt["optimizer"]["scaler"])
+        if nonfinite > tc.max_nonfinite_steps:  # the run stopped on NaN/inf; a rerun gets a fresh allowance
+            D.print0(f"[repa] the previous run stopped after {nonfinite} non-finite steps; counting again from 0")
+            nonfinite = 0
         D.print0(f"[repa] resuming from {ckpt_path} (step {start_step})")
     if acc.is_main_process:
         dump_config(cfg, run_dir / "config.yaml")
+        trim_metrics(run_dir / "metrics.jsonl", start_step)  # replayed steps are logged again; drop torn lines
 
     model, opt = acc.prepare(model, opt)
     raw_model = acc.unwrap_model(model)
@@ -110,7 +117,7 @@ def train(cfg: Config) -> dict[str, Any]:
             opt.step()
             sched.step()
             ema.update(raw_model, step)
-        elif loss_finite and tc.mixed_precision == "fp16":
+        elif loss_finite and acc.scaler is not None:
             opt.step()  # the GradScaler skips this overflowed update and lowers its scale
             overflow += 1
         else:
@@ -200,7 +207,8 @@ def _save(cfg: Config, acc, raw_model, ema: EMA, opt, sched, step: int, nonfinit
         save_checkpoint(
             Path(cfg.train.run_dir) / "checkpoints", step,
             model=raw_model.state_dict(), ema=ema.state_dict(),
-            optimizer={"optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
+            optimizer={"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                       **({"scaler": acc.scaler.state_dict()} if acc.scaler is not None else {})},
             meta={"nonfinite_steps": nonfinite, "config": to_dict(cfg)}, keep=cfg.train.keep_checkpoints,
         )  # fmt: skip
     acc.wait_for_everyone()
