@@ -127,7 +127,7 @@ def save_checkpoint(
         prev = latest_checkpoint(root)
         kept = f"; the previous checkpoint {prev} is intact" if prev else ""
         raise CheckpointError(f"could not write checkpoint {final}: {reason}{kept}") from err
-    prune_checkpoints(root, keep)
+    prune_checkpoints(root, keep, step=step)
     return final
 
 
@@ -153,21 +153,31 @@ def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
 
 
 def load_latest_checkpoint(ckpt_root: str | Path) -> tuple[Path | None, dict[str, Any] | None]:
-    """(path, contents) of the newest checkpoint that loads; an unreadable newer one is reported and skipped (it is
-    replaced when training reaches its step again). (None, None) when there is none."""
-    for path in reversed(list_checkpoints(ckpt_root)):
-        try:
-            ckpt = load_checkpoint(path)
-            missing = [k for k in ("ema", "optimizer") if ckpt[k] is None]
-            if missing:
-                raise CheckpointError(f"{path} has no {' / '.join(missing)} state to resume training from")
-            return path, ckpt
-        except CheckpointError as err:
-            print(f"[repa] WARNING: skipping unreadable checkpoint: {err}", flush=True)
-    return None, None
+    """(path, contents) of the newest checkpoint, with model, EMA and optimizer state; (None, None) if there is none.
+
+    Raises:
+        CheckpointError: the newest checkpoint cannot be read (damaged outside repa: writes are atomic). Training
+            does not silently fall back to an older one (with `keep` small, its new checkpoints would be pruned
+            in favour of the damaged newer step); the message names the previous checkpoint to resume from.
+    """
+    found = list_checkpoints(ckpt_root)
+    if not found:
+        return None, None
+    path = found[-1]
+    try:
+        ckpt = load_checkpoint(path)
+        missing = [k for k in ("ema", "optimizer") if ckpt[k] is None]
+        if missing:
+            raise CheckpointError(f"{path} has no {' / '.join(missing)} state to resume training from")
+    except CheckpointError as err:
+        prev = f"the previous one is {found[-2]}" if len(found) > 1 else "there is no older one"
+        raise CheckpointError(
+            f"{err}. Move {path} out of {path.parent} to resume from an older checkpoint ({prev})"
+        ) from err
+    return path, ckpt
 
 
-def prune_checkpoints(ckpt_root: str | Path, keep: int) -> None:
+def prune_checkpoints(ckpt_root: str | Path, keep: int, *, step: int = -1) -> None:
     """Delete all but the newest `keep` checkpoints and the leftovers of interrupted writes; restore a checkpoint
     whose same-step replacement was interrupted. Each deletion starts with a rename to a hidden `.trash_` name, so
     a checkpoint folder is never left half-deleted."""
@@ -178,25 +188,25 @@ def prune_checkpoints(ckpt_root: str | Path, keep: int) -> None:
         if final is not None and not final.exists() and (p / "state.json").is_file():
             p.rename(final)  # the interrupted replacement never produced the new folder: put the old one back
         else:
-            _remove(p)
+            _remove(p, step)
     for p in root.glob(".tmp_step_*"):
         pid = p.name.rsplit("_", 1)[-1]
         if pid != str(os.getpid()):
-            _remove(p)
+            _remove(p, step)
     for p in root.glob(".trash_*"):
         shutil.rmtree(p, ignore_errors=True)
     if keep > 0:
         for p in list_checkpoints(root)[:-keep]:
-            _remove(p)
+            _remove(p, step)
 
 
-def _remove(path: Path) -> None:
+def _remove(path: Path, step: int) -> None:
     trash = path.with_name(f".trash_{path.name.lstrip('.')}_{os.getpid()}")
     try:
         path.rename(trash)
     except OSError:
         trash = path
-    _fault_point("prune", -1)
+    _fault_point("prune", step)
     shutil.rmtree(trash, ignore_errors=True)
 
 
