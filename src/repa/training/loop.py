@@ -107,7 +107,7 @@ def train(cfg: Config) -> dict[str, Any]:
                desc="train", dynamic_ncols=True)  # fmt: skip
     sums: dict[str, torch.Tensor] = {}
     last: dict[str, Any] = {}
-    window_start, window_steps = time.perf_counter(), 0
+    window_start, window_steps, window_good = time.perf_counter(), 0, 0
     model.train()
     for step in range(start_step, tc.max_steps):
         terms, grad_norm = _train_step(cfg, model, loss_fn, opt, acc, data, order, plan, step, online_encoders)
@@ -127,12 +127,13 @@ def train(cfg: Config) -> dict[str, Any]:
         for k, v in {**terms, "grad_norm": grad_norm}.items():
             sums[k] = sums.get(k, 0.0) + (v.detach() if finite else torch.zeros_like(v))
         window_steps += 1
+        window_good += int(finite)  # skipped steps add zeros: average over the others
         done = step + 1
         bar.update(1)
 
         if done % tc.log_every == 0 or done == tc.max_steps:
             elapsed = time.perf_counter() - window_start
-            good = max(1, window_steps)
+            good = max(1, window_good)
             record = {"step": done, **{k: float(D.all_reduce_mean(v)) / good for k, v in sums.items()}}
             record.update(lr=sched.get_last_lr()[0], images_per_s=window_steps * tc.global_batch_size / elapsed,
                           peak_memory_gb=_peak_memory_gb(device), nonfinite_steps=nonfinite,
@@ -141,7 +142,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 with open(metrics_file, "a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")
                 bar.set_postfix({k: f"{record[k]:.4f}" for k in ("denoise", "align") if k in record})
-            last, sums, window_start, window_steps = record, {}, time.perf_counter(), 0
+            last, sums, window_start, window_steps, window_good = record, {}, time.perf_counter(), 0, 0
         if nonfinite > tc.max_nonfinite_steps:
             _save(cfg, acc, raw_model, ema, opt, sched, done, nonfinite)
             raise NonFiniteError(
