@@ -93,3 +93,7 @@ def test_yaml_is_safe_loaded(tmp_path):
     evil.write_text("train: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(Exception, match="could not determine a constructor|ConstructorError|python/object"):
         load_config(evil)
+
+
+def test_yaml_no_is_the_string_choice():
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"

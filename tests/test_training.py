@@ -182,3 +182,38 @@ def test_dit_ddpm_with_repa_trains_and_samples(tmp_path, fmnist_root, test_encod
     ck = _final(run)
     assert ck["model"]["final_layer.linear.weight"].shape[0] == 4 * 4 * 2  # learned sigma: 2C output channels
     assert (run / "samples" / "step_00000003.png").exists()
+
+
+def test_trains_on_prepared_latent_shards(tmp_path):
+    """`repa prepare` output (random small VAE + encoder, stored targets) is read by the loop: no encoder runs,
+    latents are resampled from the stored posterior each step, and the grid is decoded with the same VAE."""
+    from tests.test_prepare import CLI_ARGS, make_folder
+
+    shards = tmp_path / "shards"
+    assert cli_main(["prepare", str(make_folder(tmp_path / "images")), str(shards), *CLI_ARGS]) == 0
+    run = tmp_path / "run"
+    over = [
+        f"train.run_dir={run}", f"data.root={shards}", "data.resolution=32", "repa.encoders=[random-dinov2-vit-s]",
+        "repa.encoder_resolution=28", "model.name=SiT-T/2", "model.hidden_size=32", "model.depth=2",
+        "model.num_heads=2", "model.align_depth=1", "model.projector_dim=32", "train.global_batch_size=4",
+        "train.max_steps=2", "train.log_every=1", "train.progress=false", "train.mixed_precision=no",
+        "sample.num_images=2", "sample.num_steps=2", "sample.sampler=ode",
+    ]  # fmt: skip
+
+    def no_encoder(*a, **k):
+        raise AssertionError("stored targets: no encoder may be loaded")
+
+    import repa.training.setup as S
+
+    orig = S.build_encoders
+    S.build_encoders = no_encoder
+    try:
+        train(load_config(ROOT / "configs/sit-b2-repa.yaml", over))
+    finally:
+        S.build_encoders = orig
+    m = _metrics(run)
+    assert len(m) == 2 and all(np.isfinite(r["align"]) and r["align"] != 0 for r in m)
+    assert (run / "samples" / "step_00000002.png").exists()
+    with pytest.raises(ValueError, match="holds targets of"):
+        train(load_config(ROOT / "configs/sit-b2-repa.yaml", [*over, f"train.run_dir={tmp_path / 'r2'}",
+                                                                "repa.encoders=[dinov2-vit-b]"]))  # fmt: skip

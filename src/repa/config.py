@@ -244,6 +244,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(err))
         raise ValueError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
     if origin is Literal:
+        if isinstance(value, bool) and "no" in args and not value:  # YAML 1.1 reads a bare `no` as false
+            value = "no"
         if value not in args:
             raise ValueError(f"{key}: {value!r} is not one of {list(args)}")
         return value

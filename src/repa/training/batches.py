@@ -87,12 +87,22 @@ class MicroBatchPlan:
 
 
 def step_draws(
-    seed: int, step: int, micro: int, global_micro: int, sample_shape: tuple[int, ...], label_dropout: float
+    seed: int,
+    step: int,
+    micro: int,
+    global_micro: int,
+    sample_shape: tuple[int, ...],
+    label_dropout: float,
+    posterior: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """The random draws of one global micro-batch: t ~ U(0,1) (B,), noise (B, *sample_shape), and the label
-    drop mask (B,) bool. The caller slices its rank's rows, so every process count gives identical draws."""
+    """The random draws of one global micro-batch: t ~ U(0,1) (B,), noise (B, *sample_shape), the label drop
+    mask (B,) bool, and with `posterior` the VAE posterior draw eps (B, *sample_shape) (its own stream). The
+    caller slices its rank's rows, so every process count gives identical draws."""
     g = generator(seed, 2, step, micro)
     u = torch.rand(global_micro, generator=g)
     noise = torch.randn((global_micro, *sample_shape), generator=g)
     drop = torch.rand(global_micro, generator=g) < label_dropout
-    return {"u": u, "noise": noise, "drop": drop}
+    out = {"u": u, "noise": noise, "drop": drop}
+    if posterior:
+        out["eps"] = torch.randn((global_micro, *sample_shape), generator=generator(seed, 5, step, micro))
+    return out

@@ -6,10 +6,14 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from repa.config import Config
+
+if TYPE_CHECKING:
+    from repa.data.shards import LatentShards
 
 
 def cache_dir() -> Path:
@@ -70,8 +74,11 @@ class InMemoryImages:
         h.update(self.labels.numpy().tobytes())
         return h.hexdigest()[:16]
 
-    def batch(self, idx: torch.Tensor, flips: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
-        """Items `idx` with horizontal flips where `flips`; x in [-1, 1], images uint8 (for encoders)."""
+    def batch(
+        self, idx: torch.Tensor, flips: torch.Tensor, device: torch.device, *, eps: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Items `idx` with horizontal flips where `flips`; x in [-1, 1], images uint8 (for encoders).
+        (`eps` is accepted for interface parity with latent shards, whose x is a posterior sample.)"""
         images = self.images[idx]
         if flips.any():
             images = torch.where(flips[:, None, None, None], images.flip(-1), images)
@@ -93,9 +100,11 @@ def decode_pixels(x: torch.Tensor) -> torch.Tensor:
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def load_train_images(cfg: Config) -> InMemoryImages:
-    """The training set of a pixel-space run, fully in memory."""
+def load_train_images(cfg: Config) -> InMemoryImages | LatentShards:
+    """The training set: in-memory images for pixel-space runs, memory-mapped shards for `data.kind=latents`."""
     d = cfg.data
+    if d.kind == "latents":
+        return load_latent_shards(cfg)
     if d.kind == "fashion-mnist":
         from repa.data.fashion_mnist import load_fashion_mnist
 
@@ -113,4 +122,22 @@ def load_train_images(cfg: Config) -> InMemoryImages:
         images, labels, classes = load_image_folder(d.root, d.resolution)
         keep = balanced_subset(labels, d.num_train, len(classes))
         return InMemoryImages(images[keep], labels[keep], len(classes), f"folder:{d.root}")
-    raise ValueError(f"data.kind={d.kind} is not an in-memory pixel dataset")
+    raise ValueError(f"unknown data.kind={d.kind}")
+
+
+def load_latent_shards(cfg: Config) -> LatentShards:
+    """Shards written by `repa prepare`, checked against the run's config before any work."""
+    from repa.data.shards import LatentShards
+
+    d = cfg.data
+    if d.root is None:
+        raise ValueError("data.kind=latents needs data.root (a folder written by `repa prepare SRC OUT`)")
+    shards = LatentShards(d.root)
+    resolution = shards.manifest["config"]["resolution"]
+    if resolution != d.resolution:
+        raise ValueError(f"{d.root} was prepared at {resolution} px but data.resolution={d.resolution}")
+    if d.num_train is not None:
+        raise ValueError("data.num_train subsets in-memory datasets only; prepare a smaller folder for shards")
+    if d.hflip and not shards.has_flips:
+        raise ValueError(f"{d.root} holds no mirrored images: rerun `repa prepare --flip` or set data.hflip=false")
+    return shards

@@ -16,7 +16,7 @@ from repa.config import Config, dump_config, to_dict, validate
 from repa.training import setup as S
 from repa.training.batches import GlobalOrder, MicroBatchPlan, step_draws
 from repa.training.checkpoint import check_writable, load_latest_checkpoint, save_checkpoint, trim_metrics
-from repa.training.data import InMemoryImages, load_train_images
+from repa.training.data import load_train_images
 from repa.training.ema import EMA
 
 
@@ -55,12 +55,13 @@ def train(cfg: Config) -> dict[str, Any]:
     acc.wait_for_everyone()
 
     # ---- data, encoders, targets, model, loss
-    data: InMemoryImages = load_train_images(cfg)
-    encoders = S.build_encoders(cfg, device) if cfg.repa.enabled else []
+    data = load_train_images(cfg)
+    encoders = S.build_encoders(cfg, device) if S.needs_encoders(cfg, data) else []
     torch.manual_seed(tc.seed)  # the initial weights are a function of the seed (identical on every rank)
-    model = S.build_model(cfg, data, encoders).to(device)  # checks align depth / token grids before any target
+    # checks align depth / token grids before any target is computed
+    model = S.build_model(cfg, data, S.target_specs(cfg, data, encoders)).to(device)
     S.prepare_targets(cfg, data, encoders, acc)  # fills data.targets when cached; no-op for vanilla / online
-    online_encoders = encoders if (encoders and not data.targets) else []
+    online_encoders = S.online_encoders(data, encoders)
     loss_fn = S.build_loss(cfg)
     ema = EMA(model, cfg.optim.ema_decay, warmup=cfg.optim.ema_warmup)
     opt = torch.optim.AdamW(
@@ -167,9 +168,11 @@ def _train_step(cfg, model, loss_fn, opt, acc, data, order, plan, step, online_e
     totals: dict[str, torch.Tensor] = {}
     for micro in range(tc.grad_accum_steps):
         idx, flips = order.take(plan.position(step, micro), plan.global_micro)
-        draws = step_draws(tc.seed, step, micro, plan.global_micro, data.sample_shape, cfg.model.class_dropout_prob)
+        posterior = S.is_shards(data)  # latents are a fresh VAE posterior sample each step
+        draws = step_draws(tc.seed, step, micro, plan.global_micro, data.sample_shape, cfg.model.class_dropout_prob,
+                           posterior=posterior)  # fmt: skip
         sl = plan.local_slice()
-        batch = data.batch(idx[sl], flips[sl], acc.device)
+        batch = data.batch(idx[sl], flips[sl], acc.device, eps=draws["eps"][sl] if posterior else None)
         targets = batch.get("targets")
         if online_encoders:
             with torch.no_grad(), acc.autocast():

@@ -14,6 +14,42 @@ from repa.training.batches import generator
 from repa.training.data import InMemoryImages, cache_dir, decode_pixels
 
 
+def is_shards(data: Any) -> bool:
+    """Latent shards from `repa prepare` (targets stored beside the latents) rather than in-memory images."""
+    return not isinstance(data, InMemoryImages)
+
+
+def needs_encoders(cfg: Config, data: Any) -> bool:
+    """Whether the encoders must be loaded: REPA on, and targets not already stored in latent shards."""
+    r = cfg.repa
+    if not r.enabled:
+        return False
+    if is_shards(data):
+        if r.cache_targets:
+            data.check_encoders(r.encoders, r.encoder_resolution, r.encoder_layer)
+            return False
+        if not data.has_images:
+            raise ValueError("repa.cache_targets=false on latent shards runs the encoders on the stored images: "
+                             "prepare them with `repa prepare --images`")  # fmt: skip
+    return True
+
+
+def target_specs(cfg: Config, data: Any, encoders: list[nn.Module]) -> list[tuple[str, int, tuple[int, int]]]:
+    """(name, embed_dim, token_grid) of each alignment target: from the loaded encoders or the shard manifest."""
+    if encoders:
+        return [(e.name, e.embed_dim, tuple(e.token_grid)) for e in encoders]
+    if cfg.repa.enabled and is_shards(data):
+        return [(e["name"], int(e["embed_dim"]), tuple(e["token_grid"])) for e in data.encoders]
+    return []
+
+
+def online_encoders(data: Any, encoders: list[nn.Module]) -> list[nn.Module]:
+    """The encoders to run every step: those whose targets are neither cached nor stored."""
+    if is_shards(data):
+        return encoders  # loaded only when the shards hold no targets (needs_encoders)
+    return encoders if not data.targets else []
+
+
 def build_encoders(cfg: Config, device: torch.device) -> list[nn.Module]:
     """The frozen target encoders named in `cfg.repa` (none for vanilla training)."""
     from repa.encoders import load_encoder
@@ -39,7 +75,7 @@ def prepare_targets(cfg: Config, data: InMemoryImages, encoders: list[nn.Module]
 
     Rank 0 builds missing caches while the others wait; then every rank memory-maps them into `data.targets`.
     """
-    if not encoders or not cfg.repa.cache_targets:
+    if not encoders or not cfg.repa.cache_targets or is_shards(data):
         return
     from repa.data.features import TargetCache, build_target_cache
 
@@ -54,8 +90,8 @@ def prepare_targets(cfg: Config, data: InMemoryImages, encoders: list[nn.Module]
     data.targets = [TargetCache.load(p).tensor for p in paths]
 
 
-def build_model(cfg: Config, data: InMemoryImages, encoders: list[nn.Module]) -> nn.Module:
-    """The diffusion transformer sized for the data, with one projector per encoder."""
+def build_model(cfg: Config, data: Any, targets: list[tuple[str, int, tuple[int, int]]]) -> nn.Module:
+    """The diffusion transformer sized for the data, with one projector per alignment target (`target_specs`)."""
     from repa.models import build_model as build
 
     m = cfg.model
@@ -70,7 +106,7 @@ def build_model(cfg: Config, data: InMemoryImages, encoders: list[nn.Module]) ->
         in_channels=c,
         num_classes=data.num_classes,
         class_dropout_prob=m.class_dropout_prob,
-        encoder_dims=[enc.embed_dim for enc in encoders],
+        encoder_dims=[dim for _, dim, _ in targets],
         projector_dim=m.projector_dim,
         qk_norm=m.qk_norm,
         **overrides,
@@ -78,10 +114,10 @@ def build_model(cfg: Config, data: InMemoryImages, encoders: list[nn.Module]) ->
     if m.grad_checkpointing and hasattr(model, "grad_checkpointing"):
         model.grad_checkpointing = True
     grid = h // model.patch_size
-    for enc in encoders:
-        if tuple(enc.token_grid) != (grid, grid) and not cfg.repa.resample_tokens:
+    for name, _, token_grid in targets:
+        if token_grid != (grid, grid) and not cfg.repa.resample_tokens:
             raise ValueError(
-                f"token-grid mismatch: {enc.name} at {cfg.repa.encoder_resolution} px gives a {enc.token_grid} grid "
+                f"token-grid mismatch: {name} at {cfg.repa.encoder_resolution} px gives a {token_grid} grid "
                 f"but the model has {grid}x{grid} patches; set repa.encoder_resolution so they match or "
                 "repa.resample_tokens=true"
             )
@@ -181,9 +217,25 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int, min_cell: int =
     Image.fromarray(arr[..., 0] if c == 1 else arr).save(path)
 
 
-def sample_grid(cfg: Config, model: nn.Module, data: InMemoryImages, path: Path) -> None:
-    """A grid of `cfg.sample.num_images` EMA samples, one class per column."""
+_DECODERS: dict[str, Any] = {}
+
+
+def decoder(data: Any, device: torch.device | str = "cpu"):
+    """x (data space) -> uint8 images: pixels directly, latents through the VAE the shards were prepared with."""
+    if not is_shards(data):
+        return decode_pixels
+    spec = data.manifest["config"]["vae"]
+    if spec not in _DECODERS:  # load once per process
+        from repa.cli.prepare import load_vae
+
+        _DECODERS[spec] = load_vae(spec, device).decode_to_uint8
+    return _DECODERS[spec]
+
+
+def sample_grid(cfg: Config, model: nn.Module, data: Any, path: Path) -> None:
+    """A grid of `cfg.sample.num_images` EMA samples, one class per column (at most 10 columns)."""
     n = cfg.sample.num_images
     labels = grid_labels(n, data.num_classes)
     x = generate(model, cfg, labels, data.sample_shape, cfg.sample.seed)
-    save_grid(decode_pixels(x.cpu()), path, nrow=min(data.num_classes, n))
+    device = next(model.parameters()).device
+    save_grid(decoder(data, device)(x.to(device)).cpu(), path, nrow=min(data.num_classes, n, 10))
