@@ -61,6 +61,31 @@ def _fault_point(point: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+_REASONS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EDQUOT: "disk quota exceeded",
+}
+
+
+def _write_error_reason(err: BaseException, root: Path) -> str:
+    """A short reason for a failed write. safetensors reports `... (os error 28)` and torch.save a bare
+    `unexpected pos` RuntimeError on a full disk, so the free space is checked as well."""
+    code = getattr(err, "errno", None)
+    if code is None:
+        m = re.search(r"os error (\d+)", str(err))
+        code = int(m.group(1)) if m else None
+    if code in _REASONS:
+        return _REASONS[code]
+    text = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        return text
+    return f"no space left on device ({free} bytes free; {text})" if free < 1 << 20 else text
+
+
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
@@ -106,7 +131,7 @@ def save_checkpoint(
             _fsync_file(f)
         _fsync_dir(tmp)
         _fault_point("fsync", step)
-        if final.exists():  # same step written again (e.g. after falling back to an older checkpoint): replace it
+        if final.exists():  # the same step written again (e.g. a second run in this folder): replace it
             old = root / f".old_step_{step:08d}_{os.getpid()}"
             final.rename(old)  # a crash before the next rename leaves `old`, which list/prune treat as step_XXX
             _fault_point("old", step)
@@ -116,17 +141,11 @@ def save_checkpoint(
             tmp.rename(final)
         _fsync_dir(root)
         _fault_point("rename", step)
-    except OSError as err:
+    except Exception as err:  # noqa: BLE001 - safetensors and torch.save wrap a full disk in their own errors
         shutil.rmtree(tmp, ignore_errors=True)
-        reason = {
-            errno.ENOSPC: "no space left on device",
-            errno.EROFS: "read-only file system",
-            errno.EACCES: "permission denied",
-            errno.EDQUOT: "disk quota exceeded",
-        }.get(err.errno, str(err))
         prev = latest_checkpoint(root)
         kept = f"; the previous checkpoint {prev} is intact" if prev else ""
-        raise CheckpointError(f"could not write checkpoint {final}: {reason}{kept}") from err
+        raise CheckpointError(f"could not write checkpoint {final}: {_write_error_reason(err, root)}{kept}") from err
     prune_checkpoints(root, keep, step=step)
     return final
 
@@ -206,7 +225,8 @@ def _remove(path: Path, step: int) -> None:
         path.rename(trash)
     except OSError:
         trash = path
-    _fault_point("prune", step)
+    if _STEP_DIR.match(path.name):
+        _fault_point("prune", step)  # between the rename and the deletion of an old checkpoint
     shutil.rmtree(trash, ignore_errors=True)
 
 
