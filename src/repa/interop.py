@@ -10,8 +10,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from repa.training.checkpoint import load_model_weights
-
 # Official names -> heads (the weights do not encode the head count).
 _HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1152: 16}
 
@@ -59,32 +57,13 @@ def infer_model_kwargs(state: dict[str, torch.Tensor], num_heads: int | None = N
 def load_model_for_inference(
     path: str | Path, prefer_ema: bool = True, num_heads: int | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Load any supported checkpoint into a `DiffusionTransformer` in eval mode (strict key match).
+    """Load any supported checkpoint (repa folder, official REPA `last.pt`, public SiT/DiT files, safetensors)
+    into a `DiffusionTransformer` in eval mode, in REPA's conventions (SiT's time/sign are folded into the
+    weights by `repa.convert`).
 
     Returns:
-        (model, info) where info holds the source format, the repa config (if any) and the step.
+        (model, info) where info holds the detected format, the repa config (if any) and the step.
     """
-    from repa.models import DiffusionTransformer
+    from repa.convert import load_official
 
-    state, info = load_model_weights(path, prefer_ema=prefer_ema)
-    align_depth = None
-    cfg = info.get("config")
-    if cfg is not None:  # a repa checkpoint: the config knows the head count and align depth
-        num_heads = num_heads or cfg["model"].get("num_heads")
-        align_depth = cfg["model"].get("align_depth")
-    args = info.get("args") or {}
-    if "model" in args and num_heads is None:
-        size = str(args["model"]).split("-")[1].split("/")[0]
-        num_heads = {"S": 6, "B": 12, "L": 16, "XL": 16}.get(size)
-    if "encoder_depth" in args:
-        align_depth = int(args["encoder_depth"])
-    kwargs = infer_model_kwargs(state, num_heads)
-    if cfg is not None and num_heads is None:
-        from repa.models import MODELS
-
-        kwargs["num_heads"] = MODELS[cfg["model"]["name"]].get("num_heads", kwargs["num_heads"])
-    if kwargs["encoder_dims"]:
-        kwargs["align_depth"] = align_depth or min(8, kwargs["depth"])
-    model = DiffusionTransformer(**kwargs)
-    model.load_state_dict(state, strict=True)
-    return model.eval(), {**info, "model_kwargs": kwargs}
+    return load_official(path, prefer_ema=prefer_ema, num_heads=num_heads)
