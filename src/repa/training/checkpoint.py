@@ -109,6 +109,8 @@ def save_checkpoint(
     Returns:
         the final checkpoint folder.
     """
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:  # it names the folder
+        raise ValueError(f"checkpoint step must be a non-negative integer, got {step!r}")
     root = Path(ckpt_root)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}_{os.getpid()}"
