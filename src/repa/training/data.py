@@ -140,4 +140,12 @@ def load_latent_shards(cfg: Config) -> LatentShards:
         raise ValueError("data.num_train subsets in-memory datasets only; prepare a smaller folder for shards")
     if d.hflip and not shards.has_flips:
         raise ValueError(f"{d.root} holds no mirrored images: rerun `repa prepare --flip` or set data.hflip=false")
+    labels = shards.labels  # a label >= num_classes would silently become the null (CFG) class or crash mid-run
+    bad = torch.nonzero((labels < 0) | (labels >= shards.num_classes)).flatten()
+    if len(bad):
+        i = int(bad[0])
+        s = int(torch.searchsorted(shards.offsets[1:], torch.tensor(i), right=True))
+        name = shards.manifest["shards"][s]["files"]["latents"]["path"]
+        raise ValueError(f"{shards.root / name}: label {int(labels[i])} of item {i - int(shards.offsets[s])} is "
+                         f"outside [0, {shards.num_classes}) ({len(bad)} such items in {d.root})")  # fmt: skip
     return shards
