@@ -219,18 +219,23 @@ class Trainer:
         return subprocess.run([*(prefix or []), *self.command(run_dir)], env=env, capture_output=True, text=True,
                               timeout=300)  # fmt: skip
 
-    def run_and_kill(self, run_dir: Path, delay: float) -> int:
-        """Start the command, SIGKILL it `delay` s after it starts training (or resuming); returns the exit code."""
-        log = (run_dir / "metrics.jsonl").stat().st_mtime_ns if (run_dir / "metrics.jsonl").exists() else 0
+    def run_and_kill(self, run_dir: Path, at_step: int, delay: float) -> int:
+        """Start the command and SIGKILL it `delay` s after it logged step `at_step` (a checkpoint save follows the
+        log line of a checkpoint step, so such kills often land inside it); returns the exit code."""
+        log = run_dir / "metrics.jsonl"
+        stale = log.stat().st_ino if log.exists() else None  # a resumed run first rewrites it (new inode)
         proc = subprocess.Popen(self.command(run_dir), env=self.env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)  # fmt: skip
         try:
             deadline = time.monotonic() + 120
             while proc.poll() is None and time.monotonic() < deadline:
-                m = run_dir / "metrics.jsonl"
-                if m.exists() and m.stat().st_mtime_ns != log:  # written by this process: it is past start-up
+                try:
+                    lines = log.read_text().splitlines() if log.stat().st_ino != stale else []
+                except FileNotFoundError:
+                    lines = []
+                if any(line.startswith(f'{{"step": {at_step},') for line in lines):
                     break
-                time.sleep(0.01)
+                time.sleep(0.005)
             time.sleep(delay)
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
@@ -264,25 +269,29 @@ def test_sigkill_mid_checkpoint_and_at_random_times_then_resume_is_bit_exact(tra
     run = trainer.tmp / "killed"
     # (fault point@step, checkpoints visible after the kill); the other points are killed in-process above
     chain = [
-        ("model.safetensors@2", []),  # the first checkpoint never appears
-        ("optimizer.pt@4", [2]),
-        ("fsync@6", [2, 4]),  # complete and on disk, but not renamed into place
-        ("rename@6", [2, 4, 6]),  # in place, killed before pruning
-        ("prune@8", [4, 6, 8]),  # killed between renaming step 2 away and deleting it
+        ("model.safetensors@2", []),  # the first checkpoint never appears ...
+        ("optimizer.pt@2", []),
+        ("fsync@2", []),  # ... even complete and on disk, until renamed into place
+        ("rename@2", [2]),  # in place, killed before pruning
+        ("prune@6", [4, 6]),  # killed between renaming step 2 away and deleting it
     ]
     for fault, visible in chain:
         res = trainer.run(run, fault)
         assert res.returncode == -signal.SIGKILL, (fault, res.returncode, res.stderr[-2000:])
         assert assert_checkpoints_sound(run / "checkpoints") == visible, fault
         hidden = [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
-        assert hidden or fault.startswith("rename"), f"{fault}: expected the leftovers of the killed write"
-    rng = random.Random(20250107)  # then SIGKILLs at random instants of the training (and checkpointing) steps
+        assert hidden, f"{fault}: expected the leftovers of the killed write"
+    rng = random.Random(20250107)  # then SIGKILLs at random instants of the steps (and checkpoint writes) left
     codes = []
     for _ in range(2):
-        delay = rng.uniform(0.0, 1.0)
-        codes.append((round(delay, 3), trainer.run_and_kill(run, delay)))
+        resumed = max(_visible(run))
+        if resumed >= 11:
+            break
+        at_step, delay = rng.randint(resumed + 1, 11), rng.uniform(0.0, 0.05)
+        codes.append((at_step, round(delay, 3), trainer.run_and_kill(run, at_step, delay)))
         assert_checkpoints_sound(run / "checkpoints")
-    assert any(code == -signal.SIGKILL for _, code in codes), codes
+    print(f"random kills (at step, delay s, exit code): {codes}")
+    assert any(c[-1] == -signal.SIGKILL for c in codes), codes
     res = trainer.run(run)  # the same command, no fault: resumes and finishes
     assert res.returncode == 0, res.stderr[-3000:]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000010", "step_00000012"]
