@@ -1,0 +1,221 @@
+"""Encoder-target cache: each training image's frozen-encoder patch tokens, computed once, stored as safetensors.
+
+File layout: one safetensors tensor `targets` of shape (num_flips, num_images, N, D) (float16 by default: a relative
+error ~1e-3, far below anything REPA's cosine loss can see; the loss normalises in float32) and a JSON header
+entry `repa` recording encoder name, weights source, resolution, layer, token grid, N, D, image count, dataset
+fingerprint and flips. The file is written in place into `<path>.partial` (memory-mapped, batch by batch, with a
+progress note), so an interrupted build resumes where it stopped; it appears at `path` only when complete
+(`os.replace`). Loading memory-maps the tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+_ST_DTYPES = {torch.float16: ("F16", np.float16), torch.float32: ("F32", np.float32)}
+
+
+class TargetCacheMismatch(ValueError):
+    """An existing cache was built for another encoder, resolution, layer, dataset or flip set."""
+
+
+def images_fingerprint(images: torch.Tensor) -> str:
+    """SHA-1 (16 hex) of a uint8 image tensor's shape and bytes: identifies the exact image set and order."""
+    h = hashlib.sha1(str(tuple(images.shape)).encode())
+    h.update(np.ascontiguousarray(images.cpu().numpy()).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _as_nchw(images: torch.Tensor | np.ndarray) -> torch.Tensor:
+    images = torch.as_tensor(images)
+    if images.dtype != torch.uint8:
+        raise TypeError(f"target caches are built from uint8 images, got {images.dtype}")
+    if images.ndim == 3:
+        images = images[:, None]
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must be (N, H, W) or (N, 1|3, H, W), got {tuple(images.shape)}")
+    return images
+
+
+def cache_metadata(encoder: torch.nn.Module, images: torch.Tensor, flips: tuple[bool, ...], dtype: torch.dtype) -> dict:
+    """The identity of a cache: what must match for reuse."""
+    images = _as_nchw(images)
+    return {
+        "format": "repa-targets",
+        "version": FORMAT_VERSION,
+        "encoder": encoder.name,
+        "source": getattr(encoder, "source", ""),
+        "resolution": encoder.resolution,
+        "layer": getattr(encoder, "layer", None),
+        "token_grid": list(encoder.token_grid),
+        "num_tokens": int(encoder.token_grid[0] * encoder.token_grid[1]),
+        "embed_dim": encoder.embed_dim,
+        "num_images": len(images),
+        "image_shape": list(images.shape[1:]),
+        "fingerprint": images_fingerprint(images),
+        "flips": [bool(f) for f in flips],
+        "dtype": _ST_DTYPES[dtype][0],
+    }
+
+
+def _header(meta: dict, shape: tuple[int, ...]) -> bytes:
+    st, np_dtype = next(v for v in _ST_DTYPES.values() if v[0] == meta["dtype"])
+    nbytes = int(np.prod(shape)) * np.dtype(np_dtype).itemsize
+    head = {
+        "__metadata__": {"repa": json.dumps(meta)},
+        "targets": {"dtype": st, "shape": list(shape), "data_offsets": [0, nbytes]},
+    }
+    raw = json.dumps(head, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data aligned to 8 bytes
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _read_header(path: Path) -> tuple[dict, dict, int]:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        head = json.loads(f.read(n))
+    meta = json.loads(head.get("__metadata__", {}).get("repa", "{}"))
+    return meta, head["targets"], 8 + n
+
+
+class TargetCache:
+    """A built cache: `tensor` (num_flips, num_images, N, D), memory-mapped; `meta` its identity."""
+
+    def __init__(self, tensor: torch.Tensor, meta: dict, path: Path | None = None) -> None:
+        self.tensor, self.meta, self.path = tensor, meta, path
+
+    @classmethod
+    def load(cls, path: str | Path, expect: dict | None = None) -> TargetCache:
+        """Open a cache (memory-mapped). `expect`: metadata entries that must match (else TargetCacheMismatch)."""
+        path = Path(path)
+        meta, info, offset = _read_header(path)
+        if meta.get("format") != "repa-targets":
+            raise TargetCacheMismatch(f"{path} is not a repa target cache")
+        np_dtype = {"F16": np.float16, "F32": np.float32}[info["dtype"]]
+        arr = np.memmap(
+            path, dtype=np_dtype, mode="c", offset=offset + info["data_offsets"][0], shape=tuple(info["shape"])
+        )
+        cache = cls(torch.from_numpy(arr), meta, path)
+        if expect is not None:
+            cache.check(expect)
+        return cache
+
+    def check(self, expect: dict) -> None:
+        """Raise TargetCacheMismatch naming every differing metadata entry."""
+        diff = {k: (self.meta.get(k), v) for k, v in expect.items() if self.meta.get(k) != v}
+        if diff:
+            lines = ", ".join(f"{k}: cached {a!r} vs wanted {b!r}" for k, (a, b) in diff.items())
+            raise TargetCacheMismatch(f"target cache {self.path} does not match ({lines}); delete it or rebuild")
+
+    @property
+    def flips(self) -> tuple[bool, ...]:
+        return tuple(self.meta["flips"])
+
+    def __len__(self) -> int:
+        return self.tensor.shape[1]
+
+    def get(self, index: int | torch.Tensor, flip: bool | torch.Tensor = False) -> torch.Tensor:
+        """Targets (N, D) (or (B, N, D) for index tensors) as float32, of the mirrored image where `flip`."""
+        flip = torch.as_tensor(flip)
+        if bool(flip.any()) and len(self.flips) < 2:
+            raise ValueError(f"{self.path}: built without mirrored images; rebuild with flips=(False, True)")
+        return self.tensor[flip.long(), index].float()
+
+
+def _write_progress(path: Path, note: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(note))
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def build_target_cache(
+    encoder: torch.nn.Module,
+    images_uint8: torch.Tensor | np.ndarray,
+    path: str | Path,
+    batch_size: int = 64,
+    flips: tuple[bool, ...] = (False,),
+    progress: bool = True,
+    dtype: torch.dtype = torch.float16,
+    overwrite: bool = False,
+) -> TargetCache:
+    """Compute `encoder(images)` for every image (and its mirror image if True in `flips`) into a cache file.
+
+    Args:
+        encoder: a `repa.encoders.Encoder` (its device is used).
+        images_uint8: (N, H, W) or (N, 1|3, H, W) uint8, the training images in dataset order.
+        path: output .safetensors file.
+        batch_size: images per encoder call (also the resume granularity).
+        flips: (False,) or (False, True): which versions of each image to encode.
+        progress: tqdm bar.
+        dtype: float16 (default) or float32 storage; float16 refuses values outside its range.
+        overwrite: rebuild an existing cache whose metadata differs instead of raising.
+
+    Returns:
+        The loaded TargetCache (an existing matching cache is reused without recomputation).
+    """
+    from tqdm import tqdm
+
+    images = _as_nchw(images_uint8)
+    flips = tuple(bool(f) for f in flips)
+    if flips not in ((False,), (False, True)):
+        raise ValueError(f"flips must be (False,) or (False, True), got {flips}")
+    path = Path(path)
+    meta = cache_metadata(encoder, images, flips, dtype)
+    if path.exists():
+        try:
+            return TargetCache.load(path, expect=meta)
+        except TargetCacheMismatch:
+            if not overwrite:
+                raise
+    shape = (len(flips), len(images), meta["num_tokens"], meta["embed_dim"])
+    partial, note_path = Path(f"{path}.partial"), Path(f"{path}.partial.json")
+    header = _header(meta, shape)
+    note = json.loads(note_path.read_text()) if note_path.exists() and partial.exists() else {}
+    if note.get("meta") != meta or note.get("batch_size") != batch_size:
+        note = {"meta": meta, "batch_size": batch_size, "done": 0}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(partial, "wb") as f:
+            f.write(header)
+            f.truncate(len(header) + int(np.prod(shape)) * np.dtype(_ST_DTYPES[dtype][1]).itemsize)
+    out = np.memmap(partial, dtype=_ST_DTYPES[dtype][1], mode="r+", offset=len(header), shape=shape)
+    device = next((b.device for b in encoder.buffers()), torch.device("cpu"))
+    starts = [(fi, s) for fi in range(len(flips)) for s in range(0, len(images), batch_size)]
+    bar = tqdm(total=len(flips) * len(images), desc=f"targets {encoder.name}", disable=not progress)
+    bar.update(sum(min(batch_size, len(images) - s) for _, s in starts[: note["done"]]))
+    for j in range(note["done"], len(starts)):
+        fi, s = starts[j]
+        x = images[s : s + batch_size].to(device)
+        tokens = encoder(x.flip(-1) if flips[fi] else x).float().cpu()  # (B, N, D)
+        if tokens.shape[1:] != shape[2:]:
+            raise ValueError(f"{encoder.name} returned {tuple(tokens.shape[1:])}, expected {shape[2:]}")
+        if dtype == torch.float16 and not bool(tokens.abs().max() < 65000):
+            raise ValueError(f"{encoder.name} targets exceed float16 range; use dtype=torch.float32")
+        out[fi, s : s + len(x)] = tokens.to(dtype).numpy()
+        out.flush()
+        _write_progress(note_path, {**note, "done": j + 1})
+        bar.update(len(x))
+    bar.close()
+    del out
+    with open(partial, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+    note_path.unlink(missing_ok=True)
+    return TargetCache.load(path)
+
+
+def describe(meta: dict[str, Any]) -> str:
+    """One line for logs."""
+    return (
+        f"{meta['encoder']}@{meta['resolution']}px layer {meta['layer'] or 'final'}: {meta['num_images']} images x "
+        f"{len(meta['flips'])} flips x {meta['num_tokens']} tokens x {meta['embed_dim']} ({meta['dtype']})"
+    )
