@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +148,7 @@ def build_target_cache(
     progress: bool = True,
     dtype: torch.dtype = torch.float16,
     overwrite: bool = False,
+    flush_seconds: float = 10.0,
 ) -> TargetCache:
     """Compute `encoder(images)` for every image (and its mirror image if True in `flips`) into a cache file.
 
@@ -159,6 +161,7 @@ def build_target_cache(
         progress: tqdm bar.
         dtype: float16 (default) or float32 storage; float16 refuses values outside its range.
         overwrite: rebuild an existing cache whose metadata differs instead of raising.
+        flush_seconds: how often finished batches are synced to disk and recorded for resuming.
 
     Returns:
         The loaded TargetCache (an existing matching cache is reused without recomputation).
@@ -192,17 +195,24 @@ def build_target_cache(
     starts = [(fi, s) for fi in range(len(flips)) for s in range(0, len(images), batch_size)]
     bar = tqdm(total=len(flips) * len(images), desc=f"targets {encoder.name}", disable=not progress)
     bar.update(sum(min(batch_size, len(images) - s) for _, s in starts[: note["done"]]))
+    last_flush = time.monotonic()
     for j in range(note["done"], len(starts)):
         fi, s = starts[j]
         x = images[s : s + batch_size].to(device)
         tokens = encoder(x.flip(-1) if flips[fi] else x).float().cpu()  # (B, N, D)
         if tokens.shape[1:] != shape[2:]:
             raise ValueError(f"{encoder.name} returned {tuple(tokens.shape[1:])}, expected {shape[2:]}")
-        if dtype == torch.float16 and not bool(tokens.abs().max() < 65000):
-            raise ValueError(f"{encoder.name} targets exceed float16 range; use dtype=torch.float32")
-        out[fi, s : s + len(x)] = tokens.to(dtype).numpy()
-        out.flush()
-        _write_progress(note_path, {**note, "done": j + 1})
+        stored = tokens.to(dtype)
+        if not bool(torch.isfinite(stored).all()):  # float16 overflow becomes inf
+            kind = "are not finite" if not bool(torch.isfinite(tokens).all()) else "exceed the float16 range"
+            raise ValueError(
+                f"{encoder.name} targets of images {s}..{s + len(x) - 1} {kind}; float32 storage: dtype=torch.float32"
+            )
+        out[fi, s : s + len(x)] = stored.numpy()
+        if time.monotonic() - last_flush > flush_seconds or j + 1 == len(starts):
+            out.flush()  # data first, then the note that claims it: a crash loses at most `flush_seconds` of work
+            _write_progress(note_path, {**note, "done": j + 1})
+            last_flush = time.monotonic()
         bar.update(len(x))
     bar.close()
     del out
