@@ -162,7 +162,7 @@ def test_mobilenetv2_random_init_tokens_and_stages():
     enc = load_encoder("mobilenetv2-imagenet", 224, random_init=True)
     assert enc.token_grid == (7, 7) and enc.embed_dim == 1280 and enc.patch_size == 32
     assert enc(images(1, 1, 28)).shape == (1, 49, 1280)
-    mid = load_encoder("mobilenetv2-imagenet", 112, random_init=True, layer=14)  # first 96-channel stage, stride 16
+    mid = load_encoder("mobilenetv2-imagenet", 112, random_init=True, layer=14)  # last 96-channel stage, stride 16
     assert mid.embed_dim == 96 and mid.token_grid == (7, 7)
     assert mid(images(1, 3, 28)).shape == (1, 49, 96)
     odd = load_encoder("mobilenetv2-imagenet", 98, random_init=True)
