@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,3 +68,56 @@ def load_model_for_inference(
     from repa.convert import load_official
 
     return load_official(path, prefer_ema=prefer_ema, num_heads=num_heads)
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint ready for inference: the model, its run config and where it came from."""
+
+    model: nn.Module
+    cfg: Any  # repa.config.Config (defaults for official checkpoints)
+    info: dict[str, Any]
+    path: Path
+
+    @property
+    def is_repa(self) -> bool:
+        return "config" in self.info
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        k = self.info["model_kwargs"]
+        return (k["in_channels"], k["input_size"], k["input_size"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.info["model_kwargs"]["num_classes"])
+
+    @property
+    def run_dir(self) -> Path | None:
+        """The run folder of a repa checkpoint (`<run>/checkpoints/step_*`), else None."""
+        return self.path.parent.parent if self.is_repa else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run folder -> its newest checkpoint; a checkpoint folder or file is returned as is."""
+    from repa.training.checkpoint import latest_checkpoint
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir() and not (path / "state.json").exists():
+        found = latest_checkpoint(path / "checkpoints")
+        if found is None:
+            raise FileNotFoundError(f"{path} is neither a checkpoint nor a run folder with checkpoints/step_*")
+        return found
+    return path
+
+
+def load_model(checkpoint: str | Path, prefer_ema: bool = True, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a repa run/checkpoint or an official checkpoint for inference (EMA weights by default)."""
+    from repa.config import from_dict
+
+    path = resolve_checkpoint(checkpoint)
+    model, info = load_model_for_inference(path, prefer_ema=prefer_ema)
+    cfg = from_dict(info["config"]) if "config" in info else from_dict({})
+    return LoadedModel(model.to(device).eval(), cfg, info, path)

@@ -28,20 +28,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from repa.config import from_dict
-    from repa.interop import load_model_for_inference
-    from repa.training.checkpoint import latest_checkpoint
+    from repa.interop import load_model
     from repa.training.data import decode_pixels
     from repa.training.setup import generate, grid_labels, save_grid
 
-    path = Path(args.checkpoint)
-    if path.is_dir() and not (path / "state.json").exists():  # a run folder: take its newest checkpoint
-        found = latest_checkpoint(path / "checkpoints")
-        if found is None:
-            raise FileNotFoundError(f"no checkpoint under {path / 'checkpoints'}")
-        path = found
-    model, info = load_model_for_inference(path, prefer_ema=not args.no_ema)
-    cfg = from_dict(info["config"]) if "config" in info else from_dict({})
+    loaded = load_model(args.checkpoint, prefer_ema=not args.no_ema)
+    model, info, cfg, path = loaded.model, loaded.info, loaded.cfg, loaded.path
     s = cfg.sample
     s.num_images = args.num
     if args.sampler:

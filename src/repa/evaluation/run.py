@@ -18,13 +18,11 @@ import json
 import os
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from repa.evaluation.detectors import Detector, EncoderDetector, InceptionDetector, cache_dir, inception_path
@@ -39,6 +37,7 @@ from repa.evaluation.pipeline import (
     to_nchw_uint8,
 )
 from repa.evaluation.sampling import balanced_labels, rank_slice
+from repa.interop import LoadedModel, load_model, resolve_checkpoint  # noqa: F401 (re-exported)
 
 FASHION_MNIST = "fashion-mnist:"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
@@ -267,60 +266,6 @@ def _write_json(obj: dict[str, Any], path: str | Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
-
-
-@dataclass
-class LoadedModel:
-    """A checkpoint ready for inference: the model, its run config and where it came from."""
-
-    model: nn.Module
-    cfg: Any  # repa.config.Config (defaults for official checkpoints)
-    info: dict[str, Any]
-    path: Path
-
-    @property
-    def is_repa(self) -> bool:
-        return "config" in self.info
-
-    @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        k = self.info["model_kwargs"]
-        return (k["in_channels"], k["input_size"], k["input_size"])
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.info["model_kwargs"]["num_classes"])
-
-    @property
-    def run_dir(self) -> Path | None:
-        """The run folder of a repa checkpoint (`<run>/checkpoints/step_*`), else None."""
-        return self.path.parent.parent if self.is_repa else None
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A run folder -> its newest checkpoint; a checkpoint folder or file is returned as is."""
-    from repa.training.checkpoint import latest_checkpoint
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.is_dir() and not (path / "state.json").exists():
-        found = latest_checkpoint(path / "checkpoints")
-        if found is None:
-            raise FileNotFoundError(f"{path} is neither a checkpoint nor a run folder with checkpoints/step_*")
-        return found
-    return path
-
-
-def load_model(checkpoint: str | Path, prefer_ema: bool = True, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a repa run/checkpoint or an official checkpoint for inference (EMA weights by default)."""
-    from repa.config import from_dict
-    from repa.interop import load_model_for_inference
-
-    path = resolve_checkpoint(checkpoint)
-    model, info = load_model_for_inference(path, prefer_ema=prefer_ema)
-    cfg = from_dict(info["config"]) if "config" in info else from_dict({})
-    return LoadedModel(model.to(device).eval(), cfg, info, path)
 
 
 def apply_sample_overrides(cfg: Any, overrides: dict[str, Any]) -> None:
