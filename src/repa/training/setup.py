@@ -85,7 +85,8 @@ def prepare_targets(cfg: Config, data: InMemoryImages, encoders: list[nn.Module]
         for enc, path in zip(encoders, paths):
             if not path.exists():
                 D.print0(f"[repa] computing {enc.name} targets for {data.num_items} images -> {path}")
-                build_target_cache(enc, data.images, path, flips=flips, progress=cfg.train.progress)
+            # an existing cache is reused only if its metadata (encoder, weights source, images) matches
+            build_target_cache(enc, data.images, path, flips=flips, progress=cfg.train.progress)
     acc.wait_for_everyone()
     data.targets = [TargetCache.load(p).tensor for p in paths]
 
