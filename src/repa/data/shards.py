@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from repa.encoders.assets import sha256_file
+
 FORMAT = "repa-latent-shards"
 VERSION = 1
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -65,15 +67,6 @@ def images_file(shard: int) -> str:
 
 def record_file(shard: int) -> str:
     return f"shard-{shard:05d}.json"
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file, streamed."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _write_json(path: Path, obj: Any) -> None:
