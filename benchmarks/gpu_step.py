@@ -72,6 +72,7 @@ def measure_mode(cfg: BenchConfig, mode: str, steps: int, warmup: int) -> dict[s
             runner.step()
         runner.timer.collect()  # synchronises; discards the warm-up marks
         warm_s = time.perf_counter() - t0
+        runner.start_measuring()
         start = time.perf_counter()
         for _ in range(steps):
             runner.step()
@@ -84,9 +85,9 @@ def measure_mode(cfg: BenchConfig, mode: str, steps: int, warmup: int) -> dict[s
             wall["other"] = max(0.0, block_s - sum(wall[p] for p in PHASES if p != "other"))
             wall["total"] = block_s
             row.pop("cpu", None)
-        return {"describe": runner.describe(), "rows": rows, "gemm": [runner.gemm_rate()],
-                "peak_memory_bytes": runner.peak_memory(), "final_loss": runner.final_loss(),
-                "warmup_s": warm_s}  # fmt: skip
+        memory = runner.memory()  # before the GEMM timing allocates its operands
+        return {"describe": runner.describe(), "rows": rows, "gemm": [runner.gemm_rate()], **memory,
+                "final_loss": runner.final_loss(), "warmup_s": warm_s}  # fmt: skip
     finally:
         del runner
         _free(cfg.device)

@@ -50,6 +50,8 @@ class Mode:
             threshold that grows up to 32 MiB, after which freed activations stay in the heap and count in RSS).
         thp: `THP_MEM_ALLOC_ENABLE=1` for the worker: torch backs allocations >= 2 MiB with transparent huge
             pages (fewer page faults and TLB misses).
+        memory_budget: with `compile`, `torch._functorch.config.activation_memory_budget` (1.0 = save what the
+            min-cut partitioner saves; lower = recompute more in the backward, cheapest ops, i.e. pointwise, first).
         trim: `malloc_trim(0)` after the encoder and at the end of every step: glibc hands the free pages of its
             heaps back to the OS, so the holes left by freed activations do not stay resident.
     """
@@ -66,6 +68,7 @@ class Mode:
     grads_to_none: bool = True
     mmap_threshold: int | None = None
     thp: bool = False
+    memory_budget: float | None = None
     trim: bool = False
 
     def environment(self) -> dict[str, str]:
@@ -78,16 +81,23 @@ class Mode:
         return env
 
 
+# official-like: what the official REPA train.py does (AdamW with PyTorch's CPU default foreach=False, the
+# `update_ema` loop, `.item()` logging every step, encoder under no_grad, eager model). ours: fused AdamW,
+# foreach EMA, no per-step host sync, encoder under inference_mode, torch.compile with an activation budget of
+# 0.5 (pointwise ops are recomputed in the backward instead of saved). See benchmarks/README.md for what paid.
 _OFFICIAL = dict(optimizer="loop", ema="loop", sync=True, encoder_ctx="no_grad")
+_OURS = dict(compile=True, memory_budget=0.5)
 BASE_MODES: dict[str, Mode] = {
     "official-like": Mode("official-like", "online", **_OFFICIAL),
-    "ours-online": Mode("ours-online", "online"),
-    "ours-cached": Mode("ours-cached", "cached"),
-    "vanilla": Mode("vanilla", "none"),
+    "ours-online": Mode("ours-online", "online", **_OURS),
+    "ours-cached": Mode("ours-cached", "cached", **_OURS),
+    "vanilla": Mode("vanilla", "none", **_OURS),
     "official-vanilla": Mode("official-vanilla", "none", **_OFFICIAL),
 }
 MODIFIERS: dict[str, dict[str, Any]] = {
     "compile": dict(compile=True),
+    "eager": dict(compile=False, memory_budget=None),
+    "budget100": dict(memory_budget=None),
     "compile-enc": dict(compile_encoder=True),
     "loop-adamw": dict(optimizer="loop"),
     "foreach-adamw": dict(optimizer="foreach"),
@@ -104,6 +114,7 @@ MODIFIERS: dict[str, dict[str, Any]] = {
     "mmap64k": dict(mmap_threshold=1 << 16),
     "thp": dict(thp=True),
     "trim": dict(trim=True),
+    **{f"budget{p}": dict(memory_budget=p / 100) for p in (10, 20, 30, 50, 70)},
 }
 
 
@@ -222,10 +233,25 @@ def encoder_forward_flops(encoder: nn.Module, batch: int) -> int:
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak device memory allocated by tensors (CUDA) or the process's peak resident set size (CPU)."""
+    """Peak device memory allocated by tensors (CUDA) or the process's peak resident set size (CPU) since the
+    start or the last `reset_peak_memory`."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
+
+
+def reset_peak_memory(device: torch.device) -> bool:
+    """Restart the peak: `torch.cuda.reset_peak_memory_stats`, or on Linux "5" to /proc/self/clear_refs (resets
+    VmHWM and `ru_maxrss` to the current RSS). False where it cannot be reset."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def gemm_shape(model: nn.Module, batch: int) -> tuple[int, int, int]:
@@ -348,6 +374,8 @@ class StepRunner:
         self.opt = make_optimizer(self.params, mode.optimizer)
         self.loss = RepaLoss(path="linear", align_coeff=0.5)
         self.encoder = _build_encoder(cfg) if mode.targets == "online" else None
+        if mode.compile:  # read when the first step compiles; each CPU mode has its own process
+            torch._functorch.config.activation_memory_budget = mode.memory_budget or 1.0
         self.fwd_model = torch.compile(self.model) if mode.compile else self.model
         self.encode = (
             torch.compile(self.encoder) if (self.encoder is not None and mode.compile_encoder) else self.encoder
@@ -443,8 +471,18 @@ class StepRunner:
         dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float32
         return gemm_flops_per_s(self.gemm, self.device, dtype, reps)
 
-    def peak_memory(self) -> int:
-        return peak_memory_bytes(self.device)
+    def start_measuring(self) -> None:
+        """Call after the warm-up: remember the peak so far (model building, compilation) and restart it, so
+        `memory()` can tell the whole run's peak from the steady-state peak of the measured steps."""
+        self._peak_before = peak_memory_bytes(self.device)
+        self._peak_reset = reset_peak_memory(self.device)
+
+    def memory(self) -> dict[str, int | None]:
+        """{"peak_memory_bytes": whole run, "steady_peak_memory_bytes": measured steps only (None if unknown)}."""
+        now = peak_memory_bytes(self.device)
+        before = getattr(self, "_peak_before", 0)
+        steady = now if getattr(self, "_peak_reset", False) else None
+        return {"peak_memory_bytes": max(before, now), "steady_peak_memory_bytes": steady}
 
     def describe(self) -> dict[str, Any]:
         """Static facts of this runner for the JSON record."""
@@ -475,17 +513,21 @@ def worker_main(conn: Any, cfg: dict[str, Any], mode: str, gemm_reps: int) -> No
 
     try:
         runner = StepRunner(BenchConfig(**cfg), parse_mode(mode))
+        measuring = False
         conn.send(("ok", runner.describe()))
         while True:
             cmd = conn.recv()
             if cmd[0] == "run":
+                if cmd[2] and not measuring:  # first measured steps: the warm-up is over
+                    runner.start_measuring()
+                    measuring = True
                 for _ in range(cmd[1]):
                     runner.step()
                 rows = runner.timer.collect()
                 gemm = runner.gemm_rate(gemm_reps) if cmd[2] else None
                 conn.send(("ok", {"rows": rows, "gemm": gemm}))
             else:
-                conn.send(("ok", {"peak_memory_bytes": runner.peak_memory(), "final_loss": runner.final_loss()}))
+                conn.send(("ok", {**runner.memory(), "final_loss": runner.final_loss()}))
                 return
     except Exception:  # report to the parent instead of dying silently
         conn.send(("error", traceback.format_exc()))

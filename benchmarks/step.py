@@ -195,6 +195,7 @@ def summarize(name: str, raw: dict[str, Any], batch: int) -> dict[str, Any]:
     d = raw["describe"]
     row: dict[str, Any] = {"mode": name, **{k: d[k] for k in d if k != "mode"}, "settings": d["mode"],
                            "steps": len(raw["rows"]), "peak_memory_bytes": raw["peak_memory_bytes"],
+                           "steady_peak_memory_bytes": raw.get("steady_peak_memory_bytes"),
                            "final_loss": raw["final_loss"]}  # fmt: skip
     for clock in raw["rows"][0]:
         per_step = [r[clock] for r in raw["rows"]]
@@ -232,14 +233,16 @@ TABLE_COLUMNS = ["mode", "s/step", "img/s", "x ref", "best s/step", "x ref (best
 
 def markdown_table(rows: list[dict[str, Any]], clock: str = "wall", mem: str = "peak RSS GB") -> str:
     """One line per mode: median and best step time, images/s and speed-up vs the reference, median phases,
-    peak memory (GB = 1e9 B), FLOPs per step, best GEMM rate, MFU (best step vs best GEMM)."""
-    head = [*TABLE_COLUMNS, mem, "GFLOP/step", "GEMM GFLOP/s", "MFU"]
+    peak memory of the whole run and of the measured steps only (GB = 1e9 B), FLOPs per step, best GEMM rate,
+    MFU (best step vs best GEMM)."""
+    head = [*TABLE_COLUMNS, mem, "steady GB", "GFLOP/step", "GEMM GFLOP/s", "MFU"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         c = r[clock]
         cells = [r["mode"], f"{c['step_s']:.3f}", f"{c['images_per_s']:.3f}", f"{c['speedup_vs_reference']:.2f}",
                  f"{c['best_step_s']:.3f}", f"{c['best_speedup_vs_reference']:.2f}",
                  *[f"{c['phases_s'][p]:.3f}" for p in PHASES], f"{r['peak_memory_bytes'] / 1e9:.2f}",
+                 "-" if r.get("steady_peak_memory_bytes") is None else f"{r['steady_peak_memory_bytes'] / 1e9:.2f}",
                  f"{r['step_flops'] / 1e9:.0f}", f"{c['gemm_flops_per_s'] / 1e9:.1f}", f"{100 * c['mfu']:.0f}%"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -249,8 +252,9 @@ def markdown_table(rows: list[dict[str, Any]], clock: str = "wall", mem: str = "
 
 
 def estimate_memory_bytes(cfg: BenchConfig, mode: str) -> int:
-    """Rough peak memory of one worker: interpreter + 5 fp32 copies of the model (weights, grads, Adam m and v,
-    EMA) + encoder weights + activations (~26 (B, N, D) fp32 tensors per block, measured on SiT-S/2)."""
+    """Rough peak RSS of one worker: interpreter and torch (0.25 GB), 4 fp32 copies of the model (weights, EMA,
+    Adam m and v), activations (~21 (B, N, D) fp32 tensors per block, gradients filling in as they are freed),
+    encoder weights + transformers (online), and 10% for allocator fragmentation (calibrated on SiT-B/2)."""
     import torch
 
     from benchmarks.harness import encoder_geometry
@@ -261,9 +265,9 @@ def estimate_memory_bytes(cfg: BenchConfig, mode: str) -> int:
     with torch.device("meta"):
         model = build_model(cfg.model, encoder_dims=[dim] if dim else [], **cfg.model_overrides)
     params = count_params(model, include_projectors=True)
-    acts = 4 * 26 * cfg.batch * model.num_patches * model.hidden_size * model.depth
-    enc = 12 * dim * dim * 12 * 4 + 3e8 if m.targets == "online" else 0  # ViT-B-like weights + transformers import
-    return int(5e8 + 20 * params + acts + enc)
+    acts = 4 * 21 * cfg.batch * model.num_patches * model.hidden_size * model.depth
+    enc = 4 * 12 * dim * dim * 12 + 2.6e8 if m.targets == "online" else 0  # ViT-B-like weights, transformers
+    return int(1.1 * (2.5e8 + 16 * params + acts + enc))
 
 
 def _mem_available() -> int:
@@ -308,7 +312,9 @@ def _meta(args: argparse.Namespace) -> dict[str, Any]:
         commit = ""
     return {
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
+        "command": " ".join(
+            ["python -m benchmarks.step" if sys.argv[0].endswith("step.py") else sys.argv[0], *sys.argv[1:]]
+        ),
         "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
         "torch": torch.__version__,
         "python": platform.python_version(),

@@ -20,7 +20,7 @@ from benchmarks.harness import (
 from repa.cli.main import main as cli_main
 
 TINY = BenchConfig(model="SiT-T/2", batch=2, threads=None, **step.TINY)
-COLUMNS = [*step.TABLE_COLUMNS, "peak RSS GB", "GFLOP/step", "GEMM GFLOP/s", "MFU"]
+COLUMNS = [*step.TABLE_COLUMNS, "peak RSS GB", "steady GB", "GFLOP/step", "GEMM GFLOP/s", "MFU"]
 
 
 def _positive_finite(x: float) -> bool:
@@ -52,45 +52,62 @@ def test_encoder_flops_match_the_flop_counter():
     assert counter.get_total_flops() in (ours, ours - attention)  # the CPU SDPA kernel may not be counted
 
 
-def test_modes_share_the_maths():
-    """Official-like (loop AdamW, loop EMA) and ours (fused AdamW, foreach EMA) train to the same weights."""
-    runs = {name: StepRunner(TINY, parse_mode(name)) for name in ("official-like", "ours-online")}
-    for r in runs.values():
+def _train_two_steps(names: list[str]) -> list[StepRunner]:
+    runs = [StepRunner(TINY, parse_mode(name)) for name in names]
+    for r in runs:
         for _ in range(2):
             r.step()
         rows = r.timer.collect()
         assert len(rows) == 2 and all(_positive_finite(row["wall"]["total"]) for row in rows)
         assert set(rows[0]["wall"]) == {*PHASES, "total"}
-    a, b = runs["official-like"], runs["ours-online"]
+    return runs
+
+
+def _assert_same_training(a: StepRunner, b: StepRunner) -> None:
     assert a.final_loss() == pytest.approx(b.final_loss(), rel=1e-4)
-    for pa, pb in zip(
-        [*a.model.parameters(), *a.ema.model.parameters()], [*b.model.parameters(), *b.ema.model.parameters()]
-    ):
+    params_a = [*a.model.parameters(), *a.ema.model.parameters()]
+    params_b = [*b.model.parameters(), *b.ema.model.parameters()]
+    for pa, pb in zip(params_a, params_b):
         torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-6)
+
+
+def test_modes_share_the_maths():
+    """Official-like (loop AdamW, loop EMA, no_grad encoder, `.item()` logging) and ours (fused AdamW, foreach EMA,
+    inference-mode encoder, no host sync) train to the same weights and EMA."""
+    a, b = _train_two_steps(["official-like", "ours-online+eager"])
+    _assert_same_training(a, b)
     assert a.step_flops == b.step_flops > b.model_flops > 0
 
 
+@pytest.mark.slow
+def test_compiled_mode_shares_the_maths():
+    """torch.compile with the 0.5 activation budget (recomputation in the backward) changes no result."""
+    _assert_same_training(*_train_two_steps(["ours-online+eager", "ours-online"]))
+
+
 def test_vanilla_and_cached_modes_run_no_encoder():
-    for name in ("vanilla", "ours-cached"):
-        r = StepRunner(TINY, BASE_MODES[name])
+    for name in ("vanilla+eager", "ours-cached+eager"):
+        r = StepRunner(TINY, parse_mode(name))
         r.step()
         assert r.encoder is None and r.encoder_flops == 0
         assert "encoder" in r.timer.collect()[0]["wall"]  # the phase is reported (its time is not asserted)
-    assert not StepRunner(TINY, BASE_MODES["vanilla"]).model.projectors
+    assert not StepRunner(TINY, parse_mode("vanilla+eager")).model.projectors
+    assert BASE_MODES["ours-cached"].compile and not BASE_MODES["official-like"].compile
 
 
 @pytest.mark.slow
 def test_step_suite_tiny_table_and_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    rc = cli_main(["bench", "step", "--tiny", "--models", "SiT-T/2", "--steps", "2", "--warmup", "1",
-                   "--batch", "2", "--json", str(out)])  # fmt: skip
+    modes = "official-like,ours-online+eager,ours-cached+eager,vanilla+eager"  # eager: no compile time in tests
+    rc = cli_main(["bench", "step", "--tiny", "--models", "SiT-T/2", "--modes", modes, "--steps", "2",
+                   "--warmup", "1", "--batch", "2", "--json", str(out)])  # fmt: skip
     assert rc == 0
     text = capsys.readouterr().out
     tables = [block for block in text.split("\n\n") if block.startswith("| mode |")]
     assert len(tables) == 1
     lines = tables[0].strip().splitlines()
     assert [c.strip() for c in lines[0].strip("|").split("|")] == COLUMNS
-    assert [ln.split("|")[1].strip() for ln in lines[2:]] == step.DEFAULT_MODES.split(",")
+    assert [ln.split("|")[1].strip() for ln in lines[2:]] == modes.split(",")
     for ln in lines[2:]:
         cells = [c.strip() for c in ln.strip("|").split("|")]
         assert len(cells) == len(COLUMNS)
@@ -98,7 +115,7 @@ def test_step_suite_tiny_table_and_json(tmp_path, capsys):
         assert all(math.isfinite(x) and x >= 0 for x in numbers) and numbers[0] > 0 and numbers[1] > 0
     record = json.loads(out.read_text())
     rows = record["results"]["SiT-T/2"]["modes"]
-    assert [r["mode"] for r in rows] == step.DEFAULT_MODES.split(",")
+    assert [r["mode"] for r in rows] == modes.split(",")
     for r in rows:
         assert r["steps"] == 2 and _positive_finite(r["peak_memory_bytes"]) and math.isfinite(r["final_loss"])
         for clock in ("wall", "cpu"):
@@ -114,12 +131,12 @@ def test_step_suite_tiny_table_and_json(tmp_path, capsys):
 
 def test_gpu_script_runs_on_cpu_at_tiny_size(tmp_path, capsys):
     out = tmp_path / "gpu.json"
-    rc = gpu_step.main(["--device", "cpu", "--tiny", "--models", "SiT-T/2", "--modes", "official-like,ours-cached",
+    rc = gpu_step.main(["--device", "cpu", "--tiny", "--models", "SiT-T/2", "--modes", "official-like,ours-cached+eager",
                         "--steps", "2", "--warmup", "1", "--json", str(out)])  # fmt: skip
     assert rc == 0
     assert "| official-like |" in capsys.readouterr().out
     rows = json.loads(out.read_text())["results"]["SiT-T/2"]["modes"]
-    assert [r["mode"] for r in rows] == ["official-like", "ours-cached"]
+    assert [r["mode"] for r in rows] == ["official-like", "ours-cached+eager"]
     assert all(_positive_finite(r["wall"]["step_s"]) and _positive_finite(r["wall"]["mfu"]) for r in rows)
     with pytest.raises(SystemExit) as exit_info:
         gpu_step.main(["--help"])
