@@ -81,6 +81,10 @@ def test_impossible_combinations_fail_before_work():
         load_config(None, ["data.kind=fashion-mnist", "data.space=latent"])
     with pytest.raises(ValueError, match="one path per entry"):
         load_config(None, ["repa.encoders=[a,b]", "repa.encoder_weights=[x]"])
+    for bad in ("0", "1.5"):
+        with pytest.raises(ValueError, match="train.compile_memory_budget must be in"):
+            load_config(None, [f"train.compile_memory_budget={bad}"])
+    assert load_config(None, ["train.compile_memory_budget=0.5"]).train.compile_memory_budget == 0.5
 
 
 def test_missing_file_is_clear(tmp_path):

@@ -113,6 +113,10 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     allow_tf32: bool = True
     compile: bool = False
+    # with compile: the share of activations the backward may keep (torch._functorch activation_memory_budget);
+    # below 1 the compiler recomputes the cheapest ops (pointwise first) instead of saving them: less memory, a
+    # little more time (benchmarks/README.md). None = the compiler's default (1.0).
+    compile_memory_budget: float | None = None
     log_every: int = 50
     sample_every: int = 10_000
     checkpoint_every: int = 10_000
@@ -192,6 +196,8 @@ def _check_ranges(cfg: Config) -> None:
         raise ValueError(f"optim.ema_decay must be in [0, 1], got {o.ema_decay}")
     if not 0.0 <= m.class_dropout_prob < 1.0:
         raise ValueError(f"model.class_dropout_prob must be in [0, 1), got {m.class_dropout_prob}")
+    if t.compile_memory_budget is not None and not 0.0 < t.compile_memory_budget <= 1.0:
+        raise ValueError(f"train.compile_memory_budget must be in (0, 1], got {t.compile_memory_budget}")
     if not t.run_dir.strip():
         raise ValueError("train.run_dir must name a folder")
 
