@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from repa.cli.main import main as cli_main
-from repa.cli.prepare import load_vae, prepare_shards
+from repa.cli.prepare import prepare_shards
 from repa.data.folder import CorruptImageError, load_image
 from repa.data.shards import LatentShards, ShardError
-from repa.data.vae import LATENT_SCALE
+from repa.data.vae import LATENT_SCALE, load_vae
 from repa.encoders import load_encoder
 
 torch.set_num_threads(2)

@@ -16,24 +16,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-# `--vae random:<preset>`: randomly initialised AutoencoderKL configs (tests, benchmarks; nothing is downloaded).
-RANDOM_VAE_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {},  # VAE.from_config's default: 2 levels, /2 latents
-    "small": dict(  # the SD-VAE layout (4 levels, /8 latents, 4 channels) at a small width
-        block_out_channels=(8, 16, 16, 16),
-        layers_per_block=1,
-        norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-    ),  # fmt: skip
-    "sd": dict(  # the full SD-VAE architecture (kl-f8), random weights: for speed/memory measurements
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        norm_num_groups=32,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-    ),  # fmt: skip
-}
 StorageDtype = Literal["float32", "float16"]
 
 
@@ -65,32 +47,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoder-config", default=None, help=argparse.SUPPRESS)  # JSON overrides, random init only
 
 
-def load_vae(spec: str, device: Any) -> Any:
-    """A `repa.data.vae.VAE` from a hub id / local folder, or `random[:preset|{json}]` (random init, seed 0).
-
-    Args:
-        spec: "stabilityai/sd-vae-ft-ema", a `save_pretrained` folder, "random:small", 'random:{"layers_per_block": 1}'.
-        device: target device.
-
-    Returns:
-        the frozen VAE wrapper.
-    """
-    from repa.data.vae import VAE
-
-    if spec == "random" or spec.startswith("random:"):
-        what = spec.partition(":")[2] or "tiny"
-        if what.startswith("{"):
-            overrides = json.loads(what)
-        elif what in RANDOM_VAE_PRESETS:
-            overrides = RANDOM_VAE_PRESETS[what]
-        else:
-            raise ValueError(f"--vae {spec}: unknown preset {what!r}; use one of {sorted(RANDOM_VAE_PRESETS)} or JSON")
-        vae = VAE.from_config(seed=0, **overrides)
-        vae.source = f"random:{what}"
-        return vae.to(device)
-    return VAE.from_pretrained(spec, device=device)
-
-
 def _init_distributed() -> tuple[int, int, int]:
     """(rank, world, local_rank) from the launcher's environment; a gloo group is enough (only barriers)."""
     import datetime
@@ -107,6 +63,7 @@ def _init_distributed() -> tuple[int, int, int]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from repa.data.vae import load_vae
     from repa.encoders import load_encoder
 
     rank, world, local = _init_distributed()

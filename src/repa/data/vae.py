@@ -7,6 +7,7 @@ per image (official REPA: posterior moments precomputed, a fresh sample each ste
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,25 @@ from torch import nn
 
 LATENT_SCALE = 0.18215  # SD-VAE latent scaling (Rombach et al. 2022), used by DiT/SiT/REPA
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
+
+# `random:<preset>` VAE specs: randomly initialised AutoencoderKL configs (tests, benchmarks; nothing is downloaded).
+RANDOM_VAE_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {},  # VAE.from_config's default: 2 levels, /2 latents
+    "small": dict(  # the SD-VAE layout (4 levels, /8 latents, 4 channels) at a small width
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+    ),  # fmt: skip
+    "sd": dict(  # the full SD-VAE architecture (kl-f8), random weights: for speed/memory measurements
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        norm_num_groups=32,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+    ),  # fmt: skip
+}
 
 
 class VAE(nn.Module):
@@ -128,3 +148,27 @@ def sample_latents(
     """(mean + std * eps) * scale with eps ~ N(0, I) drawn from `generator` (on the tensors' device)."""
     eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
     return (mean + std * eps) * scale
+
+
+def load_vae(spec: str, device: str | torch.device = "cpu") -> VAE:
+    """A `VAE` from a hub id / local folder, or `random[:preset|{json}]` (random init, seed 0).
+
+    Args:
+        spec: "stabilityai/sd-vae-ft-ema", a `save_pretrained` folder, "random:small", 'random:{"layers_per_block": 1}'.
+        device: target device.
+
+    Returns:
+        the frozen VAE wrapper.
+    """
+    if spec == "random" or spec.startswith("random:"):
+        what = spec.partition(":")[2] or "tiny"
+        if what.startswith("{"):
+            overrides = json.loads(what)
+        elif what in RANDOM_VAE_PRESETS:
+            overrides = RANDOM_VAE_PRESETS[what]
+        else:
+            raise ValueError(f"VAE {spec!r}: unknown preset {what!r}; use one of {sorted(RANDOM_VAE_PRESETS)} or JSON")
+        vae = VAE.from_config(seed=0, **overrides)
+        vae.source = f"random:{what}"
+        return vae.to(device)
+    return VAE.from_pretrained(spec, device=device)

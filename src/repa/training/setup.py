@@ -227,7 +227,7 @@ def decoder(data: Any, device: torch.device | str = "cpu"):
         return decode_pixels
     spec = data.manifest["config"]["vae"]
     if spec not in _DECODERS:  # load once per process
-        from repa.cli.prepare import load_vae
+        from repa.data.vae import load_vae
 
         _DECODERS[spec] = load_vae(spec, device).decode_to_uint8
     return _DECODERS[spec]
