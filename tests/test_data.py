@@ -327,3 +327,20 @@ def test_target_cache_refuses_float16_overflow(tmp_path):
         build_target_cache(Huge(), fm_images(2), tmp_path / "h.safetensors", progress=False)
     ok = build_target_cache(Huge(), fm_images(2), tmp_path / "h32.safetensors", progress=False, dtype=torch.float32)
     assert ok.get(0).max() == 1e5
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_damaged_target_cache_names_the_file(tmp_path, damage):
+    enc, images = tiny_encoder(), fm_images()
+    path = tmp_path / "t.safetensors"
+    first = build_target_cache(enc, images, path, progress=False)
+    data = path.read_bytes()
+    del first
+    damaged = {"truncate": data[: len(data) - 100], "garbage": b"\xff" * 64 + data[64:], "empty": b""}[damage]
+    path.write_bytes(damaged)
+    with pytest.raises(TargetCacheMismatch, match=f"target cache {path} is damaged"):
+        TargetCache.load(path)
+    with pytest.raises(TargetCacheMismatch, match="damaged"):
+        build_target_cache(enc, images, path, progress=False)
+    rebuilt = build_target_cache(enc, images, path, progress=False, overwrite=True)
+    assert len(rebuilt) == 10

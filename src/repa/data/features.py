@@ -82,7 +82,10 @@ def _header(meta: dict, shape: tuple[int, ...]) -> bytes:
 
 def _read_header(path: Path) -> tuple[dict, dict, int]:
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8:
+            raise ValueError(f"header length {n} exceeds the file size {size}")
         head = json.loads(f.read(n))
     meta = json.loads(head.get("__metadata__", {}).get("repa", "{}"))
     return meta, head["targets"], 8 + n
@@ -98,13 +101,16 @@ class TargetCache:
     def load(cls, path: str | Path, expect: dict | None = None) -> TargetCache:
         """Open a cache (memory-mapped). `expect`: metadata entries that must match (else TargetCacheMismatch)."""
         path = Path(path)
-        meta, info, offset = _read_header(path)
-        if meta.get("format") != "repa-targets":
-            raise TargetCacheMismatch(f"{path} is not a repa target cache")
-        np_dtype = {"F16": np.float16, "F32": np.float32}[info["dtype"]]
-        arr = np.memmap(
-            path, dtype=np_dtype, mode="c", offset=offset + info["data_offsets"][0], shape=tuple(info["shape"])
-        )
+        try:  # a truncated or overwritten file names itself (build_target_cache(overwrite=True) rebuilds it)
+            meta, info, offset = _read_header(path)
+            if meta.get("format") != "repa-targets":
+                raise TargetCacheMismatch(f"{path} is not a repa target cache")
+            np_dtype = {"F16": np.float16, "F32": np.float32}[info["dtype"]]
+            arr = np.memmap(
+                path, dtype=np_dtype, mode="c", offset=offset + info["data_offsets"][0], shape=tuple(info["shape"])
+            )
+        except (struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            raise TargetCacheMismatch(f"target cache {path} is damaged ({type(e).__name__}: {e}); delete it or rebuild") from e
         cache = cls(torch.from_numpy(arr), meta, path)
         if expect is not None:
             cache.check(expect)
