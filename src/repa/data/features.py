@@ -110,7 +110,9 @@ class TargetCache:
                 path, dtype=np_dtype, mode="c", offset=offset + info["data_offsets"][0], shape=tuple(info["shape"])
             )
         except (struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
-            raise TargetCacheMismatch(f"target cache {path} is damaged ({type(e).__name__}: {e}); delete it or rebuild") from e
+            raise TargetCacheMismatch(
+                f"target cache {path} is damaged ({type(e).__name__}: {e}); delete it or rebuild"
+            ) from e
         cache = cls(torch.from_numpy(arr), meta, path)
         if expect is not None:
             cache.check(expect)
