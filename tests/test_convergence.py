@@ -54,6 +54,19 @@ def test_speedup_on_constructed_curves():
     assert C.speedup(noisy, "repa")["verdict"] == "no result"  # final difference 1.5 < seed spread 8
 
 
+def test_iso_fid_speedups_at_every_vanilla_checkpoint():
+    rows = _rows("vanilla", 0, [40, 30, 22, 20]) + _rows("repa", 0, [30, 19, 15, 25])
+    curve = C.iso_fid_speedups(rows, "repa")
+    assert [c["base_step"] for c in curve] == [100, 200, 300, 400]
+    assert [c["target_fid"] for c in curve] == [40, 30, 22, 20]
+    assert curve[0]["arm_step"] == 100 and curve[0]["ratio"] == 1.0  # reached at the first evaluation: a bound
+    assert curve[1]["arm_step"] == 100 and curve[1]["ratio"] == 2.0
+    assert curve[2]["arm_step"] == pytest.approx(100 + 100 * (30 - 22) / (30 - 19))
+    assert curve[3]["arm_step"] == pytest.approx(100 + 100 * (30 - 20) / (30 - 19))  # first crossing, not the last
+    assert curve[3]["ratio"] == pytest.approx(400 / curve[3]["arm_step"])
+    assert C.iso_fid_speedups(_rows("vanilla", 0, [40, 30]) + _rows("repa", 0, [45, 41]), "repa")[1]["ratio"] is None
+
+
 def test_parse_ablations():
     arms = C.parse_ablations(["depth=1,4", "kind=ntxent", "encoder=random-dinov2-vit-s"])
     assert [a.name for a in arms] == ["repa-depth1", "repa-depth4", "repa-ntxent", "repa-random-dinov2-vit-s"]
