@@ -141,3 +141,13 @@ def test_gpu_script_runs_on_cpu_at_tiny_size(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         gpu_step.main(["--help"])
     assert exit_info.value.code == 0
+
+
+def test_micro_benchmarks_print_one_row_per_implementation(capsys):
+    from benchmarks import micro
+
+    assert micro.main(["--model", "SiT-T/8", "--reps", "1", "--threads", "1"]) == 0
+    rows = [line.split("|")[1:3] for line in capsys.readouterr().out.splitlines()[2:]]
+    names = {name.strip() for name, _ in rows}
+    assert {"adamw-loop", "adamw-foreach", "adamw-fused", "ema-loop", "ema-foreach", "sdpa-flash", "sdpa-math"} <= names
+    assert all(_positive_finite(float(value)) for _, value in rows)
