@@ -64,9 +64,12 @@ def train(cfg: Config) -> dict[str, Any]:
     online_encoders = S.online_encoders(data, encoders)
     loss_fn = S.build_loss(cfg)
     ema = EMA(model, cfg.optim.ema_decay, warmup=cfg.optim.ema_warmup)
+    # fused AdamW (one kernel over all tensors) where torch has it: on the 2-core CPU, SiT-B/2's update takes
+    # 0.06 s fused vs 0.16 s per-parameter and 0.31 s foreach (`python -m benchmarks.micro`); same algorithm
+    fused = device.type in ("cpu", "cuda")
     opt = torch.optim.AdamW(
         model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
-        weight_decay=cfg.optim.weight_decay, foreach=True,
+        weight_decay=cfg.optim.weight_decay, fused=fused, foreach=None if fused else True,
     )  # fmt: skip
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.optim.warmup_steps))
 
