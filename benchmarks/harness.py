@@ -83,10 +83,10 @@ class Mode:
 
 # official-like: what the official REPA train.py does (AdamW with PyTorch's CPU default foreach=False, the
 # `update_ema` loop, `.item()` logging every step, encoder under no_grad, eager model). ours: fused AdamW,
-# foreach EMA, no per-step host sync, encoder under inference_mode, torch.compile with an activation budget of
-# 0.5 (pointwise ops are recomputed in the backward instead of saved). See benchmarks/README.md for what paid.
+# foreach EMA, no per-step host sync, encoder under inference_mode, torch.compile of the model (`+budget50`: with
+# an activation-memory budget of 0.5, pointwise ops recomputed in the backward). See benchmarks/README.md.
 _OFFICIAL = dict(optimizer="loop", ema="loop", sync=True, encoder_ctx="no_grad")
-_OURS = dict(compile=True, memory_budget=0.5)
+_OURS = dict(compile=True)
 BASE_MODES: dict[str, Mode] = {
     "official-like": Mode("official-like", "online", **_OFFICIAL),
     "ours-online": Mode("ours-online", "online", **_OURS),

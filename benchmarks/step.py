@@ -281,12 +281,17 @@ def _mem_available() -> int:
 
 
 def _choose_schedule(requested: str, cfg: BenchConfig, modes: list[str]) -> str:
-    if requested != "auto":
-        return requested
-    if cfg.device.startswith("cuda"):
+    """`auto`: interleaved when every worker fits in memory at once (CPU), else sequential. An explicit
+    `interleaved` that does not fit is refused before any worker starts (the OOM killer would end one mid-run)."""
+    if requested == "sequential" or (requested == "auto" and cfg.device.startswith("cuda")):
         return "sequential"  # one GPU: modes must not share its memory
     need = sum(estimate_memory_bytes(cfg, m) for m in modes)
-    return "interleaved" if need + 3e9 < _mem_available() else "sequential"
+    fits = cfg.device.startswith("cuda") or need + 3e9 < _mem_available()
+    if requested == "interleaved" and not fits:
+        raise SystemExit(f"[bench] --schedule interleaved: {len(modes)} workers of {cfg.model} need about "
+                         f"{need / 1e9:.1f} GB at once (+3 GB headroom), {_mem_available() / 1e9:.1f} GB is "
+                         "available; run fewer modes per call or --schedule sequential")  # fmt: skip
+    return requested if requested != "auto" else ("interleaved" if fits else "sequential")
 
 
 def _loadavg() -> list[float]:
