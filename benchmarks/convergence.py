@@ -711,6 +711,20 @@ def per_step_section(
     return md
 
 
+def ablation_section(rows: list[dict], arm: str, summary: dict, printed: list[str]) -> list[str]:
+    """Markdown per-step tables of an ablation arm against the REPA arm it varies (same verdict rule)."""
+    md = ["", f"## {arm} vs repa (the ablation against the default REPA arm), per evaluated step", ""]
+    for key, (label, lower) in METRICS.items():
+        base, other = _finals(rows, "repa", key), _finals(rows, arm, key)
+        if not base or not other:
+            continue
+        md += [f"**{label}**", "", *metric_table(rows, key, arm, base="repa"), ""]
+        v = verdict(base, other, lower)
+        summary.setdefault(arm, {})[f"{key}_vs_repa"] = {"repa_final": base, "final": other, "final_verdict": v}
+        printed.append(f"[convergence] {arm} vs repa, final {label}: {_fmt(base)} -> {_fmt(other)}: VERDICT: {v}")
+    return md
+
+
 def cost_section(rows: list[dict], arms: list[str], p: Preset, wall_s: float) -> list[str]:
     md = [
         "## Measured cost",
@@ -749,6 +763,9 @@ def write_results(rows: list[dict], arms: list[str], out: Path, meta: dict[str, 
     md += speedup_section(rows, arms, per_arm, printed)
     for arm in arms[1:]:
         md += per_step_section(rows, arm, d0, meta["depths"].get(arm), per_arm, printed)
+    if "repa" in arms:
+        for arm in (a for a in arms[1:] if a != "repa"):
+            md += ablation_section(rows, arm, per_arm, printed)
     md += [*cost_section(rows, arms, p, meta["wall_s"]), "![convergence](convergence.png)", ""]
     (out / "results.md").write_text("\n".join(md))
     plot(

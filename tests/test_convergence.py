@@ -116,7 +116,10 @@ def test_tiny_benchmark_end_to_end(tmp_path, monkeypatch):
     assert all(float(r["fid"]) >= 0 and 0 <= float(r["probe_acc"]) <= 1 for r in rows)
     md = (out / "results.md").read_text()
     assert "## Steps to reach vanilla's final FID" in md and "| repa | " in md and "| repa-depth2 | " in md
-    assert md.count("verdict (FID)") == 2 and "At its own alignment block 2" in md
+    assert md.count("verdict (FID)") == 3 and "At its own alignment block 2" in md  # vs vanilla x2, vs repa
+    assert "## repa-depth2 vs repa" in md and "**Speed-up at every vanilla checkpoint**" in md
+    assert summary["arms"]["repa-depth2"]["fid_vs_repa"]["final_verdict"]
+    assert [c["base_step"] for c in summary["arms"]["repa"]["iso_fid_speedups"]] == [2, 4]
     assert (out / "convergence.png").stat().st_size > 0
     assert set(summary["arms"]) == {"repa", "repa-depth2"}
     assert {"ratio_grid", "ratio_per_seed", "verdict"} <= set(summary["arms"]["repa"]["speedup"])
