@@ -595,3 +595,18 @@ def test_token_grid_mismatch_fails_before_targets_are_computed(tmp_path, fmnist_
     over = tiny_overrides(tmp_path / "run", fmnist_root, "repa.resample_tokens=false")
     with pytest.raises(ValueError, match=r"token-grid mismatch: .*\(8, 8\) grid but the model has 7x7 patches"):
         train(load_config(TINY, over))
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("target", ["metrics.jsonl", "samples/step_00000004.png"])
+def test_full_disk_on_a_log_or_sample_names_the_file(tmp_path, fmnist_root, test_encoder, target):
+    """Writes to /dev/full fail with ENOSPC: the error names the file and the reason, and the checkpoint written
+    before it (step 3) stays complete, so the same command resumes."""
+    run = tmp_path / "run"
+    (run / "samples").mkdir(parents=True)
+    overrides = tiny_overrides(run, fmnist_root, "train.sample_every=4", "train.log_every=4")
+    (run / target).symlink_to("/dev/full")
+    with pytest.raises(OSError, match=f"could not write .*{target}: no space left on device") as info:
+        train(load_config(TINY, overrides))
+    assert info.value.errno == errno.ENOSPC and "rerun the same command to resume" in str(info.value)
+    assert assert_checkpoints_sound(run / "checkpoints") == [3]

@@ -69,7 +69,7 @@ _REASONS = {
 }
 
 
-def _write_error_reason(err: BaseException, root: Path) -> str:
+def write_error_reason(err: BaseException, root: Path) -> str:
     """A short reason for a failed write. safetensors reports `... (os error 28)` and torch.save a bare
     `unexpected pos` RuntimeError on a full disk, so the free space is checked as well."""
     code = getattr(err, "errno", None)
@@ -147,7 +147,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         prev = latest_checkpoint(root)
         kept = f"; the previous checkpoint {prev} is intact" if prev else ""
-        raise CheckpointError(f"could not write checkpoint {final}: {_write_error_reason(err, root)}{kept}") from err
+        raise CheckpointError(f"could not write checkpoint {final}: {write_error_reason(err, root)}{kept}") from err
     prune_checkpoints(root, keep, step=step)
     return final
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,13 @@ from repa import distributed as D
 from repa.config import Config, dump_config, to_dict, validate
 from repa.training import setup as S
 from repa.training.batches import GlobalOrder, MicroBatchPlan, step_draws
-from repa.training.checkpoint import check_writable, load_latest_checkpoint, save_checkpoint, trim_metrics
+from repa.training.checkpoint import (
+    check_writable,
+    load_latest_checkpoint,
+    save_checkpoint,
+    trim_metrics,
+    write_error_reason,
+)
 from repa.training.data import load_train_images
 from repa.training.ema import EMA
 
@@ -147,7 +155,10 @@ def train(cfg: Config) -> dict[str, Any]:
                           peak_memory_gb=_peak_memory_gb(device), nonfinite_steps=nonfinite,
                           fp16_overflow_steps=overflow)  # fmt: skip
             if acc.is_main_process:
-                with open(metrics_file, "a", encoding="utf-8") as f:
+                with (
+                    _reported_write(metrics_file, "the metrics log", run_dir),
+                    open(metrics_file, "a", encoding="utf-8") as f,
+                ):
                     f.write(json.dumps(record) + "\n")
                 bar.set_postfix({k: f"{record[k]:.4f}" for k in ("denoise", "align") if k in record})
             last, sums, window_start, window_steps, window_good = record, {}, time.perf_counter(), 0, 0
@@ -160,7 +171,9 @@ def train(cfg: Config) -> dict[str, Any]:
             )
         if done % tc.sample_every == 0 or done == tc.max_steps:
             if acc.is_main_process:
-                S.sample_grid(cfg, ema.model, data, run_dir / "samples" / f"step_{done:08d}.png")
+                grid = run_dir / "samples" / f"step_{done:08d}.png"
+                with _reported_write(grid, "the sample grid", run_dir):
+                    S.sample_grid(cfg, ema.model, data, grid)
             acc.wait_for_everyone()
         if done % tc.checkpoint_every == 0 or done == tc.max_steps:
             _save(cfg, acc, raw_model, ema, opt, sched, done, nonfinite)
@@ -211,6 +224,21 @@ class _null:
 
     def __exit__(self, *exc):
         return False
+
+
+@contextlib.contextmanager
+def _reported_write(path: Path, what: str, run_dir: Path) -> Iterator[None]:
+    """An OSError while writing a log or image (full disk, read-only or vanished folder) names the file, the
+    reason and what is safe: checkpoints are written atomically, so the newest complete one is intact and
+    rerunning the same command resumes from it."""
+    try:
+        yield
+    except OSError as e:
+        raise OSError(
+            e.errno,
+            f"could not write {what} {path}: {write_error_reason(e, path.parent)}. The newest complete checkpoint "
+            f"in {run_dir / 'checkpoints'} is intact; fix this and rerun the same command to resume",
+        ) from e
 
 
 def _save(cfg: Config, acc, raw_model, ema: EMA, opt, sched, step: int, nonfinite: int) -> None:
