@@ -207,3 +207,27 @@ def test_detect_format_rules():
         detect_format(repa, {"format": "edm"})
     with pytest.raises(ValueError, match="missing"):
         detect_format({"pos_embed": torch.zeros(1)})
+
+
+def test_probe_and_align_see_ddpm_checkpoints_through_the_view():
+    """DiT/DDPM checkpoints (official `format=dit`, or repa `transport.diffusion=ddpm`) are analysed through
+    DDPMAnalysisView (same noise ratio as the linear path at time t); flow models are used as they are."""
+    from pathlib import Path
+
+    from repa.analysis.hooks import collect_hidden_states
+    from repa.analysis.run import _as_loaded, model_features
+    from repa.config import from_dict
+    from repa.interop import LoadedModel
+
+    d = randomised(DiffusionTransformer(**SMALL, learn_sigma=True), seed=2).eval()
+    x = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    for cfg, info in ((from_dict({}), {"format": "dit"}), (from_dict({"transport": {"diffusion": "ddpm"}}), {})):
+        loaded = _as_loaded(LoadedModel(d, cfg, info, Path("x")), torch.device("cpu"))
+        assert isinstance(loaded.model, DDPMAnalysisView) and loaded.model.model is d
+        assert _as_loaded(loaded, torch.device("cpu")).model is loaded.model  # not wrapped twice
+        feats = model_features(loaded, x, [1, 2], [0.25, 0.5], batch_size=4, seed=3, progress=False)
+        want = collect_hidden_states(DDPMAnalysisView(d), x.split(4), [1, 2], [0.25, 0.5], seed=3)
+        assert set(feats) == set(want) and all(torch.equal(feats[k], want[k]) for k in want)
+        assert feats[(2, 0.5)].shape == (6, d.hidden_size) and torch.isfinite(feats[(2, 0.5)]).all()
+    flow = _as_loaded(LoadedModel(d, from_dict({}), {"format": "repa"}, Path("x")), torch.device("cpu"))
+    assert flow.model is d

@@ -10,6 +10,7 @@ are ADM-centre-cropped to the model's resolution and, for latent models, encoded
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from repa.analysis.hooks import collect_hidden_states
 from repa.analysis.probe import probe_layers, split_indices
 from repa.analysis.report import heatmap, write_csv, write_json
 from repa.analysis.similarity import alignment, alignment_table
+from repa.convert import DDPMAnalysisView
 from repa.evaluation.run import LoadedModel, fashion_mnist_images, load_model, source_batches
 
 METRICS = ("cknna", "cka", "unbiased_cka", "mutual_knn")
@@ -64,11 +66,13 @@ def default_device() -> torch.device:
 
 
 def _as_loaded(checkpoint: str | Path | LoadedModel, device: torch.device) -> LoadedModel:
+    """The checkpoint, with a DDPM model (official DiT, repa `transport.diffusion=ddpm`) seen through
+    `repa.convert.DDPMAnalysisView`: inputs are noised on the linear path at REPA time t and handed to the DDPM
+    model at the step with the same signal-to-noise ratio, so a time t means the same noise level for SiT and DiT."""
     loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_model(checkpoint, device=device)
-    if loaded.cfg.transport.diffusion == "ddpm" or getattr(loaded.model, "learn_sigma", False):
-        raise ValueError(
-            "probe/align noise inputs along the flow path (SiT); DDPM checkpoints (DiT, learned Sigma) are not supported"
-        )
+    ddpm = loaded.cfg.transport.diffusion == "ddpm" or loaded.info.get("format") == "dit"
+    if ddpm and not isinstance(loaded.model, DDPMAnalysisView):
+        loaded = dataclasses.replace(loaded, model=DDPMAnalysisView(loaded.model))
     return loaded
 
 
