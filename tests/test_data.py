@@ -344,3 +344,13 @@ def test_damaged_target_cache_names_the_file(tmp_path, damage):
         build_target_cache(enc, images, path, progress=False)
     rebuilt = build_target_cache(enc, images, path, progress=False, overwrite=True)
     assert len(rebuilt) == 10
+
+
+def test_other_safetensors_file_is_not_called_damaged(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "other.safetensors"
+    save_file({"targets": torch.zeros(1, 2, 3, 4)}, str(path))
+    with pytest.raises(TargetCacheMismatch, match="is not a repa target cache") as info:
+        TargetCache.load(path)
+    assert "damaged" not in str(info.value)

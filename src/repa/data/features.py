@@ -109,6 +109,8 @@ class TargetCache:
             arr = np.memmap(
                 path, dtype=np_dtype, mode="c", offset=offset + info["data_offsets"][0], shape=tuple(info["shape"])
             )
+        except TargetCacheMismatch:
+            raise
         except (struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
             raise TargetCacheMismatch(
                 f"target cache {path} is damaged ({type(e).__name__}: {e}); delete it or rebuild"
