@@ -356,6 +356,7 @@ class StepRunner:
         from repa.losses import RepaLoss
         from repa.models import build_model, forward_flops
         from repa.training.ema import EMA
+        from repa.training.setup import compile_model
 
         self.cfg, self.mode = cfg, mode
         self.device = device = torch.device(cfg.device)
@@ -374,9 +375,8 @@ class StepRunner:
         self.opt = make_optimizer(self.params, mode.optimizer)
         self.loss = RepaLoss(path="linear", align_coeff=0.5)
         self.encoder = _build_encoder(cfg) if mode.targets == "online" else None
-        if mode.compile:  # read when the first step compiles; each CPU mode has its own process
-            torch._functorch.config.activation_memory_budget = mode.memory_budget or 1.0
-        self.fwd_model = torch.compile(self.model) if mode.compile else self.model
+        self.fwd_model = compile_model(self.model, mode.memory_budget) if mode.compile else self.model
+        self._peak_before, self._peak_reset = 0, False  # set by start_measuring
         self.encode = (
             torch.compile(self.encoder) if (self.encoder is not None and mode.compile_encoder) else self.encoder
         )
@@ -480,9 +480,8 @@ class StepRunner:
     def memory(self) -> dict[str, int | None]:
         """{"peak_memory_bytes": whole run, "steady_peak_memory_bytes": measured steps only (None if unknown)}."""
         now = peak_memory_bytes(self.device)
-        before = getattr(self, "_peak_before", 0)
-        steady = now if getattr(self, "_peak_reset", False) else None
-        return {"peak_memory_bytes": max(before, now), "steady_peak_memory_bytes": steady}
+        steady = now if self._peak_reset else None
+        return {"peak_memory_bytes": max(self._peak_before, now), "steady_peak_memory_bytes": steady}
 
     def describe(self) -> dict[str, Any]:
         """Static facts of this runner for the JSON record."""

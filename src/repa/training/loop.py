@@ -104,11 +104,7 @@ def train(cfg: Config) -> dict[str, Any]:
     model, opt = acc.prepare(model, opt)
     raw_model = acc.unwrap_model(model)
     if tc.compile:
-        if tc.compile_memory_budget is not None:  # read when the first step compiles the backward
-            import torch._functorch.config as functorch_config
-
-            functorch_config.activation_memory_budget = tc.compile_memory_budget
-        model = torch.compile(model)
+        model = S.compile_model(model, tc.compile_memory_budget)
 
     local_batch = tc.global_batch_size // (world * tc.grad_accum_steps)
     plan = MicroBatchPlan(local_batch, world, rank, tc.grad_accum_steps)

@@ -152,6 +152,16 @@ class StepLoss:
                          model_kwargs={"force_drop_ids": drop.long()})  # fmt: skip
 
 
+def compile_model(model: nn.Module, memory_budget: float | None = None) -> nn.Module:
+    """`torch.compile(model)` with the compiled backward's activation memory budget (`train.compile_memory_budget`:
+    below 1 the cheapest ops are recomputed instead of saved; None = the compiler's default, 1.0). The budget is a
+    process-wide compiler setting, read when the first call compiles."""
+    import torch._functorch.config as functorch_config
+
+    functorch_config.activation_memory_budget = 1.0 if memory_budget is None else memory_budget
+    return torch.compile(model)
+
+
 def build_loss(cfg: Config) -> StepLoss:
     return StepLoss(cfg)
 
