@@ -17,23 +17,20 @@ from torch import nn
 LATENT_SCALE = 0.18215  # SD-VAE latent scaling (Rombach et al. 2022), used by DiT/SiT/REPA
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 
+
+def _sd_layout(block_out_channels: tuple[int, ...], layers_per_block: int, norm_num_groups: int) -> dict[str, Any]:
+    """AutoencoderKL kwargs with SD-VAE's block layout at the given widths (4 widths = 4 levels = /8 latents)."""
+    levels = len(block_out_channels)
+    return dict(block_out_channels=block_out_channels, layers_per_block=layers_per_block,
+                norm_num_groups=norm_num_groups, down_block_types=("DownEncoderBlock2D",) * levels,
+                up_block_types=("UpDecoderBlock2D",) * levels)  # fmt: skip
+
+
 # `random:<preset>` VAE specs: randomly initialised AutoencoderKL configs (tests, benchmarks; nothing is downloaded).
 RANDOM_VAE_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {},  # VAE.from_config's default: 2 levels, /2 latents
-    "small": dict(  # the SD-VAE layout (4 levels, /8 latents, 4 channels) at a small width
-        block_out_channels=(8, 16, 16, 16),
-        layers_per_block=1,
-        norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-    ),  # fmt: skip
-    "sd": dict(  # the full SD-VAE architecture (kl-f8), random weights: for speed/memory measurements
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        norm_num_groups=32,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-    ),  # fmt: skip
+    "small": _sd_layout((8, 16, 16, 16), 1, 8),  # the SD-VAE layout at a small width
+    "sd": _sd_layout((128, 256, 512, 512), 2, 32),  # the full SD-VAE architecture (kl-f8): speed/memory measurements
 }
 
 
