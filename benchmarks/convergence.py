@@ -222,6 +222,11 @@ def _curves(rows: list[dict], arm: str, key: str) -> tuple[list[int], dict[int, 
     return steps, {seed: [v[s] for s in steps] for seed, v in sorted(by_seed.items())}
 
 
+def _seed_mean(curves: dict[int, list[float]], length: int) -> list[float]:
+    """The seed-mean curve of `_curves`' per-seed values."""
+    return [statistics.mean(v[i] for v in curves.values()) for i in range(length)]
+
+
 def speedup(rows: list[dict], arm: str, base: str = "vanilla") -> dict[str, Any]:
     """Steps for `arm` to reach `base`'s final FID: on the seed-mean curves and per seed (paired by seed)."""
     steps_b, fid_b = _curves(rows, base, "fid")
@@ -230,7 +235,7 @@ def speedup(rows: list[dict], arm: str, base: str = "vanilla") -> dict[str, Any]
         return {}
     final = steps_b[-1]
     target = statistics.mean(v[-1] for v in fid_b.values())
-    mean_a = [statistics.mean(v[i] for v in fid_a.values()) for i in range(len(steps_a))]
+    mean_a = _seed_mean(fid_a, len(steps_a))
     grid, interp = steps_to_reach(steps_a, mean_a, target)
     per_seed = {}
     for seed in sorted(set(fid_a) & set(fid_b)):
@@ -251,20 +256,20 @@ def iso_fid_speedups(rows: list[dict], arm: str, base: str = "vanilla") -> list[
     `base`'s seed-mean FID there, and the ratio base step / arm step (the speed-up at that quality level).
 
     Returns:
-        one dict per base step: base_step, target_fid, arm_step (None if never reached), ratio (None likewise).
-        A base level reached at `arm`'s first evaluation has no earlier point to interpolate from: arm_step is that
-        evaluation, so the ratio is a lower bound.
+        one dict per base step: base_step, target_fid, arm_step (None if never reached), ratio (None likewise),
+        lower_bound: the level was reached at `arm`'s first evaluation, which has no earlier point to interpolate
+        from, so arm_step is that evaluation and the ratio a lower bound.
     """
     steps_b, fid_b = _curves(rows, base, "fid")
     steps_a, fid_a = _curves(rows, arm, "fid")
     if not steps_b or not steps_a:
         return []
-    mean_b = [statistics.mean(v[i] for v in fid_b.values()) for i in range(len(steps_b))]
-    mean_a = [statistics.mean(v[i] for v in fid_a.values()) for i in range(len(steps_a))]
+    mean_a = _seed_mean(fid_a, len(steps_a))
     out = []
-    for step, target in zip(steps_b, mean_b):
+    for step, target in zip(steps_b, _seed_mean(fid_b, len(steps_b))):
         _, at = steps_to_reach(steps_a, mean_a, target)
-        out.append({"base_step": step, "target_fid": target, "arm_step": at, "ratio": step / at if at else None})
+        out.append({"base_step": step, "target_fid": target, "arm_step": at, "ratio": step / at if at else None,
+                    "lower_bound": at == steps_a[0]})  # fmt: skip
     return out
 
 
@@ -672,16 +677,13 @@ def speedup_section(rows: list[dict], arms: list[str], summary: dict, printed: l
     base_steps = [c["base_step"] for c in next(iter(curves.values()), [])]
     md += ["| arm | " + " | ".join(f"vanilla step {s}" for s in base_steps) + " |",
            "|---|" + "---:|" * len(base_steps)]  # fmt: skip
-    first = {arm: min((r["step"] for r in rows if r["arm"] == arm), default=None) for arm in arms[1:]}
     for arm, curve in curves.items():
         summary.setdefault(arm, {})["iso_fid_speedups"] = curve
-        cells = []
-        for c in curve:
-            if c["arm_step"] is None:
-                cells.append("not reached")
-            else:
-                bound = ">=" if c["arm_step"] == first[arm] else ""
-                cells.append(f"{bound}{c['ratio']:.2f}x (step {round(c['arm_step'])})")
+        cells = [
+            "not reached" if c["arm_step"] is None
+            else f"{'>=' if c['lower_bound'] else ''}{c['ratio']:.2f}x (step {round(c['arm_step'])})"
+            for c in curve
+        ]  # fmt: skip
         md.append(f"| {arm} | " + " | ".join(cells) + " |")
     return md
 

@@ -61,6 +61,7 @@ def test_iso_fid_speedups_at_every_vanilla_checkpoint():
     assert [c["target_fid"] for c in curve] == [40, 30, 22, 20]
     assert curve[0]["arm_step"] == 100 and curve[0]["ratio"] == 1.0  # reached at the first evaluation: a bound
     assert curve[1]["arm_step"] == 100 and curve[1]["ratio"] == 2.0
+    assert [c["lower_bound"] for c in curve] == [True, True, False, False]
     assert curve[2]["arm_step"] == pytest.approx(100 + 100 * (30 - 22) / (30 - 19))
     assert curve[3]["arm_step"] == pytest.approx(100 + 100 * (30 - 20) / (30 - 19))  # first crossing, not the last
     assert curve[3]["ratio"] == pytest.approx(400 / curve[3]["arm_step"])
