@@ -285,20 +285,17 @@ def make_detector(device: torch.device):
 
 def fmnist_subset(split: str, num: int, root: str | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `num // 10` images of each class of a Fashion-MNIST split: uint8 (N, 1, 28, 28), labels (N,)."""
-    from repa.data.fashion_mnist import load_fashion_mnist
-    from repa.training.data import balanced_subset
+    from repa.data.sources import fashion_mnist_images
 
-    images, labels = load_fashion_mnist(split, root=root)
-    keep = balanced_subset(labels, num, 10)
-    return images[keep][:, None].contiguous(), labels[keep]
+    return fashion_mnist_images(split, num, root)
 
 
 def fid_reference(detector, num: int, root: str | None):
     """Inception statistics of the class-balanced test subset, cached by (file content, detector) in the repa cache."""
     import numpy as np
 
+    from repa.assets import cache_dir
     from repa.evaluation import reference_statistics
-    from repa.evaluation.detectors import cache_dir
 
     images, _ = fmnist_subset("test", num, root)
     npz = cache_dir() / "eval" / f"fashion-mnist-test-balanced{len(images)}.npz"
@@ -325,16 +322,6 @@ def encoder_features(cfg, images: torch.Tensor, device: torch.device, batch: int
     )
 
 
-class _MainOnly:
-    """The two members of an Accelerator that `prepare_targets` uses, for a single process."""
-
-    is_main_process = True
-
-    @staticmethod
-    def wait_for_everyone() -> None:
-        return None
-
-
 def prepare_target_cache(cfg) -> None:
     """Build the encoder-target cache of a REPA config once, before parallel workers would race to build it."""
     from repa.training import setup as S
@@ -342,7 +329,7 @@ def prepare_target_cache(cfg) -> None:
 
     if cfg.repa.enabled and cfg.repa.cache_targets:
         data = load_train_images(cfg)
-        S.prepare_targets(cfg, data, S.build_encoders(cfg, torch.device("cpu")), _MainOnly())
+        S.prepare_targets(cfg, data, S.build_encoders(cfg, torch.device("cpu")))
 
 
 # ----------------------------------------------------------------------------------------------- one run (a job)
@@ -395,13 +382,12 @@ def evaluate_checkpoint(job: Job, ckpt: Path, shared: dict[str, Any], detector) 
     from repa.analysis import alignment, collect_hidden_states, linear_probe
     from repa.config import from_dict
     from repa.evaluation import balanced_labels, compute_activations, frechet_distance
-    from repa.interop import load_model_for_inference
-    from repa.training.data import decode_pixels
-    from repa.training.setup import generate
+    from repa.generate import decode_pixels, generate
+    from repa.loading import load_official
 
     p, device = job.preset, device_of(job.preset)
     t0, c0 = time.perf_counter(), time.process_time()
-    model, info = load_model_for_inference(ckpt, prefer_ema=True)
+    model, info = load_official(ckpt, prefer_ema=True)
     model.to(device)
     cfg = from_dict(info["config"])
     cfg = dataclasses.replace(cfg, sample=dataclasses.replace(
@@ -445,8 +431,8 @@ def _logged(run_dir: Path, step: int) -> dict[str, Any]:
 
 def run_job(job: Job) -> list[dict[str, Any]]:
     """Train one (arm, seed) run to the preset's budget (resuming), then evaluate every saved eval step once."""
+    from repa.checkpoint import list_checkpoints
     from repa.training import train
-    from repa.training.checkpoint import list_checkpoints
 
     torch.set_num_threads(job.preset.threads)
     shared = torch.load(Path(job.out) / "shared.pt", weights_only=True)  # tensors only (see `prepare_shared`)
@@ -856,9 +842,9 @@ def estimate(preset: Preset, config: str, overrides: Sequence[str] = (), data_ro
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
         targets = [encoder(b["images"])] if cfg_arm.repa.enabled else None
 
-        def step(model=model, loss_fn=loss_fn, opt=opt, targets=targets):
-            terms = loss_fn(model, b["x"], b["y"], targets, u=d["u"].to(device), noise=d["noise"].to(device),
-                            drop=d["drop"].to(device))  # fmt: skip
+        def step(model=model, loss_fn=loss_fn, opt=opt, targets=targets, cfg_arm=cfg_arm):
+            terms = loss_fn(model, b["x"], b["y"], targets, t=S.loss_time(cfg_arm, d["u"].to(device)),
+                            noise=d["noise"].to(device), model_kwargs={"force_drop_ids": d["drop"].to(device).long()})  # fmt: skip
             terms["total"].backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

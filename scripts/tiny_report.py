@@ -50,12 +50,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def evaluate_run(name: str, path: str, encoder: tuple, detector, args: argparse.Namespace, device) -> dict[str, Any]:
     """FID, probe and CKNNA rows of one run."""
     from repa.analysis.run import run_align, run_probe
-    from repa.evaluation import run as E
+    from repa.evaluation.generation import generate_and_score
+    from repa.loading import load_model
 
     progress = not args.no_progress
     t0 = time.time()
-    loaded = E.load_model(path, device=device)
-    fid = E.generate_and_score(loaded.path, args.num_samples, args.ref, detector, sample={"num_steps": args.steps},
+    loaded = load_model(path, device=device)
+    fid = generate_and_score(loaded.path, args.num_samples, args.ref, detector, sample={"num_steps": args.steps},
                                batch_size=args.batch_size, seed=args.seed, out_dir=Path(args.out) / f"samples-{name}",
                                ref_limit=args.ref_num, progress=progress)  # fmt: skip
     probe = run_probe(loaded, "all", args.times, args.probe_train, args.probe_test, args.epochs, seed=args.seed,
@@ -145,14 +146,15 @@ def figure(runs: dict[str, dict[str, Any]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     from repa.analysis.report import write_json
     from repa.analysis.run import default_encoder
-    from repa.evaluation import run as E
+    from repa.evaluation import make_detector
+    from repa.loading import load_model
 
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    encoder = default_encoder(E.load_model(args.repa_run), None, None, None)  # the REPA run's target, for both runs
-    detector = E.make_detector("inception", device, classifier=None)
+    encoder = default_encoder(load_model(args.repa_run), None, None, None)  # the REPA run's target, for both runs
+    detector = make_detector("inception", device, classifier=None)
     runs = {name: evaluate_run(name, path, encoder, detector, args, device)
             for name, path in (("repa", args.repa_run), ("vanilla", args.vanilla_run))}  # fmt: skip
     text = markdown(runs, args, detector.name)

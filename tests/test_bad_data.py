@@ -173,13 +173,14 @@ def test_in_memory_labels_are_checked():
 
 def _write_shards(out: Path, labels: list[list[int]], classes=("a", "b")) -> None:
     """A minimal `repa prepare` output (2 x 3 items, 4x2x2 latents, one 4-token encoder) without a VAE."""
-    from repa.data import shards as SH
+    from repa.data.shard_writer import write_manifest, write_shard
+    from repa.data.shards import FORMAT, VERSION
 
     config = {"resolution": 16, "vae": "stub", "latent_scale": 0.18215, "vae_downsample": 8,
               "latent_shape": [4, 2, 2], "latent_dtype": "float32", "target_dtype": "float16", "flips": [False],
               "encoders": [{"name": "enc", "source": "", "resolution": 28, "layer": None, "token_grid": [2, 2],
                             "num_tokens": 4, "embed_dim": 8}]}  # fmt: skip
-    plan = {"format": SH.FORMAT, "version": SH.VERSION, "config": config, "shard_size": 3,
+    plan = {"format": FORMAT, "version": VERSION, "config": config, "shard_size": 3,
             "num_shards": len(labels), "source": {"num_files": 3 * len(labels), "classes": list(classes),
                                                   "fingerprint": "test"}}  # fmt: skip
     out.mkdir(parents=True)
@@ -190,8 +191,8 @@ def _write_shards(out: Path, labels: list[list[int]], classes=("a", "b")) -> Non
         part = {"mean": torch.randn(k, 1, 4, 2, 2, generator=g), "std": torch.rand(k, 1, 4, 2, 2, generator=g),
                 "tokens": [torch.randn(k, 1, 4, 8, generator=g).half()], "labels": torch.tensor(lab),
                 "file_index": torch.arange(3 * s, 3 * s + k)}  # fmt: skip
-        SH.write_shard(out, s, plan, [part], [])
-    SH.write_manifest(out)
+        write_shard(out, s, plan, [part], [])
+    write_manifest(out)
 
 
 def _latent_config(root: Path):

@@ -7,14 +7,14 @@ import pickle
 import pytest
 import torch
 
-from repa.training.checkpoint import (
+from repa.checkpoint import (
     CheckpointError,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
-    load_model_weights,
     save_checkpoint,
 )
+from repa.loading import load_model_weights
 
 
 def _model_state():
@@ -61,7 +61,7 @@ def test_failed_write_keeps_previous(tmp_path, monkeypatch):
     def full_disk(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("repa.training.checkpoint.save_file", full_disk)
+    monkeypatch.setattr("repa.checkpoint.save_file", full_disk)
     with pytest.raises(CheckpointError, match="no space left on device.*step_00000001 is intact"):
         save_checkpoint(root, 2, model=_model_state(), ema=None, optimizer=None, meta={})
     assert [p.name for p in root.iterdir()] == ["step_00000001"]

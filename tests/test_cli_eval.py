@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from repa.cli.main import main as cli_main
 from repa.config import load_config
-from repa.evaluation.npz import save_samples
+from repa.data.npz import save_samples
 from repa.training import train
 from tests.helpers.tiny import PatchEncoder, write_idx_dataset
 
@@ -69,7 +69,8 @@ def env(tmp_path_factory):
 def _patched(env, monkeypatch):
     monkeypatch.setenv("REPA_CACHE", str(env["base"] / "cache"))
     monkeypatch.setenv("REPA_DATA", str(env["base"] / "data"))
-    monkeypatch.setattr("repa.evaluation.run.make_detector", lambda *a, **k: FakeDetector())
+    monkeypatch.setattr("repa.evaluation.make_detector", lambda *a, **k: FakeDetector())  # repa eval ref|score
+    monkeypatch.setattr("repa.evaluation.generation.make_detector", lambda *a, **k: FakeDetector())
     monkeypatch.setattr("repa.encoders.load_encoder", _fake_encoder)
 
 
@@ -110,7 +111,7 @@ def test_eval_ref_score_generate(env, tmp_path, capsys):
 
 
 def _fashion_test_batches():
-    from repa.evaluation.run import source_batches
+    from repa.data.sources import source_batches
 
     batches, total = source_batches("fashion-mnist:test", 16)
     assert total == 30
@@ -120,7 +121,7 @@ def _fashion_test_batches():
 _TWO_PROC = """
 import json, sys
 sys.path.insert(0, {root!r})
-import repa.evaluation.run as R
+import repa.evaluation.generation as R
 from tests.test_cli_eval import FakeDetector
 R.make_detector = lambda *a, **k: FakeDetector()
 from repa import distributed as D
@@ -133,7 +134,7 @@ if D.is_main():
 
 @pytest.mark.multiproc
 def test_generate_two_processes_equal_one(env, tmp_path):
-    from repa.evaluation.run import generate_and_score
+    from repa.evaluation.generation import generate_and_score
 
     one = generate_and_score(env["repa"], 12, "fashion-mnist:test", sample={"num_steps": 2}, batch_size=6,
                              out_dir=tmp_path / "one", progress=False)  # fmt: skip
@@ -257,9 +258,8 @@ def test_tiny_report(env, tmp_path, capsys):
 @pytest.mark.slow
 def test_score_with_the_real_inception(env, tmp_path, monkeypatch):
     monkeypatch.undo()  # the real detector and encoders
-    from repa.evaluation import inception_path
+    from repa.evaluation import inception_path, make_detector, score
     from repa.evaluation.metrics import frechet_distance
-    from repa.evaluation.run import make_detector, score
 
     monkeypatch.setenv("REPA_CACHE", str(env["base"] / "cache"))
     monkeypatch.setenv("REPA_DATA", str(env["base"] / "data"))

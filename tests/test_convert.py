@@ -5,21 +5,24 @@ fine-tuning adds fresh projectors with strict backbone keys, DDPM view for analy
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 import torch
 
+from repa.analysis.hooks import collect_hidden_states
+from repa.analysis.run import _as_loaded, model_features
+from repa.config import from_dict
 from repa.convert import (
     DDPMAnalysisView,
     SiTWrapper,
     detect_format,
     linear_to_ddpm,
-    load_for_finetuning,
-    load_official,
     repa_to_sit_state_dict,
     sit_to_repa_state_dict,
     timestep_reflection,
 )
+from repa.loading import LoadedModel, load_for_finetuning, load_official
 from repa.models import DiffusionTransformer
 from repa.models.layers import timestep_features
 from repa.samplers import euler_maruyama_sampler, euler_sampler, model_velocity_fn
@@ -212,13 +215,6 @@ def test_detect_format_rules():
 def test_probe_and_align_see_ddpm_checkpoints_through_the_view():
     """DiT/DDPM checkpoints (official `format=dit`, or repa `transport.diffusion=ddpm`) are analysed through
     DDPMAnalysisView (same noise ratio as the linear path at time t); flow models are used as they are."""
-    from pathlib import Path
-
-    from repa.analysis.hooks import collect_hidden_states
-    from repa.analysis.run import _as_loaded, model_features
-    from repa.config import from_dict
-    from repa.interop import LoadedModel
-
     d = randomised(DiffusionTransformer(**SMALL, learn_sigma=True), seed=2).eval()
     x = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     for cfg, info in ((from_dict({}), {"format": "dit"}), (from_dict({"transport": {"diffusion": "ddpm"}}), {})):

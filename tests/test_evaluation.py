@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from repa.evaluation import (
     FeatureStats,
     balanced_labels,
-    evaluate,
     fid_from_stats,
     frechet_distance,
     image_batches,
@@ -19,6 +18,7 @@ from repa.evaluation import (
     read_npz_arrays,
     reference_statistics,
     save_samples,
+    score,
     tf_bilinear_resize,
 )
 
@@ -245,13 +245,13 @@ def test_evaluate_end_to_end_with_reference_cache(tmp_path, monkeypatch):
     images = rng.integers(0, 256, (80, 16, 16, 3), dtype=np.uint8)
     save_samples(tmp_path / "ref.npz", images)
     det = _FakeDetector()
-    m = evaluate(tmp_path / "ref.npz", tmp_path / "ref.npz", det, batch_size=32, progress=False)
+    m = score(tmp_path / "ref.npz", tmp_path / "ref.npz", det, batch_size=32, progress=False)
     assert abs(m["fid"]) < 1e-6 and abs(m["sfid"]) < 1e-6
     assert (m["precision"], m["recall"]) == (1.0, 1.0) and m["num_samples"] == 80 and m["is"] > 1
     assert len(list((tmp_path / "cache" / "eval").glob("ref-*.npz"))) == 1
     # torch NCHW batches are accepted too; darker samples are farther away
     dark = [torch.from_numpy(images[i : i + 40] // 2).permute(0, 3, 1, 2) for i in (0, 40)]
-    m2 = evaluate(dark, tmp_path / "ref.npz", det, progress=False, out_json=tmp_path / "m.json")
+    m2 = score(dark, tmp_path / "ref.npz", det, progress=False, out_json=tmp_path / "m.json")
     assert m2["fid"] > 1 and (tmp_path / "m.json").is_file()
 
 

@@ -17,11 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import repa.training.checkpoint as C
-from repa.config import load_config
-from repa.training import train
-from repa.training.batches import GlobalOrder
-from repa.training.checkpoint import (
+import repa.checkpoint as C
+from repa.checkpoint import (
     FAULT_POINTS,
     CheckpointError,
     list_checkpoints,
@@ -29,37 +26,18 @@ from repa.training.checkpoint import (
     load_latest_checkpoint,
     save_checkpoint,
 )
+from repa.config import load_config
+from repa.training import train
+from repa.training.batches import GlobalOrder
 from repa.training.loop import NonFiniteError
-from tests.helpers.tiny import PatchEncoder, write_idx_dataset
+from tests.helpers.tiny import PatchEncoder, metrics, tiny_overrides
 
 ROOT = Path(__file__).parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 TIMING = ("images_per_s", "peak_memory_gb")  # the only metrics allowed to differ between two runs
 
 
-def tiny_overrides(run_dir: Path, data_root: Path, *extra: str) -> list[str]:
-    return [
-        f"train.run_dir={run_dir}", f"data.root={data_root}", "data.num_train=null", "model.hidden_size=32",
-        "model.depth=2", "model.num_heads=2", "model.align_depth=1", "model.projector_dim=32",
-        "train.global_batch_size=8", "train.max_steps=6", "train.log_every=1", "train.sample_every=1000",
-        "train.checkpoint_every=3", "train.progress=false", "sample.num_images=4", "sample.num_steps=2", *extra,
-    ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def fmnist_root(tmp_path_factory):
-    return write_idx_dataset(tmp_path_factory.mktemp("fmnist"), num=40)
-
-
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("REPA_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("REPA_FAULT_AFTER_FILE", raising=False)
-
-
-@pytest.fixture
-def test_encoder(monkeypatch):
-    monkeypatch.setattr("repa.training.setup.build_encoders", lambda cfg, device: [PatchEncoder(98)])
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +49,6 @@ def full_run(tmp_path_factory, fmnist_root):
         m.setattr("repa.training.setup.build_encoders", lambda cfg, device: [PatchEncoder(98)])
         train(load_config(TINY, tiny_overrides(tmp / "run", fmnist_root)))
     return tmp / "run"
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def assert_same_training_state(a: Path, b: Path) -> None:
@@ -458,8 +432,8 @@ def test_inf_in_one_data_point_skips_exactly_its_steps(tmp_path, fmnist_root, te
 
     real = S.prepare_targets
 
-    def poisoned(cfg, data, encoders, acc):
-        real(cfg, data, encoders, acc)
+    def poisoned(cfg, data, encoders):
+        real(cfg, data, encoders)
         data.targets = [t.clone() for t in data.targets]
         data.targets[0][:, 7] = float("inf")  # item 7's cached encoder targets
 

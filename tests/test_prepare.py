@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from repa.cli.main import main as cli_main
-from repa.cli.prepare import prepare_shards
 from repa.data.folder import CorruptImageError, load_image
+from repa.data.prepare import prepare_shards
 from repa.data.shards import LatentShards, ShardError
 from repa.data.vae import LATENT_SCALE, load_vae
 from repa.encoders import load_encoder

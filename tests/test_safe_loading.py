@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from repa.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from repa.config import load_config, parse_overrides
-from repa.training.checkpoint import CheckpointError, load_checkpoint, load_model_weights, save_checkpoint
+from repa.loading import load_model_weights
 
 ROOT = Path(__file__).parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol")
@@ -166,10 +167,10 @@ def test_target_cache_holding_a_pickle_is_refused(tmp_path, evil):
 
 
 def test_evaluation_files_are_read_without_pickle(tmp_path, evil):
+    from repa.data.npz import image_batches, read_npz_arrays
     from repa.evaluation.detectors import _load_classifier_matrix
     from repa.evaluation.metrics import FeatureStats
-    from repa.evaluation.npz import image_batches, read_npz_arrays
-    from repa.evaluation.pipeline import ReferenceStats
+    from repa.evaluation.reference import ReferenceStats
 
     obj = np.array([_Evil()], dtype=object)
     np.savez(tmp_path / "stats.npz", sum=obj, num=np.int64(1), sum_outer=obj, mu=obj, sigma=obj)

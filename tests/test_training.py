@@ -13,51 +13,16 @@ import numpy as np
 import pytest
 import torch
 
+from repa.checkpoint import latest_checkpoint, load_checkpoint
 from repa.cli.main import main as cli_main
 from repa.config import load_config
 from repa.training import train
-from repa.training.checkpoint import latest_checkpoint, load_checkpoint
-from tests.helpers.tiny import PatchEncoder, write_idx_dataset
+from tests.helpers.tiny import tiny_overrides
 
 ROOT = Path(__file__).parents[1]
 
 
-@pytest.fixture(scope="module")
-def fmnist_root(tmp_path_factory):
-    return write_idx_dataset(tmp_path_factory.mktemp("fmnist"), num=40)
-
-
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("REPA_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def test_encoder(monkeypatch):
-    """Replace the configured encoders by a tiny deterministic one (the real ones are tested in test_encoders)."""
-    monkeypatch.setattr("repa.training.setup.build_encoders", lambda cfg, device: [PatchEncoder(98)])
-
-
-def tiny_overrides(run_dir: Path, root: Path, *extra: str) -> list[str]:
-    return [
-        f"train.run_dir={run_dir}",
-        f"data.root={root}",
-        "data.num_train=null",
-        "model.hidden_size=32",
-        "model.depth=2",
-        "model.num_heads=2",
-        "model.align_depth=1",
-        "model.projector_dim=32",
-        "train.global_batch_size=8",
-        "train.max_steps=6",
-        "train.log_every=1",
-        "train.sample_every=1000",
-        "train.checkpoint_every=3",
-        "train.progress=false",
-        "sample.num_images=4",
-        "sample.num_steps=2",
-        *extra,
-    ]
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def _final(run_dir: Path):

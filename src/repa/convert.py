@@ -30,16 +30,18 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from repa.models import MODELS, SIZES
+from repa.models.layers import FinalLayer, PatchEmbed, TimestepEmbedder, TransformerBlock, build_projector
 from repa.transport.conventions import repa_time_to_sit, sit_velocity_to_repa
+from repa.transport.ddpm import create_diffusion
 
 __all__ = [
     "DDPMAnalysisView",
     "Format",
     "SiTWrapper",
     "detect_format",
+    "infer_model_kwargs",
     "linear_to_ddpm",
-    "load_for_finetuning",
-    "load_official",
     "repa_to_sit_state_dict",
     "sit_to_repa_state_dict",
     "timestep_reflection",
@@ -49,15 +51,22 @@ Format = Literal["repa", "sit", "dit"]
 FORMATS: tuple[str, ...] = ("repa", "sit", "dit")
 
 
+def _shape(state: Mapping[str, Any], key: str, ndim: int) -> tuple[int, ...]:
+    """The shape of `state[key]`, which must be an `ndim`-d tensor (a ValueError naming the key otherwise)."""
+    if key not in state:
+        raise ValueError(f"not a SiT/DiT/REPA state dict with official key names: missing {key!r}")
+    if not isinstance(state[key], Tensor) or state[key].ndim != ndim or 0 in state[key].shape:
+        raise ValueError(f"{key} must be a non-empty {ndim}-d tensor, got {tuple(getattr(state[key], 'shape', ()))}")
+    return tuple(state[key].shape)
+
+
 def _channels(state: Mapping[str, Tensor]) -> tuple[int, int, int]:
     """(in_channels, out_channels, patch_size) of a state dict with official key names."""
-    try:
-        w = state["x_embedder.proj.weight"]  # (D, C, p, p)
-        final = state["final_layer.linear.weight"]  # (p * p * C_out, D)
-    except KeyError as err:
-        raise ValueError(f"not a SiT/DiT/REPA state dict (official key names): missing {err}") from err
-    patch = w.shape[-1]
-    return w.shape[1], final.shape[0] // (patch * patch), patch
+    _, c, patch, patch_w = _shape(state, "x_embedder.proj.weight", 4)  # (D, C, p, p)
+    c_out, rest = divmod(_shape(state, "final_layer.linear.weight", 2)[0], patch * patch)  # (p * p * C_out, D)
+    if patch != patch_w or rest:
+        raise ValueError(f"x_embedder.proj.weight and final_layer.linear.weight disagree on {patch}x{patch} patches")
+    return c, c_out, patch
 
 
 def _sigma_rows_zero(state: Mapping[str, Tensor]) -> bool:
@@ -122,7 +131,8 @@ def timestep_reflection(dim: int = 256, max_period: float = 10000.0) -> Tensor:
 
 
 def _reflect_time(state: dict[str, Tensor]) -> None:
-    w = state["t_embedder.mlp.0.weight"]  # (D, 256): h = W feats(1 - t) = (W R) feats(t)
+    _shape(state, "t_embedder.mlp.0.weight", 2)  # (D, 256): h = W feats(1 - t) = (W R) feats(t)
+    w = state["t_embedder.mlp.0.weight"]
     state["t_embedder.mlp.0.weight"] = (w.double() @ timestep_reflection(w.shape[1])).to(w.dtype)
 
 
@@ -212,8 +222,6 @@ def linear_to_ddpm(x_t: Tensor, t: Tensor | float, diffusion: Any = None) -> tup
     Returns:
         (x_vp, t_model (B,) float32).
     """
-    from repa.transport.ddpm import create_diffusion
-
     diffusion = diffusion or create_diffusion(None)
     t_B = torch.as_tensor(t, dtype=torch.float64, device="cpu").expand(x_t.shape[0]).clamp(1e-6, 1 - 1e-6)
     log_snr = 2 * (torch.log1p(-t_B) - torch.log(t_B))
@@ -232,8 +240,6 @@ class DDPMAnalysisView(nn.Module):
 
     def __init__(self, model: nn.Module, diffusion: Any = None) -> None:
         super().__init__()
-        from repa.transport.ddpm import create_diffusion
-
         self.model, self.diffusion = model, diffusion or create_diffusion(None)
         self.num_classes, self.depth = model.num_classes, model.depth
 
@@ -245,135 +251,149 @@ class DDPMAnalysisView(nn.Module):
         return self.model.forward_hidden(x_vp, t_model, y, layers, force_drop_ids=force_drop_ids)
 
 
-def _num_heads(info: Mapping[str, Any]) -> int | None:
-    """Head count from an official REPA `args.model` ("SiT-XL/2") or a repa config; None if unknown."""
-    from repa.models import MODELS
-
-    cfg = info.get("config")
-    if cfg is not None:
-        return cfg["model"].get("num_heads") or MODELS.get(cfg["model"]["name"], {}).get("num_heads")
-    args = info.get("args") or {}
-    return MODELS.get(str(args.get("model", "")), {}).get("num_heads")
+# ------------------------------------------------------------------------------------------ architecture inference
+# Registry sizes: width -> heads, (width, depth) -> align depth. Only qk-norm weights state a head count; a wrong
+# one still loads (no shape depends on it) but computes another function, so it is never guessed.
+_HEADS_BY_WIDTH = {hidden: heads for hidden, _, heads, _ in SIZES.values()}
+_ALIGN_BY_SIZE = {(hidden, depth): align for hidden, depth, _, align in SIZES.values()}
 
 
-def _read(source: str | Path | Mapping[str, Tensor], prefer_ema: bool) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    from repa.training.checkpoint import load_model_weights
-
-    if isinstance(source, Mapping):
-        return dict(source), {"format": "state_dict", "ema": False}
-    state, info = load_model_weights(source, prefer_ema=prefer_ema)
-    return dict(state), {**info, "filename": Path(source).name}
-
-
-def _hints(info: Mapping[str, Any], fmt: str | None) -> dict[str, Any]:
-    return {"format": fmt, "filename": info.get("filename"), "source": info.get("format"), "args": info.get("args")}
+def _count(state: Mapping[str, Any], prefix: str) -> int:
+    """How many `prefix.<i>` modules the keys name, checked to be numbered 0..n-1: an index in a key name never
+    sizes the model by itself (`blocks.99999999.x` alone would ask for 10^8 blocks)."""
+    found = sorted({int(m.group(1)) for k in state if (m := re.match(rf"{prefix}\.(\d+)\.", k))})
+    gap = next((i for i, index in enumerate(found) if index != i), None)
+    if gap is not None:
+        raise ValueError(f"{prefix} are not numbered 0..{len(found) - 1}: {prefix}.{gap} is missing but "
+                         f"{prefix}.{found[gap]} is present")  # fmt: skip
+    return len(found)
 
 
-def load_official(
-    source: str | Path | Mapping[str, Tensor],
-    *,
-    format: Format | None = None,
-    sit: Literal["convert", "wrap"] = "convert",
-    prefer_ema: bool = True,
+def _tensor_facts(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The constructor arguments the tensors state; `num_heads` only for qk-norm models (width / head dimension)."""
+    c, c_out, patch = _channels(state)
+    if c_out not in (c, 2 * c):
+        raise ValueError(f"final layer predicts {c_out} channels for {c} input channels: neither C nor 2C")
+    hidden = _shape(state, "x_embedder.proj.weight", 4)[0]
+    tokens = _shape(state, "pos_embed", 3)[1]
+    grid = math.isqrt(tokens)
+    if grid * grid != tokens:
+        raise ValueError(f"pos_embed has {tokens} tokens, not a square grid")
+    depth = _count(state, "blocks")
+    fc1 = _shape(state, "blocks.0.mlp.fc1.weight", 2)[0]  # also: there is a block
+    mlp_ratio = fc1 / hidden
+    if int(hidden * mlp_ratio) != fc1:  # the block sizes its MLP as int(hidden * mlp_ratio): undo float rounding
+        mlp_ratio = math.nextafter(mlp_ratio, math.inf)
+    num_projectors = _count(state, "projectors")
+    facts: dict[str, Any] = dict(
+        input_size=grid * patch, patch_size=patch, in_channels=c, hidden_size=hidden, depth=depth, mlp_ratio=mlp_ratio,
+        num_classes=_shape(state, "y_embedder.embedding_table.weight", 2)[0] - 1, learn_sigma=c_out == 2 * c,
+        encoder_dims=[_shape(state, f"projectors.{k}.4.weight", 2)[0] for k in range(num_projectors)],
+        qk_norm="blocks.0.attn.q_norm.weight" in state,
+    )  # fmt: skip
+    if num_projectors:
+        facts["projector_dim"] = _shape(state, "projectors.0.0.weight", 2)[0]
+    if facts["qk_norm"]:  # timm's q_norm: LayerNorm(head_dim)
+        head_dim = _shape(state, "blocks.0.attn.q_norm.weight", 1)[0]
+        if hidden % head_dim:
+            raise ValueError(f"blocks.0.attn.q_norm.weight: head dimension {head_dim} does not divide width {hidden}")
+        facts["num_heads"] = hidden // head_dim
+    return facts
+
+
+def _check_fits(state: Mapping[str, Any], kw: Mapping[str, Any]) -> None:
+    """Keys and shapes of `state` against `DiffusionTransformer(**kw)`, before anything is built: a state dict that
+    contradicts itself (a stray or missing key, a tensor of another size) fails in one line. The model's parts are
+    built on the meta device: nothing is allocated, and none draws `normal_` (its meta kernel imports torch._dynamo)."""
+    d, grid = kw["hidden_size"], kw["input_size"] // kw["patch_size"]
+    rows = kw["num_classes"] + int(kw.get("class_dropout_prob", 0.1) > 0)  # + the null class
+    want = {"pos_embed": (1, grid * grid, d), "y_embedder.embedding_table.weight": (rows, d)}
+    with torch.device("meta"):
+        block = TransformerBlock(d, kw["num_heads"], kw["mlp_ratio"], qk_norm=kw["qk_norm"])  # all blocks alike
+        parts = {"x_embedder": PatchEmbed(kw["patch_size"], kw["in_channels"], d), "t_embedder": TimestepEmbedder(d),
+                 **{f"blocks.{i}": block for i in range(kw["depth"])},
+                 **{f"projectors.{k}": build_projector(d, kw.get("projector_dim", 2048), e)
+                    for k, e in enumerate(kw["encoder_dims"])},
+                 "final_layer": FinalLayer(d, kw["patch_size"], kw["in_channels"] * (1 + kw["learn_sigma"]))}  # fmt: skip
+    for prefix, module in parts.items():
+        want.update({f"{prefix}.{k}": tuple(v.shape) for k, v in module.state_dict().items()})
+    have = {k: tuple(getattr(v, "shape", ())) for k, v in state.items()}
+    missing, unexpected = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
+    if missing or unexpected:
+        raise ValueError(f"the keys do not fit the architecture the tensors describe: missing {missing[:8]}, "
+                         f"unexpected {unexpected[:8]}")  # fmt: skip
+    bad = [f"{k} is {have[k]}, not {s}" for k, s in want.items() if have[k] != s]
+    if bad:
+        raise ValueError(f"tensor shapes contradict the architecture the other tensors describe: {'; '.join(bad[:4])}")
+
+
+def _declared(info: Mapping[str, Any] | None) -> tuple[dict[str, Any], str]:
+    """What the checkpoint's own record says beyond the tensors, and where: a repa config (the registry entry
+    `model.name` with its overrides, as training built it) or official REPA `args` ("SiT-XL/2", `encoder_depth`)."""
+    info = info or {}
+    cfg, args = info.get("config"), info.get("args")
+    if isinstance(cfg, Mapping) and isinstance(cfg.get("model"), Mapping):
+        m = cfg["model"]
+        reg = MODELS.get(str(m.get("name")), {})
+        return {"num_heads": m.get("num_heads") or reg.get("num_heads"),
+                "align_depth": m.get("align_depth") or reg.get("align_depth"),
+                "class_dropout_prob": m.get("class_dropout_prob")}, "the checkpoint's config"  # fmt: skip
+    if isinstance(args, Mapping):
+        reg = MODELS.get(str(args.get("model")), {})
+        return {"num_heads": reg.get("num_heads"), "align_depth": args.get("encoder_depth")}, "the checkpoint's args"
+    return {}, ""
+
+
+def infer_model_kwargs(
+    state: Mapping[str, Tensor],
     num_heads: int | None = None,
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Load any supported checkpoint for sampling, evaluation and analysis, in REPA's conventions (eval mode).
+    *,
+    align_depth: int | None = None,
+    info: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Constructor arguments of `DiffusionTransformer` for a state dict with official key names.
+
+    Read from the tensors: widths, input size, patch, channels, learned Sigma, classes, depth (blocks numbered
+    0..n-1), MLP ratio, qk-norm and its head count (width / head dimension of `q_norm`), projectors; keys and shapes
+    must fit that architecture exactly. The rest, in order: the arguments, the checkpoint's config or official args,
+    the registry sizes; what is still unknown is a one-line ValueError naming `--num-heads` / `--align-depth`.
 
     Args:
-        source: a file (`last.pt`, `SiT-XL-2-256x256.pt`, `DiT-XL-2-256x256.pt`, .safetensors), a repa checkpoint
-            folder, or a state dict.
-        format: force "repa" / "sit" / "dit" instead of `detect_format`.
-        sit: "convert" (default) folds SiT's conventions into the weights (`sit_to_repa_state_dict`: a plain
-            REPA-convention DiffusionTransformer); "wrap" keeps the weights and returns a `SiTWrapper`.
-        prefer_ema: take the EMA weights when the checkpoint has them.
-        num_heads: attention heads (default: from the checkpoint's args/config, else the official size's value).
+        state: the state dict.
+        num_heads: attention heads (`--num-heads`); must agree with qk-norm weights.
+        align_depth: the 1-indexed block feeding the projectors (`--align-depth`); unused without projectors.
+        info: `load_model_weights`' info: its `config` (repa checkpoints) or `args` (official REPA `last.pt`).
 
     Returns:
-        (model, info): repa/dit -> DiffusionTransformer (a DiT samples with `repa.transport.ddpm`); sit -> a
-        converted DiffusionTransformer or a SiTWrapper. info has `format` (the detected convention), `model_kwargs`
-        and what `load_model_weights` reports.
+        the kwargs (`align_depth` only when there are projectors).
     """
-    from repa.interop import infer_model_kwargs
-    from repa.models import DiffusionTransformer
-
-    state, info = _read(source, prefer_ema)
-    fmt = detect_format(state, _hints(info, format))
-    if fmt == "sit" and sit == "convert":
-        state = sit_to_repa_state_dict(state)
-    kwargs = infer_model_kwargs(state, num_heads or _num_heads(info))
-    if kwargs["encoder_dims"]:
-        args, cfg = info.get("args") or {}, info.get("config") or {}
-        depth = args.get("encoder_depth") or cfg.get("model", {}).get("align_depth")
-        kwargs["align_depth"] = int(depth) if depth else min(8, kwargs["depth"])
-    model = DiffusionTransformer(**kwargs)
-    model.load_state_dict(state, strict=True)
-    model.eval()
-    out: nn.Module = SiTWrapper(model).eval() if fmt == "sit" and sit == "wrap" else model
-    return out, {**info, "source_format": info.get("format"), "format": fmt, "model_kwargs": kwargs}
-
-
-def load_for_finetuning(
-    source: str | Path | Mapping[str, Tensor],
-    *,
-    encoder_dims: Iterable[int],
-    align_depth: int = 8,
-    projector_dim: int = 2048,
-    format: Format | None = None,
-    prefer_ema: bool = True,
-    num_heads: int | None = None,
-    class_dropout_prob: float = 0.1,
-    keep_projectors: bool = True,
-) -> tuple[nn.Module, dict[str, Any]]:
-    """An official SiT/DiT (or REPA) checkpoint as a repa model with REPA projectors, ready for training.
-
-    SiT weights are converted to REPA's convention (`sit_to_repa_state_dict`, C outputs); DiT weights stay a
-    learned-Sigma DDPM model (train with `transport.diffusion=ddpm`). Backbone keys load strictly: a missing
-    or unexpected backbone key is an error. Projectors are freshly initialised (the model's own init; seed the
-    global RNG first for reproducibility) unless the checkpoint has projectors of exactly these shapes and
-    `keep_projectors`.
-
-    Args:
-        source: file, repa checkpoint folder, or state dict.
-        encoder_dims: one projector output width per target encoder (768 for DINOv2-B).
-        align_depth: 1-indexed block feeding the projectors.
-        projector_dim: projector hidden width.
-        format: force the convention instead of `detect_format`.
-        prefer_ema: start from the EMA weights when present.
-        num_heads: attention heads (default: inferred).
-        class_dropout_prob: label dropout for classifier-free guidance.
-        keep_projectors: reuse matching projectors of a REPA checkpoint.
-
-    Returns:
-        (model in train mode, report) with report keys `format`, `new_keys` (freshly initialised),
-        `dropped_keys` (checkpoint projectors not used), `model_kwargs`.
-    """
-    from repa.interop import infer_model_kwargs
-    from repa.models import DiffusionTransformer
-
-    state, info = _read(source, prefer_ema)
-    fmt = detect_format(state, _hints(info, format))
-    if fmt == "sit":
-        state = sit_to_repa_state_dict(state)
-    kwargs = infer_model_kwargs(state, num_heads or _num_heads(info))
-    kwargs.update(encoder_dims=[int(d) for d in encoder_dims], align_depth=align_depth, projector_dim=projector_dim,
-                  class_dropout_prob=class_dropout_prob)  # fmt: skip
-    model = DiffusionTransformer(**kwargs)
-    own = model.state_dict()
-    old_proj = {k: v for k, v in state.items() if k.startswith("projectors.")}
-    reuse = (
-        keep_projectors
-        and old_proj.keys() == {k for k in own if k.startswith("projectors.")}
-        and all(own[k].shape == v.shape for k, v in old_proj.items())
-    )
-    load = {k: v for k, v in state.items() if reuse or not k.startswith("projectors.")}
-    try:
-        missing, unexpected = model.load_state_dict(load, strict=False)
-    except RuntimeError as err:
-        raise ValueError(f"checkpoint does not fit the model: {str(err).splitlines()[-1].strip()}") from err
-    bad_missing = [k for k in missing if not k.startswith("projectors.")]
-    if bad_missing or unexpected:
-        raise ValueError(f"backbone keys do not match: missing {bad_missing[:8]}, unexpected {list(unexpected)[:8]}")
-    model.train()
-    report = {"format": fmt, "new_keys": sorted(missing), "dropped_keys": sorted(set(old_proj) - set(load)),
-              "model_kwargs": kwargs, "source_format": info.get("format")}  # fmt: skip
-    return model, report
+    kw = _tensor_facts(state)
+    declared, where = _declared(info)
+    if declared.get("class_dropout_prob") == 0:  # trained without label dropout: no null-class row
+        kw.update(num_classes=kw["num_classes"] + 1, class_dropout_prob=0.0)
+    stated = kw.pop("num_heads", None)
+    _check_fits(state, {**kw, "num_heads": stated or 1})  # no shape depends on the head count without qk-norm
+    hidden, depth = kw["hidden_size"], kw["depth"]
+    if num_heads is not None and stated is not None and num_heads != stated:
+        raise ValueError(f"num_heads={num_heads} contradicts the checkpoint: its qk-norm weights have head dimension "
+                         f"{hidden // stated}, i.e. {stated} heads at width {hidden}")  # fmt: skip
+    candidates = (num_heads, stated, declared.get("num_heads"), _HEADS_BY_WIDTH.get(hidden))
+    heads = next((int(v) for v in candidates if v is not None), None)
+    unknown = []
+    if heads is None:
+        widths = "/".join(map(str, sorted(_HEADS_BY_WIDTH)))
+        unknown.append((f"the number of attention heads (width {hidden} is no registry width {widths}, no qk-norm "
+                        "weights state the head dimension, no config/args say it)", f"--num-heads (a divisor of {hidden})"))  # fmt: skip
+    elif heads < 1 or hidden % heads:
+        raise ValueError(f"{heads} attention heads ({where if num_heads is None else '--num-heads'}) do not divide "
+                         f"the width {hidden}")  # fmt: skip
+    if kw["encoder_dims"]:
+        candidates = (align_depth, declared.get("align_depth"), _ALIGN_BY_SIZE.get((hidden, depth)))
+        kw["align_depth"] = next((int(v) for v in candidates if v is not None), None)
+        if kw["align_depth"] is None:
+            unknown.append((f"which block feeds the projectors (no config/args say it, width {hidden} x {depth} blocks "
+                            "is no registry size)", f"--align-depth (1..{depth})"))  # fmt: skip
+    if unknown:
+        raise ValueError(f"cannot tell {' nor '.join(u for u, _ in unknown)} of this checkpoint: pass "
+                         f"{' and '.join(f for _, f in unknown)}")  # fmt: skip
+    return {**kw, "num_heads": heads}

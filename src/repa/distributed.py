@@ -3,49 +3,60 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-_ACCELERATOR: Any = None
 
-
-def make_accelerator(mixed_precision: str = "no", grad_accum_steps: int = 1, cpu: bool | None = None) -> Any:
-    """Create (once per process) the Accelerator for this run.
+def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None) -> Any:
+    """Create the Accelerator for this run (its first creation in a process sets up the process group).
 
     One process, `torchrun`/`accelerate launch` multi-process, and multi-node launches all come through here;
     on CPU the process group uses gloo. Gradient accumulation is done by the loop (it needs exact control
     of which micro-batch each rank sees), so Accelerate is told 1.
     """
-    global _ACCELERATOR
-    from accelerate import Accelerator
+    from accelerate import Accelerator  # imported on use: loading it costs every `repa` command start-up time
     from accelerate.utils import DistributedDataParallelKwargs
 
     if cpu is None:
         cpu = not torch.cuda.is_available()
     ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=False)
-    _ACCELERATOR = Accelerator(
+    return Accelerator(
         mixed_precision=mixed_precision,
         cpu=cpu,
         kwargs_handlers=[ddp_kwargs],
         step_scheduler_with_optimizer=False,
     )
-    del grad_accum_steps  # accumulation is explicit in the loop
-    return _ACCELERATOR
 
 
 def rank() -> int:
+    """This process's rank (0 without a process group)."""
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", 0))
 
 
 def world_size() -> int:
+    """Number of processes (1 without a process group)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
+def local_rank() -> int:
+    """This process's index on its machine (the launcher's LOCAL_RANK; 0 in one process)."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def init_process_group(backend: str = "gloo", timeout: timedelta | None = None) -> None:
+    """Join the launcher's process group (torchrun / accelerate launch set WORLD_SIZE, RANK, MASTER_ADDR) without an
+    Accelerator, for jobs that need only `barrier`; a no-op in one process or once a group exists."""
+    if world_size() > 1 and not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timeout)
+
+
 def is_main() -> bool:
+    """Rank 0: the process that writes files and prints."""
     return rank() == 0
 
 
@@ -56,6 +67,7 @@ def print0(*args: Any, **kwargs: Any) -> None:
 
 
 def barrier() -> None:
+    """Wait for every process (no-op in one process)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
 
@@ -70,18 +82,11 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum of `tensor` over all processes (a copy; the input is untouched)."""
     out = tensor.detach().clone()
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        box = [obj]
-        dist.broadcast_object_list(box, src=src)
-        return box[0]
-    return obj
 
 
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:

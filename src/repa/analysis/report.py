@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from repa.fileio import write_json  # noqa: F401 (the analysis writers, in one place)
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
@@ -21,13 +22,6 @@ def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-
-
-def write_json(obj: Any, path: str | Path) -> None:
-    """Write any JSON-serialisable object (rows, metrics dicts) with indentation."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def table_grid(

@@ -1,18 +1,12 @@
-"""Drivers behind `repa probe` and `repa align`: load a model and its data, collect pooled hidden states per
-layer x t, run linear probes or alignment metrics (CKNNA/CKA/mutual k-NN), write CSV/JSON tables and heat maps.
-
-Data follow the checkpoint's own training data: Fashion-MNIST runs read the train split (probe fitting) and the test
-split (probe evaluation, alignment), class-balanced first-N subsets, pixels x = image / 127.5 - 1. Other checkpoints
-(ImageNet-layout folders, official latent-space SiT/DiT) need `data_root`, an ImageNet-layout image folder: images
-are ADM-centre-cropped to the model's resolution and, for latent models, encoded with the SD-VAE (posterior mean x
-0.18215). Hidden states use the null label (REPA's protocol) and the run's interpolation path.
+"""Drivers behind `repa probe` and `repa align`: load a model and its data (`repa.analysis.inputs`), collect pooled
+hidden states per layer x t, run linear probes or alignment metrics (CKNNA/CKA/mutual k-NN), write CSV/JSON tables
+and heat maps. Hidden states use the null label (REPA's protocol) and the run's interpolation path.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,26 +14,17 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from repa import encoders
 from repa.analysis.hooks import collect_hidden_states
+from repa.analysis.inputs import default_device, load_inputs
 from repa.analysis.probe import probe_layers, split_indices
 from repa.analysis.report import heatmap, write_csv, write_json
 from repa.analysis.similarity import alignment, alignment_table
 from repa.convert import DDPMAnalysisView
-from repa.evaluation.run import LoadedModel, fashion_mnist_images, load_model, source_batches
+from repa.data.sources import source_batches
+from repa.loading import LoadedModel, load_model
 
 METRICS = ("cknna", "cka", "unbiased_cka", "mutual_knn")
-
-
-@dataclass
-class Inputs:
-    """Paired model inputs and images: x (N, C, H, W) in the model's space, labels (N,), uint8 images for encoders."""
-
-    x: Tensor
-    labels: Tensor
-    images: Tensor
-
-    def subset(self, idx: Tensor) -> Inputs:
-        return Inputs(self.x[idx], self.labels[idx], self.images[idx])
 
 
 def parse_layers(spec: str | Sequence[int] | None, depth: int) -> list[int]:
@@ -61,83 +46,22 @@ def parse_floats(spec: str | Sequence[float]) -> list[float]:
     return values
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _as_loaded(checkpoint: str | Path | LoadedModel, device: torch.device) -> LoadedModel:
-    """The checkpoint, with a DDPM model (official DiT, repa `transport.diffusion=ddpm`) seen through
-    `repa.convert.DDPMAnalysisView`: inputs are noised on the linear path at REPA time t and handed to the DDPM
-    model at the step with the same signal-to-noise ratio, so a time t means the same noise level for SiT and DiT."""
-    loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_model(checkpoint, device=device)
+def _as_loaded(
+    checkpoint: str | Path | LoadedModel, device: torch.device, num_heads: int | None = None,
+    align_depth: int | None = None,
+) -> LoadedModel:  # fmt: skip
+    """The checkpoint (`num_heads`, `align_depth`: see `repa.loading.load_model`), with a DDPM model (official DiT,
+    repa `transport.diffusion=ddpm`) seen through `repa.convert.DDPMAnalysisView`: inputs are noised on the linear
+    path at REPA time t and handed to the DDPM model at the step with the same signal-to-noise ratio, so a time t
+    means the same noise level for SiT and DiT."""
+    if isinstance(checkpoint, LoadedModel):
+        loaded = checkpoint
+    else:
+        loaded = load_model(checkpoint, device=device, num_heads=num_heads, align_depth=align_depth)
     ddpm = loaded.cfg.transport.diffusion == "ddpm" or loaded.info.get("format") == "dit"
     if ddpm and not isinstance(loaded.model, DDPMAnalysisView):
         loaded = dataclasses.replace(loaded, model=DDPMAnalysisView(loaded.model))
     return loaded
-
-
-def _folder_images(root: str | Path, num: int | None, resolution: int, progress: bool) -> tuple[Tensor, Tensor]:
-    """Class-balanced first-N images of an ImageNet-layout folder (ADM centre crop), loading only those."""
-    import numpy as np
-
-    from repa.data.folder import find_images, load_image
-    from repa.training.data import balanced_subset
-
-    samples, classes = find_images(root)
-    labels = torch.tensor([c for _, c in samples])
-    keep = balanced_subset(labels, num, len(classes)).tolist()
-    images = [load_image(samples[i][0], resolution) for i in tqdm(keep, desc=f"images {root}", disable=not progress)]
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), labels[keep]
-
-
-def load_inputs(
-    loaded: LoadedModel,
-    split: str,
-    num: int | None,
-    data_root: str | Path | None = None,
-    vae: str | None = None,
-    batch_size: int = 64,
-    progress: bool = True,
-) -> Inputs:
-    """Clean model inputs with their labels and images (see the module docstring for the data rules).
-
-    Args:
-        loaded: the model (its config says which data it was trained on).
-        split: "train" or "test" (Fashion-MNIST; folders ignore it: pass the folder of that split).
-        num: class-balanced first-N subset size (None = all).
-        data_root: an ImageNet-layout folder (required for anything but Fashion-MNIST runs).
-        vae: SD-VAE hub id or folder for latent models (default: the run's `data.vae`).
-        batch_size: VAE batch size.
-        progress: tqdm bars.
-    """
-    cfg, (c, size, _) = loaded.cfg, loaded.sample_shape
-    latent = cfg.data.space == "latent"
-    root = data_root or (cfg.data.root if loaded.is_repa and cfg.data.kind == "folder" else None)
-    if root is None and loaded.is_repa and cfg.data.kind == "fashion-mnist":
-        images, labels = fashion_mnist_images(split, num, cfg.data.root)
-    elif root is None:
-        what = "an ImageNet-layout image folder and the SD-VAE (--vae)" if latent else "an image folder"
-        raise ValueError(
-            f"this checkpoint was trained on {cfg.data.kind if loaded.is_repa else 'ImageNet latents'}: pass "
-            f"--data-root with {what} (one subfolder per class, e.g. ImageNet val) to probe or align it"
-        )
-    else:
-        vae_model = None
-        if latent:
-            from repa.data.vae import VAE
-
-            vae_model = VAE.from_pretrained(vae or cfg.data.vae, device=str(default_device()))
-        images, labels = _folder_images(root, num, size * (vae_model.downsample if vae_model else 1), progress)
-        if vae_model is not None:
-            chunks = []
-            for batch in tqdm(images.split(batch_size), desc="VAE encode", disable=not progress):
-                mean, _ = vae_model.encode_moments(batch.float() / 127.5 - 1.0)
-                chunks.append((mean * vae_model.scale).cpu())
-            return Inputs(torch.cat(chunks), labels, images)
-    x = images.float() / 127.5 - 1.0
-    if tuple(x.shape[1:]) != (c, size, size):
-        raise ValueError(f"data of shape {tuple(x.shape[1:])} does not fit the model's input {(c, size, size)}")
-    return Inputs(x, labels, images)
 
 
 def model_features(
@@ -168,10 +92,8 @@ def encoder_features(
     progress: bool = True,
 ) -> Tensor:
     """Mean patch tokens (N, D) of a `repa.encoders` encoder on uint8 images (N, 1|3, H, W)."""
-    from repa.encoders import load_encoder
-
     device = device or default_device()
-    encoder = load_encoder(name, resolution, weights=weights, layer=layer, device=device)
+    encoder = encoders.load_encoder(name, resolution, weights=weights, layer=layer, device=device)  # patchable
     out = [
         encoder(batch.to(device)).float().mean(dim=1).cpu()
         for batch in tqdm(images.split(batch_size), desc=f"{name} features", disable=not progress)
@@ -189,6 +111,29 @@ def _out_dir(out_dir: str | Path | None, loaded: LoadedModel | None, name: str) 
 
 def _meta(loaded: LoadedModel) -> dict[str, Any]:
     return {"checkpoint": str(loaded.path), "step": loaded.info.get("step"), "ema": loaded.info.get("ema")}
+
+
+def _parse_metrics(metrics: str | Sequence[str]) -> list[str]:
+    """ "cknna,cka" or a sequence -> names of `METRICS` (ValueError naming unknown ones)."""
+    metric_list = [m.strip() for m in metrics.split(",")] if isinstance(metrics, str) else list(metrics)
+    if bad := [m for m in metric_list if m not in METRICS]:
+        raise ValueError(f"unknown metrics {bad}; choose from {', '.join(METRICS)}")
+    return metric_list
+
+
+def _write_tables(
+    out: Path, name: str, rows: list[dict[str, Any]], meta: dict[str, Any], title: str,
+    metrics: Sequence[str] | None = None, **layout: Any,
+) -> None:  # fmt: skip
+    """`<name>.csv`, `<name>.json` ({meta, rows}) and the heat map `<name>.png`, or with `metrics` one
+    `<name>-<metric>.png` per metric (`layout`: `heatmap`'s value/row_key/col_key)."""
+    write_csv(rows, out / f"{name}.csv")
+    write_json({"meta": meta, "rows": rows}, out / f"{name}.json")
+    if metrics is None:
+        heatmap(rows, out / f"{name}.png", title=title, **layout)
+    for metric in metrics or ():
+        heatmap([r for r in rows if r["metric"] == metric], out / f"{name}-{metric}.png", title=f"{metric}: {title}",
+                **layout)  # fmt: skip
 
 
 def run_probe(
@@ -209,6 +154,8 @@ def run_probe(
     device: torch.device | None = None,
     progress: bool = True,
     write: bool = True,
+    num_heads: int | None = None,
+    align_depth: int | None = None,
 ) -> dict[str, Any]:
     """Linear-probe accuracy of pooled hidden states for every (layer, t) (REPA Sec. 3.2).
 
@@ -226,12 +173,14 @@ def run_probe(
         device: default cuda if available.
         progress: tqdm bars.
         write: write the files.
+        num_heads, align_depth: what a checkpoint does not say about its architecture (`--num-heads`,
+            `--align-depth`; see `repa.loading.load_model`); unused for an already loaded model.
 
     Returns:
         {"rows": [{layer, t, train_acc, test_acc, train_loss}], "out_dir", "meta"}.
     """
     device = device or default_device()
-    loaded = _as_loaded(checkpoint, device)
+    loaded = _as_loaded(checkpoint, device, num_heads=num_heads, align_depth=align_depth)
     layer_list = parse_layers(layers, loaded.info["model_kwargs"]["depth"])
     time_list = parse_floats(times)
     fashion = data_root is None and loaded.is_repa and loaded.cfg.data.kind == "fashion-mnist"
@@ -252,9 +201,7 @@ def run_probe(
             "label": "null", "path": loaded.cfg.transport.path}  # fmt: skip
     out = _out_dir(out_dir, loaded, "probe")
     if write:
-        write_csv(rows, out / "probe.csv")
-        write_json({"meta": meta, "rows": rows}, out / "probe.json")
-        heatmap(rows, out / "probe.png", value="test_acc", title=f"linear probe test accuracy ({loaded.path.name})")
+        _write_tables(out, "probe", rows, meta, f"linear probe test accuracy ({loaded.path.name})", value="test_acc")
     return {"rows": rows, "out_dir": str(out), "meta": meta}
 
 
@@ -302,6 +249,8 @@ def run_align(
     device: torch.device | None = None,
     progress: bool = True,
     write: bool = True,
+    num_heads: int | None = None,
+    align_depth: int | None = None,
 ) -> dict[str, Any]:
     """Similarity between pooled hidden states per (layer, t) and an encoder's mean patch tokens on the same images.
 
@@ -314,17 +263,15 @@ def run_align(
         metrics: "cknna,cka,..." or a list of `METRICS`.
         k: neighbours for CKNNA / mutual k-NN (REPA: 10).
         split: Fashion-MNIST split.
-        batch_size, seed, data_root, vae, device, progress, write: as in `run_probe`.
+        batch_size, seed, data_root, vae, device, progress, write, num_heads, align_depth: as in `run_probe`.
         out_dir: where `align.csv`, `align.json`, `align-<metric>.png` go.
 
     Returns:
         {"rows": [{layer, t, target, metric, value}], "out_dir", "meta"}.
     """
     device = device or default_device()
-    loaded = _as_loaded(checkpoint, device)
-    metric_list = [m.strip() for m in metrics.split(",")] if isinstance(metrics, str) else list(metrics)
-    if bad := [m for m in metric_list if m not in METRICS]:
-        raise ValueError(f"unknown metrics {bad}; choose from {', '.join(METRICS)}")
+    loaded = _as_loaded(checkpoint, device, num_heads=num_heads, align_depth=align_depth)
+    metric_list = _parse_metrics(metrics)
     name, layer, resolution, weights = default_encoder(loaded, encoder, encoder_layer, encoder_resolution)
     layer_list = parse_layers(layers, loaded.info["model_kwargs"]["depth"])
     inputs = load_inputs(loaded, split, num, data_root, vae, progress=progress)
@@ -335,11 +282,7 @@ def run_align(
     meta = {**_meta(loaded), "encoder": label, "num": len(inputs.labels), "k": k, "split": split}
     out = _out_dir(out_dir, loaded, "align")
     if write:
-        write_csv(rows, out / "align.csv")
-        write_json({"meta": meta, "rows": rows}, out / "align.json")
-        for metric in metric_list:
-            heatmap([r for r in rows if r["metric"] == metric], out / f"align-{metric}.png", value="value",
-                    title=f"{metric}: {loaded.path.name} vs {label}")  # fmt: skip
+        _write_tables(out, "align", rows, meta, f"{loaded.path.name} vs {label}", metric_list, value="value")
     return {"rows": rows, "out_dir": str(out), "meta": meta}
 
 
@@ -373,9 +316,7 @@ def run_align_encoders(
         {"rows": [{a, b, layer_a, layer_b, metric, value}], "out_dir", "meta"}; layer labels are "L04" or "final".
     """
     device = device or default_device()
-    metric_list = [m.strip() for m in metrics.split(",")] if isinstance(metrics, str) else list(metrics)
-    if bad := [m for m in metric_list if m not in METRICS]:
-        raise ValueError(f"unknown metrics {bad}; choose from {', '.join(METRICS)}")
+    metric_list = _parse_metrics(metrics)
     batches, _ = source_batches(source, 250, num, resolution=max(resolution_a, resolution_b))
     images = torch.cat([b if isinstance(b, Tensor) else torch.from_numpy(b).permute(0, 3, 1, 2) for b in batches])
 
@@ -394,9 +335,6 @@ def run_align_encoders(
             "num": len(images), "k": k}  # fmt: skip
     out = Path(out_dir) if out_dir else Path("analysis") / "align-encoders"
     if write:
-        write_csv(rows, out / "align.csv")
-        write_json({"meta": meta, "rows": rows}, out / "align.json")
-        for metric in metric_list:
-            heatmap([r for r in rows if r["metric"] == metric], out / f"align-{metric}.png", value="value",
-                    row_key="layer_a", col_key="layer_b", title=f"{metric}: {encoder_a} vs {encoder_b}")  # fmt: skip
+        _write_tables(out, "align", rows, meta, f"{encoder_a} vs {encoder_b}", metric_list, value="value",
+                      row_key="layer_a", col_key="layer_b")  # fmt: skip
     return {"rows": rows, "out_dir": str(out), "meta": meta}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 
+from repa.cli.common import checkpoint_overrides
 from repa.cli.probe import add_data_arguments
 
 
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_align(
         args.checkpoint, args.encoder, args.encoder_layer, args.encoder_resolution, args.layers, args.times, args.num,
         args.metric, args.k, args.split, args.batch_size, args.seed, args.out, args.data_root, args.vae, device,
-        progress=not args.no_progress,
+        progress=not args.no_progress, **checkpoint_overrides(args),
     )  # fmt: skip
     m = result["meta"]
     for metric in dict.fromkeys(r["metric"] for r in result["rows"]):

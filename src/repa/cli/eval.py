@@ -14,6 +14,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from repa.cli.common import add_checkpoint_arguments, checkpoint_overrides
+from repa.cli.sample import add_sampling_arguments, sampling_overrides
+
 
 def _detector_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detector", default="inception", help="'inception' (FID) or 'encoder:<name>' (e.g. dinov2-vit-l)")
@@ -48,16 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     gen.add_argument("--ref", required=True, help="reference: .npz, stats .npz, folder, or fashion-mnist:<split>")
     gen.add_argument("--ref-num", type=int, default=None, help="use at most N reference images")
     gen.add_argument("--out", default=None, help="output folder (default: <run>/eval or ./eval)")
-    gen.add_argument("--sampler", choices=["ode", "sde"], default=None)
-    gen.add_argument("--steps", type=int, default=None)
-    gen.add_argument("--heun", action="store_true", default=None)
-    gen.add_argument("--cfg-scale", type=float, default=None)
-    gen.add_argument("--guidance-low", type=float, default=None)
-    gen.add_argument("--guidance-high", type=float, default=None)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    add_sampling_arguments(gen)
+    add_checkpoint_arguments(gen)
     gen.add_argument("--no-save", action="store_true", help="do not write the samples .npz (metrics JSON only)")
-    gen.add_argument("--vae", default=None, help="VAE (hub id or folder) for latent-space models")
     _detector_args(gen)
 
 
@@ -65,26 +61,19 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from repa.distributed import is_main
-    from repa.evaluation.run import (
-        generate_and_score,
-        make_detector,
-        reference_stats,
-        save_reference,
-        score,
-        summary_line,
-    )
+    from repa.evaluation import make_detector, reference_stats, score, summary_line
+    from repa.evaluation.generation import generate_and_score
+    from repa.evaluation.reference import save_reference
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     classifier = None if args.no_is else "auto"
     progress = not args.no_progress
     if args.eval_command == "generate":
-        sample = dict(sampler=args.sampler, num_steps=args.steps, heun=args.heun, cfg_scale=args.cfg_scale,
-                      guidance_low=args.guidance_low, guidance_high=args.guidance_high)  # fmt: skip
         metrics = generate_and_score(
-            args.checkpoint, args.num, args.ref, args.detector, sample=sample, batch_size=args.batch_size or 64,
+            args.checkpoint, args.num, args.ref, args.detector, sample=sampling_overrides(args), batch_size=args.batch_size or 64,
             seed=args.seed, out_dir=args.out, save=not args.no_save, ref_limit=args.ref_num,
             prefer_ema=not args.no_ema, vae=args.vae, inception=args.inception, classifier=classifier,
-            device=args.device, progress=progress,
+            device=args.device, progress=progress, **checkpoint_overrides(args),
         )  # fmt: skip
         if is_main():
             print(f"[repa] {summary_line(metrics)} -> {metrics['json']}")

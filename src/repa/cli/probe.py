@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from repa.cli.common import add_checkpoint_arguments, checkpoint_overrides
+
 
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by `probe` and `align` for the model, its data and the output."""
@@ -22,6 +24,7 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true")
+    add_checkpoint_arguments(p)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         args.checkpoint, args.layers, args.times, args.num_train, args.num_test, args.epochs, args.lr,
         batch_size=args.batch_size, seed=args.seed, out_dir=args.out, data_root=args.data_root,
         test_root=args.test_root, vae=args.vae, device=torch.device(args.device) if args.device else None,
-        progress=not args.no_progress,
+        progress=not args.no_progress, **checkpoint_overrides(args),
     )  # fmt: skip
     best = max(result["rows"], key=lambda r: r["test_acc"])
     m = result["meta"]

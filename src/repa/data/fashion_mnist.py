@@ -17,7 +17,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from repa.encoders.assets import cache_dir
+from repa.assets import cache_dir
 
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 SPLIT_SIZES = {"train": 60000, "test": 10000}

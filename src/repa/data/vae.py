@@ -78,7 +78,7 @@ class VAE(nn.Module):
         """
         from diffusers import AutoencoderKL
 
-        from repa.encoders.registry import hub_offline
+        from repa.assets import hub_offline
 
         local = Path(name_or_path).is_dir()
         try:

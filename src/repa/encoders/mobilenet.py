@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from repa.encoders.assets import MOBILENETV2_WEIGHTS, fetch_wheel_member
+from repa.assets import MOBILENETV2_WEIGHTS, fetch_wheel_member
 from repa.encoders.base import IMAGENET_MEAN, IMAGENET_STD, Encoder
 
 # (expansion t, output channels c, repeats n, first stride s) of MobileNetV2 (Sandler et al. 2018, Table 2).

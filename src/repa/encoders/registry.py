@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import difflib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from repa.assets import hub_offline
 from repa.encoders.base import Encoder
 
 
@@ -112,12 +112,6 @@ ENCODERS.update(
 
 class EncoderWeightsError(RuntimeError):
     """The weights of a registered encoder could not be found or downloaded."""
-
-
-def hub_offline() -> bool:
-    """True when Hugging Face downloads are disabled (`HF_HUB_OFFLINE` / `TRANSFORMERS_OFFLINE`)."""
-    flags = (os.environ.get(k, "").strip().lower() for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    return any(f in ("1", "true", "yes", "on") for f in flags)
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -1,5 +1,6 @@
 """Sample-quality evaluation: FID Inception detector, FID/sFID/IS/precision/recall, ADM .npz batches, label sampling."""
 
+from repa.data.npz import image_batches, npz_keys, num_images, open_npz_array, read_npz_arrays, save_samples
 from repa.evaluation.detectors import (
     INCEPTION_SHA1,
     Detector,
@@ -7,6 +8,7 @@ from repa.evaluation.detectors import (
     InceptionDetector,
     inception_classifier,
     inception_path,
+    make_detector,
     tf_bilinear_resize,
 )
 from repa.evaluation.metrics import (
@@ -17,16 +19,10 @@ from repa.evaluation.metrics import (
     manifold_radii,
     precision_recall,
 )
-from repa.evaluation.npz import image_batches, npz_keys, num_images, open_npz_array, read_npz_arrays, save_samples
-from repa.evaluation.pipeline import (
-    Activations,
-    ReferenceStats,
-    compute_activations,
-    evaluate,
-    reference_statistics,
-    score_activations,
-)
+from repa.evaluation.pipeline import Activations, compute_activations, score_activations
+from repa.evaluation.reference import ReferenceStats, reference_statistics, reference_stats
 from repa.evaluation.sampling import balanced_labels, rank_slice
+from repa.evaluation.scoring import score, summary_line
 
 __all__ = [
     "INCEPTION_SHA1",
@@ -38,13 +34,13 @@ __all__ = [
     "ReferenceStats",
     "balanced_labels",
     "compute_activations",
-    "evaluate",
     "fid_from_stats",
     "frechet_distance",
     "image_batches",
     "inception_classifier",
     "inception_path",
     "inception_score",
+    "make_detector",
     "manifold_radii",
     "npz_keys",
     "num_images",
@@ -53,7 +49,10 @@ __all__ = [
     "rank_slice",
     "read_npz_arrays",
     "reference_statistics",
+    "reference_stats",
     "save_samples",
+    "score",
     "score_activations",
+    "summary_line",
     "tf_bilinear_resize",
 ]

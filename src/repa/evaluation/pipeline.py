@@ -1,26 +1,22 @@
-"""Score image batches: detector activations, cached reference statistics, and FID/sFID/IS/precision/recall.
-
-`evaluate(samples, reference, detector)` is what `repa eval` needs; it mirrors ADM's evaluator: FID and sFID
-against the reference's precomputed `mu`/`sigma`/`mu_s`/`sigma_s` when present (else statistics of its images),
-Inception Score of the samples (10 splits), precision/recall between the reference images' and the samples' pool
-features (k = 3).
-"""
+"""Score image batches as ADM's evaluator does: detector activations, then FID and sFID against the reference's
+statistics, Inception Score of the samples (10 splits), precision/recall between the reference images' and the
+samples' pool features (k = 3). `repa.evaluation.scoring.score` is the entry point from files."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from repa.evaluation.detectors import Detector, cache_dir
+from repa.evaluation.detectors import Detector
 from repa.evaluation.metrics import FeatureStats, frechet_distance, inception_score, precision_recall
-from repa.evaluation.npz import image_batches, num_images, read_npz_arrays
+
+if TYPE_CHECKING:
+    from repa.evaluation.reference import ReferenceStats
 
 
 @dataclass
@@ -53,7 +49,11 @@ def to_nchw_uint8(batch: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def compute_activations(
-    detector: Detector, batches: Iterable[np.ndarray | torch.Tensor], total: int | None = None, progress: bool = True
+    detector: Detector,
+    batches: Iterable[np.ndarray | torch.Tensor],
+    total: int | None = None,
+    progress: bool = True,
+    desc: str = "features",
 ) -> Activations:
     """Run the detector over image batches, keeping pool features/logits and accumulating statistics.
 
@@ -67,7 +67,7 @@ def compute_activations(
         Activations (statistics for every 2-D output except logits).
     """
     pools, logits, stats = [], [], {}
-    bar = tqdm(total=total, unit="img", disable=not progress, desc="features")
+    bar = tqdm(total=total, unit="img", disable=not progress, desc=desc)
     for batch in batches:
         feats = detector.features(to_nchw_uint8(batch))
         for key, value in feats.items():
@@ -82,87 +82,6 @@ def compute_activations(
     if not pools:
         raise ValueError("no images to compute activations on")
     return Activations(np.concatenate(pools), np.concatenate(logits) if logits else None, stats)
-
-
-def file_fingerprint(path: str | Path, extra: str = "") -> str:
-    """BLAKE2b of a file's bytes plus `extra` (e.g. the detector name): the key of cached statistics."""
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    h.update(extra.encode())
-    return h.hexdigest()
-
-
-@dataclass
-class ReferenceStats:
-    """What scoring against a reference needs: Gaussian statistics per feature key and the P/R features.
-
-    Attributes:
-        stats: key -> (mu, sigma), keys `pool` and `spatial` (when available).
-        pool: (N, D) pool features of the reference images (precision/recall).
-        source: "precomputed" (the file's own mu/sigma, as ADM) or "images".
-    """
-
-    stats: dict[str, tuple[np.ndarray, np.ndarray]]
-    pool: np.ndarray
-    source: str
-
-    def save(self, path: str | Path) -> None:
-        arrays = {"pool": self.pool, "source": np.array(self.source)}
-        for key, (mu, sigma) in self.stats.items():
-            arrays[f"mu_{key}"], arrays[f"sigma_{key}"] = mu, sigma
-        np.savez(path, **arrays)
-
-    @classmethod
-    def load(cls, path: str | Path) -> ReferenceStats:
-        with np.load(path, allow_pickle=False) as d:
-            keys = [k[3:] for k in d.files if k.startswith("mu_")]
-            return cls({k: (d[f"mu_{k}"], d[f"sigma_{k}"]) for k in keys}, d["pool"], str(d["source"]))
-
-
-def reference_statistics(
-    path: str | Path,
-    detector: Detector,
-    batch_size: int = 250,
-    use_precomputed: bool = True,
-    cache: bool = True,
-    progress: bool = True,
-) -> ReferenceStats:
-    """Statistics of a reference batch, computed once per (file content, detector) and cached.
-
-    Args:
-        path: ADM-layout reference .npz (`arr_0` images; optional `mu`, `sigma`, `mu_s`, `sigma_s`).
-        detector: the feature network.
-        batch_size: images per detector call.
-        use_precomputed: use the file's `mu`/`sigma` (`mu_s`/`sigma_s`) for FID/sFID as ADM does (they come from
-            the TF graph over the full dataset); otherwise statistics of the file's images.
-        cache: read/write `<cache>/eval/ref-<fingerprint>.npz`.
-        progress: tqdm bars.
-
-    Returns:
-        ReferenceStats.
-    """
-    fingerprint = file_fingerprint(path, f"{detector.name}|precomputed={use_precomputed}")
-    cached = cache_dir() / "eval" / f"ref-{fingerprint}.npz"
-    if cache and cached.is_file():
-        return ReferenceStats.load(cached)
-    acts = compute_activations(detector, image_batches(path, batch_size), num_images(path), progress)
-    stats = {key: (s.mean, s.cov) for key, s in acts.stats.items()}
-    source = "images"
-    pre = read_npz_arrays(path, ["mu", "sigma", "mu_s", "sigma_s"]) if use_precomputed else {}
-    if "mu" in pre and "sigma" in pre:
-        stats["pool"] = (pre["mu"], pre["sigma"])
-        source = "precomputed"
-        if "mu_s" in pre and "sigma_s" in pre:
-            stats["spatial"] = (pre["mu_s"], pre["sigma_s"])
-    ref = ReferenceStats(stats, acts.pool, source)
-    if cache:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(cached.stem + ".tmp.npz")
-        ref.save(tmp)
-        tmp.replace(cached)
-    return ref
 
 
 def score_activations(
@@ -194,40 +113,3 @@ def score_activations(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out["precision"], out["recall"] = precision_recall(ref.pool, acts.pool, k=k, device=device)
     return out
-
-
-def evaluate(
-    samples: str | Path | Iterable[np.ndarray | torch.Tensor],
-    reference: str | Path | ReferenceStats,
-    detector: Detector,
-    batch_size: int = 250,
-    progress: bool = True,
-    out_json: str | Path | None = None,
-) -> dict[str, float | int | None]:
-    """Score samples against a reference, as ADM's evaluator does.
-
-    Args:
-        samples: an ADM-layout sample .npz, or an iterable of uint8 batches (numpy NHWC / torch NCHW).
-        reference: an ADM-layout reference .npz (statistics cached) or precomputed ReferenceStats.
-        detector: the feature network (its `name` keys the cache).
-        batch_size: images per detector call when reading files.
-        progress: tqdm bars.
-        out_json: optionally write the metrics there.
-
-    Returns:
-        The metrics dict of `score_activations`, plus `detector`.
-    """
-    ref = (
-        reference
-        if isinstance(reference, ReferenceStats)
-        else reference_statistics(reference, detector, batch_size, progress=progress)
-    )
-    if isinstance(samples, (str, Path)):
-        acts = compute_activations(detector, image_batches(samples, batch_size), num_images(samples), progress)
-    else:
-        acts = compute_activations(detector, samples, None, progress)
-    metrics = score_activations(acts, ref)
-    metrics["detector"] = detector.name  # type: ignore[assignment]
-    if out_json is not None:
-        Path(out_json).write_text(json.dumps(metrics, indent=2) + "\n")
-    return metrics

@@ -1,36 +1,48 @@
-"""Training data as the loop sees it: clean inputs x, labels, uint8 images for encoders, cached targets."""
+"""Training data as the loop sees it (`TrainingData`): clean inputs x, labels, uint8 images for encoders, targets.
+
+Two kinds follow the one protocol: `InMemoryImages` (pixel space; encoder targets computed once and cached) and
+`repa.data.shards.LatentShards` (VAE latents from `repa prepare`; targets stored beside them)."""
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any, ClassVar, Protocol
 
 import torch
 
 from repa.config import Config
-from repa.encoders.assets import cache_dir  # noqa: F401 (the one cache root; re-exported)
+from repa.data.fashion_mnist import load_fashion_mnist
+from repa.data.folder import load_image_folder
+from repa.data.shards import LatentShards
+from repa.data.sources import balanced_subset, check_labels
 
-if TYPE_CHECKING:
-    from repa.data.shards import LatentShards
-
-
-def balanced_subset(labels: torch.Tensor, num: int | None, num_classes: int) -> torch.Tensor:
-    """Indices of the first `num // num_classes` items of each class, in dataset order (all if num is None)."""
-    if num is None or num >= len(labels):
-        return torch.arange(len(labels))
-    per_class = num // num_classes
-    if per_class < 1:
-        raise ValueError(f"data.num_train={num} is smaller than the number of classes ({num_classes})")
-    picks = [torch.nonzero(labels == c).flatten()[:per_class] for c in range(num_classes)]
-    return torch.sort(torch.cat(picks)).values
+TargetSpec = tuple[str, int, tuple[int, int]]  # (encoder name, embed_dim, token grid)
 
 
-def check_labels(labels: torch.Tensor, num_classes: int, name: str) -> None:
-    """Raise ValueError naming the first label outside [0, num_classes) (the null class is num_classes)."""
-    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-        bad = int(torch.nonzero((labels < 0) | (labels >= num_classes))[0])
-        raise ValueError(f"{name}: label {int(labels[bad])} of item {bad} is outside [0, {num_classes})")
+class TrainingData(Protocol):
+    """What the loop needs of its data, whatever it is."""
+
+    name: str
+    num_classes: int
+    needs_posterior: bool  # x is a fresh VAE posterior sample each step: the loop draws its eps
+    stores_targets: bool  # encoder targets are stored with the data (`target_specs`, `check_encoders`)
+    has_images: bool  # uint8 images are available for running encoders online
+
+    @property
+    def num_items(self) -> int: ...
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]: ...
+
+    @property
+    def vae(self) -> str | None:
+        """The VAE that decodes x to images (a `repa.data.vae.load_vae` spec); None when x is pixels."""
+
+    def batch(
+        self, idx: torch.Tensor, flips: torch.Tensor, device: torch.device, *, eps: torch.Tensor | None = None
+    ) -> dict[str, Any]:
+        """Items `idx` (mirrored where `flips`): x, y, and `images` / `targets` where available."""
 
 
 @dataclass
@@ -42,6 +54,10 @@ class InMemoryImages:
     num_classes: int
     name: str
     targets: list[torch.Tensor] = field(default_factory=list)  # per encoder: (num_flips, N, T, D)
+    needs_posterior: ClassVar[bool] = False
+    stores_targets: ClassVar[bool] = False
+    has_images: ClassVar[bool] = True
+    vae: ClassVar[None] = None
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
@@ -89,19 +105,12 @@ class InMemoryImages:
         return out
 
 
-def decode_pixels(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float images -> uint8 (B, C, H, W)."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def load_train_images(cfg: Config) -> InMemoryImages | LatentShards:
+def load_train_images(cfg: Config) -> TrainingData:
     """The training set: in-memory images for pixel-space runs, memory-mapped shards for `data.kind=latents`."""
     d = cfg.data
     if d.kind == "latents":
         return load_latent_shards(cfg)
     if d.kind == "fashion-mnist":
-        from repa.data.fashion_mnist import load_fashion_mnist
-
         images, labels = load_fashion_mnist("train", root=d.root)
         images = torch.as_tensor(images)
         labels = torch.as_tensor(labels).long()
@@ -109,8 +118,6 @@ def load_train_images(cfg: Config) -> InMemoryImages | LatentShards:
         keep = balanced_subset(labels, d.num_train, 10)
         return InMemoryImages(images[keep][:, None].contiguous(), labels[keep], 10, "fashion-mnist")
     if d.kind == "folder":
-        from repa.data.folder import load_image_folder
-
         if d.root is None:
             raise ValueError("data.kind=folder needs data.root (an ImageNet-layout folder of class subfolders)")
         images, labels, classes = load_image_folder(d.root, d.resolution)
@@ -121,8 +128,6 @@ def load_train_images(cfg: Config) -> InMemoryImages | LatentShards:
 
 def load_latent_shards(cfg: Config) -> LatentShards:
     """Shards written by `repa prepare`, checked against the run's config before any work."""
-    from repa.data.shards import LatentShards
-
     d = cfg.data
     if d.root is None:
         raise ValueError("data.kind=latents needs data.root (a folder written by `repa prepare SRC OUT`)")

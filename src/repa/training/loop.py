@@ -13,18 +13,20 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from repa import distributed as D
-from repa.config import Config, dump_config, to_dict, validate
-from repa.training import setup as S
-from repa.training.batches import GlobalOrder, MicroBatchPlan, step_draws
-from repa.training.checkpoint import (
+from repa import distributed
+from repa.checkpoint import (
     check_writable,
     load_latest_checkpoint,
-    save_checkpoint,
+    restore_training_checkpoint,
+    save_training_checkpoint,
     trim_metrics,
     write_error_reason,
 )
-from repa.training.data import load_train_images
+from repa.config import Config, dump_config, to_dict, validate
+from repa.losses import RepaLoss
+from repa.training import setup
+from repa.training.batches import GlobalOrder, MicroBatchPlan, step_draws
+from repa.training.data import TrainingData, load_train_images
 from repa.training.ema import EMA
 
 
@@ -42,11 +44,33 @@ def _lr_lambda(warmup: int):
     return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
 
 
+class MetricWindow:
+    """Sums of the logged terms over the steps since the last log line; skipped (non-finite) steps add zeros and
+    are left out of the mean."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps, self.good, self.start = 0, 0, time.perf_counter()
+
+    def add(self, terms: dict[str, torch.Tensor], finite: bool) -> None:
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + (v.detach() if finite else torch.zeros_like(v))
+        self.steps += 1
+        self.good += int(finite)
+
+    def means(self) -> dict[str, float]:
+        """Per-term means over the finite steps, averaged over processes."""
+        return {k: float(distributed.all_reduce_mean(v)) / max(1, self.good) for k, v in self.sums.items()}
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
 def train(cfg: Config) -> dict[str, Any]:
     """Train `cfg.model` on `cfg.data` with (or without) REPA; resume from `cfg.train.run_dir` if it holds a
     checkpoint. Returns a summary dict (run_dir, step, last logged metrics)."""
     tc = cfg.train
-    acc = D.make_accelerator(tc.mixed_precision)
+    acc = distributed.make_accelerator(tc.mixed_precision)
     world, rank, device = acc.num_processes, acc.process_index, acc.device
     validate(cfg, world_size=world)
     if tc.mixed_precision == "fp16" and device.type == "cpu":  # Accelerate would silently run fp32, no loss scaling
@@ -64,13 +88,13 @@ def train(cfg: Config) -> dict[str, Any]:
 
     # ---- data, encoders, targets, model, loss
     data = load_train_images(cfg)
-    encoders = S.build_encoders(cfg, device) if S.needs_encoders(cfg, data) else []
+    targets = setup.plan_targets(cfg, data, device)
     torch.manual_seed(tc.seed)  # the initial weights are a function of the seed (identical on every rank)
     # checks align depth / token grids before any target is computed
-    model = S.build_model(cfg, data, S.target_specs(cfg, data, encoders)).to(device)
-    S.prepare_targets(cfg, data, encoders, acc)  # fills data.targets when cached; no-op for vanilla / online
-    online_encoders = S.online_encoders(data, encoders)
-    loss_fn = S.build_loss(cfg)
+    model = setup.build_model(cfg, data, targets.specs).to(device)
+    if targets.cache:
+        setup.prepare_targets(cfg, data, targets.encoders)  # fills data.targets (computed once, cached on disk)
+    loss_fn = setup.build_loss(cfg)
     ema = EMA(model, cfg.optim.ema_decay, warmup=cfg.optim.ema_warmup)
     # fused AdamW (one kernel over all tensors) where torch has it: on the 2-core CPU, SiT-B/2's update takes
     # 0.06 s fused vs 0.16 s per-parameter and 0.31 s foreach (`python -m benchmarks.micro`); same algorithm
@@ -85,18 +109,13 @@ def train(cfg: Config) -> dict[str, Any]:
     start_step, nonfinite, overflow = 0, 0, 0
     ckpt_path, ckpt = load_latest_checkpoint(run_dir / "checkpoints")
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"], strict=True)
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"]["optimizer"])
-        sched.load_state_dict(ckpt["optimizer"]["scheduler"])
-        start_step = int(ckpt["state"]["step"])
-        nonfinite = int(ckpt["state"].get("nonfinite_steps", 0))
-        if acc.scaler is not None and "scaler" in ckpt["optimizer"]:
-            acc.scaler.load_state_dict(ckpt["optimizer"]["scaler"])
+        state = restore_training_checkpoint(ckpt, model=model, ema=ema, optimizer=opt, scheduler=sched,
+                                            scaler=acc.scaler)  # fmt: skip
+        start_step, nonfinite = int(state["step"]), int(state.get("nonfinite_steps", 0))
         if nonfinite > tc.max_nonfinite_steps:  # the run stopped on NaN/inf; a rerun gets a fresh allowance
-            D.print0(f"[repa] the previous run stopped after {nonfinite} non-finite steps; counting again from 0")
+            distributed.print0(f"[repa] the previous run stopped after {nonfinite} non-finite steps; counting again from 0")
             nonfinite = 0
-        D.print0(f"[repa] resuming from {ckpt_path} (step {start_step})")
+        distributed.print0(f"[repa] resuming from {ckpt_path} (step {start_step})")
     if acc.is_main_process:
         dump_config(cfg, run_dir / "config.yaml")
         trim_metrics(run_dir / "metrics.jsonl", start_step)  # replayed steps are logged again; drop torn lines
@@ -104,25 +123,24 @@ def train(cfg: Config) -> dict[str, Any]:
     model, opt = acc.prepare(model, opt)
     raw_model = acc.unwrap_model(model)
     if tc.compile:
-        model = S.compile_model(model, tc.compile_memory_budget)
+        model = setup.compile_model(model, tc.compile_memory_budget)
 
     local_batch = tc.global_batch_size // (world * tc.grad_accum_steps)
     plan = MicroBatchPlan(local_batch, world, rank, tc.grad_accum_steps)
     order = GlobalOrder(data.num_items, tc.seed, cfg.data.hflip)
     if acc.is_main_process and start_step == 0:
         n_params = sum(p.numel() for p in raw_model.parameters())
-        D.print0(f"[repa] {cfg.model.name}: {n_params / 1e6:.2f}M parameters, {data.num_items} training items, "
+        distributed.print0(f"[repa] {cfg.model.name}: {n_params / 1e6:.2f}M parameters, {data.num_items} training items, "
                  f"global batch {tc.global_batch_size} on {world} process(es), REPA {'on' if cfg.repa.enabled else 'off'}")  # fmt: skip
 
     metrics_file = run_dir / "metrics.jsonl"
     bar = tqdm(total=tc.max_steps, initial=start_step, disable=not (tc.progress and acc.is_main_process),
                desc="train", dynamic_ncols=True)  # fmt: skip
-    sums: dict[str, torch.Tensor] = {}
-    last: dict[str, Any] = {}
-    window_start, window_steps, window_good = time.perf_counter(), 0, 0
+    window, last = MetricWindow(), {}
     model.train()
     for step in range(start_step, tc.max_steps):
-        terms, grad_norm = _train_step(cfg, model, loss_fn, opt, acc, data, order, plan, step, online_encoders)
+        terms, grad_norm = _train_step(cfg, model=model, loss_fn=loss_fn, acc=acc, data=data, order=order, plan=plan,
+                                       step=step, online_encoders=targets.online)  # fmt: skip
         loss_finite = all(bool(torch.isfinite(v)) for v in terms.values())
         finite = loss_finite and bool(torch.isfinite(grad_norm))
         if finite:
@@ -134,20 +152,15 @@ def train(cfg: Config) -> dict[str, Any]:
             overflow += 1
         else:
             nonfinite += 1
-            D.print0(f"[repa] step {step}: non-finite loss or gradient, update skipped ({nonfinite} so far)")
+            distributed.print0(f"[repa] step {step}: non-finite loss or gradient, update skipped ({nonfinite} so far)")
         opt.zero_grad(set_to_none=True)
-        for k, v in {**terms, "grad_norm": grad_norm}.items():
-            sums[k] = sums.get(k, 0.0) + (v.detach() if finite else torch.zeros_like(v))
-        window_steps += 1
-        window_good += int(finite)  # skipped steps add zeros: average over the others
+        window.add({**terms, "grad_norm": grad_norm}, finite)
         done = step + 1
         bar.update(1)
 
         if done % tc.log_every == 0 or done == tc.max_steps:
-            elapsed = time.perf_counter() - window_start
-            good = max(1, window_good)
-            record = {"step": done, **{k: float(D.all_reduce_mean(v)) / good for k, v in sums.items()}}
-            record.update(lr=sched.get_last_lr()[0], images_per_s=window_steps * tc.global_batch_size / elapsed,
+            record = {"step": done, **window.means()}
+            record.update(lr=sched.get_last_lr()[0], images_per_s=window.steps * tc.global_batch_size / window.elapsed(),
                           peak_memory_gb=_peak_memory_gb(device), nonfinite_steps=nonfinite,
                           fp16_overflow_steps=overflow)  # fmt: skip
             if acc.is_main_process:
@@ -157,7 +170,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 ):
                     f.write(json.dumps(record) + "\n")
                 bar.set_postfix({k: f"{record[k]:.4f}" for k in ("denoise", "align") if k in record})
-            last, sums, window_start, window_steps, window_good = record, {}, time.perf_counter(), 0, 0
+            last, window = record, MetricWindow()
         if nonfinite > tc.max_nonfinite_steps:
             _save(cfg, acc, raw_model, ema, opt, sched, done, nonfinite)
             raise NonFiniteError(
@@ -169,7 +182,7 @@ def train(cfg: Config) -> dict[str, Any]:
             if acc.is_main_process:
                 grid = run_dir / "samples" / f"step_{done:08d}.png"
                 with _reported_write(grid, "the sample grid", run_dir):
-                    S.sample_grid(cfg, ema.model, data, grid)
+                    setup.sample_grid(cfg, ema.model, data, grid)
             acc.wait_for_everyone()
         if done % tc.checkpoint_every == 0 or done == tc.max_steps:
             _save(cfg, acc, raw_model, ema, opt, sched, done, nonfinite)
@@ -178,13 +191,24 @@ def train(cfg: Config) -> dict[str, Any]:
     return {"run_dir": str(run_dir), "step": max(start_step, tc.max_steps), "metrics": last}
 
 
-def _train_step(cfg, model, loss_fn, opt, acc, data, order, plan, step, online_encoders):
+def _train_step(
+    cfg: Config,
+    *,
+    model: torch.nn.Module,
+    loss_fn: RepaLoss,
+    acc: Any,
+    data: TrainingData,
+    order: GlobalOrder,
+    plan: MicroBatchPlan,
+    step: int,
+    online_encoders: list[torch.nn.Module],
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Forward/backward over the micro-batches of one optimizer step; returns (mean loss terms, grad norm)."""
     tc = cfg.train
     totals: dict[str, torch.Tensor] = {}
     for micro in range(tc.grad_accum_steps):
         idx, flips = order.take(plan.position(step, micro), plan.global_micro)
-        posterior = S.is_shards(data)  # latents are a fresh VAE posterior sample each step
+        posterior = data.needs_posterior  # latents are a fresh VAE posterior sample each step
         draws = step_draws(tc.seed, step, micro, plan.global_micro, data.sample_shape, cfg.model.class_dropout_prob,
                            posterior=posterior)  # fmt: skip
         sl = plan.local_slice()
@@ -194,13 +218,12 @@ def _train_step(cfg, model, loss_fn, opt, acc, data, order, plan, step, online_e
             with torch.no_grad(), acc.autocast():
                 targets = [enc(batch["images"]) for enc in online_encoders]
         sync = micro == tc.grad_accum_steps - 1
-        ctx = acc.no_sync(model) if not sync and acc.num_processes > 1 else _null()
-        with ctx:
+        with acc.no_sync(model) if not sync and acc.num_processes > 1 else contextlib.nullcontext():
             with acc.autocast():
                 terms = loss_fn(
-                    model, batch["x"], batch["y"], targets,
-                    u=draws["u"][sl].to(acc.device), noise=draws["noise"][sl].to(acc.device),
-                    drop=draws["drop"][sl].to(acc.device),
+                    model, batch["x"], batch["y"], targets if cfg.repa.enabled else None,
+                    t=setup.loss_time(cfg, draws["u"][sl].to(acc.device)), noise=draws["noise"][sl].to(acc.device),
+                    model_kwargs={"force_drop_ids": draws["drop"][sl].to(acc.device).long()},
                 )  # fmt: skip
             acc.backward(terms["total"] / tc.grad_accum_steps)
         for k, v in terms.items():
@@ -212,14 +235,6 @@ def _train_step(cfg, model, loss_fn, opt, acc, data, order, plan, step, online_e
             torch.stack([p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None])
         )
     return totals, torch.as_tensor(grad_norm, dtype=torch.float32).detach()
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 @contextlib.contextmanager
@@ -237,13 +252,10 @@ def _reported_write(path: Path, what: str, run_dir: Path) -> Iterator[None]:
         ) from e
 
 
-def _save(cfg: Config, acc, raw_model, ema: EMA, opt, sched, step: int, nonfinite: int) -> None:
+def _save(cfg: Config, acc: Any, raw_model: torch.nn.Module, ema: EMA, opt: Any, sched: Any, step: int,
+          nonfinite: int) -> None:  # fmt: skip
     if acc.is_main_process:
-        save_checkpoint(
-            Path(cfg.train.run_dir) / "checkpoints", step,
-            model=raw_model.state_dict(), ema=ema.state_dict(),
-            optimizer={"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                       **({"scaler": acc.scaler.state_dict()} if acc.scaler is not None else {})},
-            meta={"nonfinite_steps": nonfinite, "config": to_dict(cfg)}, keep=cfg.train.keep_checkpoints,
-        )  # fmt: skip
+        save_training_checkpoint(Path(cfg.train.run_dir) / "checkpoints", step, model=raw_model, ema=ema, optimizer=opt,
+                                 scheduler=sched, scaler=acc.scaler, keep=cfg.train.keep_checkpoints,
+                                 meta={"nonfinite_steps": nonfinite, "config": to_dict(cfg)})  # fmt: skip
     acc.wait_for_everyone()

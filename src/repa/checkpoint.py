@@ -9,7 +9,6 @@ is a test hook: the process SIGKILLs itself at that point of a checkpoint write 
 
 from __future__ import annotations
 
-import argparse
 import errno
 import json
 import os
@@ -17,7 +16,7 @@ import re
 import shutil
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -304,40 +303,49 @@ def _check_state(path: Path, state: Any) -> None:
         raise ValueError(f"state.json says step {step} but the folder is {path.name}")
 
 
-def load_model_weights(path: str | Path, prefer_ema: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Weights for inference from any supported file, never unpickling arbitrary objects.
+class Stateful(Protocol):
+    """Anything with `state_dict()` / `load_state_dict(state)` (modules, optimizers, schedulers, EMA, scalers)."""
 
-    Accepts a repa checkpoint folder, a `.safetensors` file, or an official REPA/DiT/SiT `.pt` file (a bare
-    state dict, or a dict with `model`/`ema` entries; the argparse Namespace official REPA stores under
-    `args` is allow-listed as plain data). Returns (state_dict, info) where info describes the source.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.is_dir():
-        ckpt = load_checkpoint(path, optimizer=False)
-        use_ema = prefer_ema and ckpt["ema"] is not None
-        return (ckpt["ema"] if use_ema else ckpt["model"]), {"format": "repa", "ema": use_ema, **ckpt["state"]}
-    if path.suffix == ".safetensors":
-        try:
-            return load_file(str(path)), {"format": "safetensors", "ema": False}
-        except Exception as err:  # noqa: BLE001 - SafetensorError (not a safetensors file, truncated), OSError
-            raise CheckpointError(f"could not read {path}: {type(err).__name__}: {err}") from err
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError subclasses and others
-            raise CheckpointError(
-                f"refusing to load {path}: it is not a plain tensor checkpoint ({type(err).__name__}: "
-                f"{str(err).splitlines()[0]}). Only safetensors and weights_only-loadable files are accepted."
-            ) from err
-    if isinstance(obj, dict) and ("ema" in obj or "model" in obj):
-        key = "ema" if prefer_ema and "ema" in obj else "model"
-        info = {"format": "official", "ema": key == "ema", "step": obj.get("steps")}
-        args = obj.get("args")
-        if isinstance(args, argparse.Namespace):
-            info["args"] = vars(args)
-        return obj[key], info
-    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj, {"format": "state_dict", "ema": False}
-    raise CheckpointError(f"{path}: unrecognised checkpoint layout (keys: {list(obj)[:8]})")
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+
+def save_training_checkpoint(
+    ckpt_root: str | Path,
+    step: int,
+    *,
+    model: Stateful,
+    ema: Stateful,
+    optimizer: Stateful,
+    scheduler: Stateful,
+    scaler: Stateful | None = None,
+    meta: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """A training checkpoint (`save_checkpoint`): model and EMA weights, optimizer + scheduler (+ fp16 scaler) state."""
+    opt_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    if scaler is not None:
+        opt_state["scaler"] = scaler.state_dict()
+    return save_checkpoint(ckpt_root, step, model=model.state_dict(), ema=ema.state_dict(), optimizer=opt_state,
+                           meta=meta, keep=keep)  # fmt: skip
+
+
+def restore_training_checkpoint(
+    ckpt: dict[str, Any],
+    *,
+    model: Stateful,
+    ema: Stateful,
+    optimizer: Stateful,
+    scheduler: Stateful,
+    scaler: Stateful | None = None,
+) -> dict[str, Any]:
+    """Load what `save_training_checkpoint` wrote (as read by `load_latest_checkpoint`) into the run's objects;
+    returns the checkpoint's metadata (`step`, `nonfinite_steps`, `config`, ...)."""
+    model.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    optimizer.load_state_dict(ckpt["optimizer"]["optimizer"])
+    scheduler.load_state_dict(ckpt["optimizer"]["scheduler"])
+    if scaler is not None and "scaler" in ckpt["optimizer"]:
+        scaler.load_state_dict(ckpt["optimizer"]["scaler"])
+    return ckpt["state"]
