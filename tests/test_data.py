@@ -1,5 +1,5 @@
 """Data: IDX reader, Fashion-MNIST lookup, ADM centre crop, colour conversion, corrupt-image policies, VAE wrapper,
-encoder-target cache (equality with the online encoder, reuse, mismatch, atomic + resumable writes), datasets."""
+encoder-target cache (equality with the online encoder, reuse, mismatch, atomic + resumable writes)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,6 @@ from repa.data import (
     CorruptImageError,
     IDXFormatError,
     ImageFolder,
-    LatentDataset,
-    PixelDataset,
     TargetCache,
     TargetCacheMismatch,
     build_target_cache,
@@ -28,7 +26,6 @@ from repa.data import (
     load_fashion_mnist,
     load_image_folder,
     read_idx,
-    save_latent_shard,
     skip_none_collate,
 )
 from repa.data.folder import to_rgb
@@ -155,11 +152,6 @@ def test_image_folder_and_corrupt_policies(tmp_path):
     assert len(images) == 5
     with pytest.raises(CorruptImageError):
         load_image_folder(tmp_path / "bad", 16, progress=False)
-    flips = ImageFolder(tmp_path / "ok", 16, hflip=True, seed=1)
-    a = [flips[i]["flip"] for i in range(5)]
-    assert a == [flips[i]["flip"] for i in range(5)]  # deterministic
-    item = flips[next(i for i in range(5) if a[i])]
-    torch.testing.assert_close(item["image"], ImageFolder(tmp_path / "ok", 16)[item["index"]]["image"].flip(-1))
 
 
 def test_vae_roundtrip_shapes_and_scale():
@@ -274,46 +266,6 @@ def test_target_cache_atomic_and_resumable(tmp_path):
         enc, images, tmp_path / "full.safetensors", batch_size=4, flips=(False, True), progress=False
     )
     assert torch.equal(cache.tensor, full.tensor)
-
-
-def test_pixel_dataset(tmp_path):
-    images, labels = fm_images(8)[:, 0], torch.arange(8) % 3
-    cache = build_target_cache(tiny_encoder(), images, tmp_path / "t.safetensors", flips=(False, True), progress=False)
-    ds = PixelDataset(images, labels, targets=cache, pad_to=32, hflip=True, seed=3)
-    item = ds[5]
-    assert item["x"].shape == (1, 32, 32) and item["x"].min() >= -1 and item["x"].max() <= 1
-    assert (item["x"][:, :2] == -1).all() and item["y"] == labels[5] and item["index"] == 5
-    flips = [ds[i]["flip"] for i in range(8)]
-    assert flips == [ds[i]["flip"] for i in range(8)] and 0 < sum(flips) < 8
-    ds.set_epoch(1)
-    assert flips != [ds[i]["flip"] for i in range(8)]  # a new epoch draws new coins
-    for i in range(8):
-        it = ds[i]
-        img = images[i].flip(-1) if it["flip"] else images[i]
-        torch.testing.assert_close(it["x"][0, 2:30, 2:30], img.float() / 127.5 - 1)
-        torch.testing.assert_close(it["target"], cache.get(i, it["flip"]))
-    nhwc = PixelDataset(images[..., None].expand(-1, -1, -1, 3).numpy(), labels)
-    assert nhwc[0]["x"].shape == (3, 28, 28) and "target" not in nhwc[0]
-    noflip = build_target_cache(tiny_encoder(), images, tmp_path / "n.safetensors", progress=False)
-    with pytest.raises(ValueError, match="flips"):
-        PixelDataset(images, labels, targets=noflip, hflip=True)
-
-
-def test_latent_dataset(tmp_path):
-    mean, std = torch.randn(6, 4, 2, 2), torch.rand(6, 4, 2, 2)
-    labels = torch.arange(6)
-    save_latent_shard(tmp_path / "a.safetensors", mean[:4], std[:4], labels[:4], {"vae": "x"})
-    save_latent_shard(tmp_path / "b.safetensors", mean[4:], std[4:], labels[4:])
-    ds = LatentDataset.from_shards(tmp_path, seed=1)
-    assert len(ds) == 6 and ds[5]["y"] == 5
-    a = ds[2]["x"]
-    torch.testing.assert_close(a, ds[2]["x"])  # same (seed, epoch, index) -> same sample
-    ds.set_epoch(1)
-    assert not torch.allclose(a, ds[2]["x"])
-    z = torch.stack([ds[2]["x"] for _ in range(1)])
-    assert z.shape == (1, 4, 2, 2)
-    exact = LatentDataset(mean, torch.zeros_like(std), labels)
-    torch.testing.assert_close(exact[0]["x"], mean[0] * LATENT_SCALE)
 
 
 def test_target_cache_refuses_float16_overflow(tmp_path):

@@ -1,6 +1,5 @@
-"""repa.data: Fashion-MNIST, image folders (ADM centre crop), the SD-VAE wrapper, encoder-target caches, datasets."""
+"""repa.data: Fashion-MNIST, image folders (ADM centre crop), the SD-VAE wrapper, encoder-target caches; sources, ADM .npz, latent shards."""
 
-from repa.data.datasets import LatentDataset, PixelDataset, flip_coin, save_latent_shard
 from repa.data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
 from repa.data.fashion_mnist import IDXFormatError, load_fashion_mnist, read_idx
 from repa.data.features import TargetCache, TargetCacheMismatch, build_target_cache
@@ -14,17 +13,13 @@ __all__ = [
     "CorruptImageError",
     "IDXFormatError",
     "ImageFolder",
-    "LatentDataset",
-    "PixelDataset",
     "TargetCache",
     "TargetCacheMismatch",
     "build_target_cache",
     "center_crop_arr",
-    "flip_coin",
     "load_fashion_mnist",
     "load_image_folder",
     "read_idx",
     "sample_latents",
-    "save_latent_shard",
     "skip_none_collate",
 ]

@@ -18,8 +18,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from repa.data.datasets import flip_coin
-
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 OnError = Literal["raise", "skip"]
 
@@ -112,29 +110,23 @@ def find_images(
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """Items dict(image=uint8 (3, R, R), y=long, index=int, flip=bool) of an ImageNet-layout folder.
+    """Items dict(image=uint8 (3, R, R), y=long, index=int) of an ImageNet-layout folder (training draws flips
+    itself: `repa.training.batches.GlobalOrder`).
 
     With `on_error="skip"`, a corrupt file yields None (drop it with `skip_none_collate`) and is counted in
     `num_skipped` / `skipped` (per process: each DataLoader worker keeps its own count).
     """
 
-    def __init__(
-        self, root: str | Path, resolution: int, *, hflip: bool = False, on_error: OnError = "raise", seed: int = 0
-    ) -> None:
+    def __init__(self, root: str | Path, resolution: int, *, on_error: OnError = "raise") -> None:
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.samples, self.classes = find_images(root)
-        self.resolution, self.hflip, self.on_error, self.seed = resolution, hflip, on_error, seed
-        self.epoch = 0
+        self.resolution, self.on_error = resolution, on_error
         self.skipped: list[Path] = []
 
     @property
     def num_skipped(self) -> int:
         return len(self.skipped)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Flips are a pure function of (seed, epoch, index)."""
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -149,10 +141,7 @@ class ImageFolder(torch.utils.data.Dataset):
             self.skipped.append(path)
             return None
         image = torch.from_numpy(np.array(arr)).permute(2, 0, 1)  # (3, R, R); copies the read-only crop
-        flip = self.hflip and flip_coin(self.seed, self.epoch, index)
-        if flip:
-            image = image.flip(-1)
-        return {"image": image, "y": torch.tensor(label), "index": index, "flip": flip}
+        return {"image": image, "y": torch.tensor(label), "index": index}
 
 
 def skip_none_collate(items: list[dict | None]) -> dict:
