@@ -233,3 +233,39 @@ def test_dit_end_to_end_loss_and_sampling():
     out = d.p_sample_loop(cfg_eps_fn(fn, 1.5, null_label=10), torch.randn(2, 4, 8, 8), torch.tensor([0, 1]))
     assert out.shape == (2, 4, 8, 8) and bool(torch.isfinite(out).all())
     assert seen == [999.0, 666.0, 333.0, 0.0]
+
+
+def test_linear_time_of_step_inverts_linear_to_ddpm():
+    """The noise level of a DDPM step in REPA time is the t that `linear_to_ddpm` maps to that step."""
+    from repa.convert import linear_to_ddpm
+    from repa.transport.ddpm import linear_time_of_step
+
+    steps = torch.tensor([0.0, 10.0, 250.0, 500.0, 900.0, 999.0])
+    t = linear_time_of_step(steps)
+    assert t.shape == (6,) and bool((t[1:] > t[:-1]).all()) and 0 < float(t[0]) < float(t[-1]) < 1
+    _, back = linear_to_ddpm(torch.zeros(6, 1), t.double())
+    torch.testing.assert_close(back, steps, atol=0.02, rtol=0)
+
+
+def test_ddpm_guidance_interval_guides_only_inside_it():
+    """DDPM sampling applies classifier-free guidance only at steps whose noise level (REPA time) lies in
+    [guidance_low, guidance_high]; outside it the conditional model runs alone (one batch, not two)."""
+    from repa.transport.ddpm import linear_time_of_step
+
+    calls = []
+
+    def fn(x, t_model, y):
+        calls.append((float(t_model[0]), len(x)))
+        return torch.cat([torch.zeros_like(x), torch.zeros_like(x)], dim=1)
+
+    d = create_diffusion("20")
+    d.p_sample_loop(cfg_eps_fn(fn, 2.0, null_label=10, guidance_low=0.2, guidance_high=0.7), torch.randn(2, 4, 4, 4),
+                    torch.tensor([0, 1]), generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert len(calls) == 20
+    for step, batch in calls:
+        t = float(linear_time_of_step(torch.tensor([step]))[0])
+        assert batch == (4 if 0.2 <= t <= 0.7 else 2), (step, t, batch)
+    assert {b for _, b in calls} == {2, 4}  # both kinds of step occur
+    calls.clear()  # the full interval guides every step, as before the interval existed
+    d.p_sample_loop(cfg_eps_fn(fn, 2.0, null_label=10), torch.randn(2, 4, 4, 4), torch.tensor([0, 1]))
+    assert all(b == 4 for _, b in calls)

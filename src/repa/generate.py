@@ -47,7 +47,8 @@ def generate(
     if cfg.transport.diffusion == "ddpm" or getattr(model, "learn_sigma", False):  # DiT: ancestral DDPM sampling
         eps_fn = ddpm_model_fn(model)
         if s.cfg_scale > 1:
-            eps_fn = cfg_eps_fn(eps_fn, s.cfg_scale, model.num_classes)
+            eps_fn = cfg_eps_fn(eps_fn, s.cfg_scale, model.num_classes, guidance_low=s.guidance_low,
+                                guidance_high=s.guidance_high)  # fmt: skip
         x = create_diffusion(str(s.num_steps)).p_sample_loop(eps_fn, noise, labels, generator=generator(seed, 4))
     elif s.sampler == "ode":
         x = euler_sampler(model_velocity_fn(model), noise, labels, num_steps=s.num_steps, heun=s.heun, **common)

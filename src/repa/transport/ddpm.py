@@ -21,6 +21,7 @@ __all__ = [
     "GaussianDiffusion",
     "cfg_eps_fn",
     "create_diffusion",
+    "linear_time_of_step",
     "ddpm_model_fn",
     "discretized_gaussian_log_likelihood",
     "linear_beta_schedule",
@@ -361,7 +362,30 @@ def ddpm_model_fn(model: torch.nn.Module) -> ModelFn:
     return fn
 
 
-def cfg_eps_fn(fn: ModelFn, cfg_scale: float, null_label: int, guidance_channels: int | None = None) -> ModelFn:
+def linear_time_of_step(t_model: Tensor, num_timesteps: int = 1000) -> Tensor:
+    """REPA time t of DDPM steps: the linear-path noise level with the same signal-to-noise ratio.
+
+    x_t = (1 - t) x + t noise and x_i = sqrt(abar_i) x + sqrt(1 - abar_i) noise have the same ratio when
+    t / (1 - t) = sqrt((1 - abar_i) / abar_i), i.e. t = sqrt(1 - abar) / (sqrt(abar) + sqrt(1 - abar)); the inverse of
+    `repa.convert.linear_to_ddpm`. Used to apply a guidance interval given in REPA time to a DDPM sampler.
+
+    Args:
+        t_model: (B,) original step indices as fed to the model (0 .. num_timesteps - 1).
+        num_timesteps: steps of the base (linear-beta) process.
+    """
+    abar = torch.cumprod(1.0 - linear_beta_schedule(num_timesteps), 0)
+    a = abar[t_model.detach().round().long().clamp(0, num_timesteps - 1).cpu()]
+    return ((1 - a).sqrt() / (a.sqrt() + (1 - a).sqrt())).to(torch.float32)
+
+
+def cfg_eps_fn(
+    fn: ModelFn,
+    cfg_scale: float,
+    null_label: int,
+    guidance_channels: int | None = None,
+    guidance_low: float = 0.0,
+    guidance_high: float = 1.0,
+) -> ModelFn:
     """Classifier-free guidance for an eps model (Ho & Salimans 2022): eps = eps_u + s (eps_c - eps_u).
 
     The batch [x, x] is evaluated with labels [y, null]; the variance channels are the conditional ones.
@@ -373,6 +397,8 @@ def cfg_eps_fn(fn: ModelFn, cfg_scale: float, null_label: int, guidance_channels
         cfg_scale: guidance scale s (1 = no guidance).
         null_label: the unconditional class (num_classes).
         guidance_channels: number of leading eps channels guided (None = all C).
+        guidance_low, guidance_high: the guidance interval in REPA time (as the flow samplers take it): steps whose
+            noise level (`linear_time_of_step`) lies outside it run the conditional model alone.
 
     Returns:
         a function with the same signature returning (B, 2C, ...) for the B conditional inputs.
@@ -380,6 +406,9 @@ def cfg_eps_fn(fn: ModelFn, cfg_scale: float, null_label: int, guidance_channels
 
     def guided(x_t: Tensor, t_model: Tensor, y: Tensor) -> Tensor:
         b, c = x_t.shape[0], x_t.shape[1]
+        t = float(linear_time_of_step(t_model[:1])[0])  # one step at a time: the same t for the whole batch
+        if not guidance_low <= t <= guidance_high:
+            return fn(x_t, t_model, y)
         out = fn(torch.cat([x_t, x_t]), torch.cat([t_model, t_model]), torch.cat([y, torch.full_like(y, null_label)]))
         cond, uncond = out[:b], out[b:]
         k = c if guidance_channels is None else guidance_channels
