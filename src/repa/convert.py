@@ -394,6 +394,6 @@ def infer_model_kwargs(
             unknown.append((f"which block feeds the projectors (no config/args say it, width {hidden} x {depth} blocks "
                             "is no registry size)", f"--align-depth (1..{depth})"))  # fmt: skip
     if unknown:
-        raise ValueError(f"cannot tell {' nor '.join(u for u, _ in unknown)} of this checkpoint: pass "
-                         f"{' and '.join(f for _, f in unknown)}")  # fmt: skip
+        what, flags = zip(*unknown, strict=True)
+        raise ValueError(f"cannot tell {' nor '.join(what)}: pass {' and '.join(flags)}")
     return {**kw, "num_heads": heads}
