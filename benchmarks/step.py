@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import temporary_environ
 from benchmarks.harness import PHASE_HELP, PHASES, BenchConfig, median_phases, parse_mode
 
 DEFAULT_MODES = "official-like,ours-online,ours-cached,vanilla"
@@ -103,17 +104,8 @@ class _Worker:
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=worker_main, args=(child, dataclasses.asdict(cfg), mode, gemm_reps),
                                 daemon=True, name=f"bench-{mode}")  # fmt: skip
-        env = parse_mode(mode).environment()
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)  # a spawned child starts with the parent's environment
-        try:
+        with temporary_environ(parse_mode(mode).environment()):  # a spawned child starts with the parent's environment
             self.proc.start()
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         child.close()
 
     def recv(self) -> Any:

@@ -93,7 +93,8 @@ def test_tiny_benchmark_end_to_end(tmp_path, monkeypatch):
     root = write_idx_dataset(tmp_path / "fmnist", num=40)
     write_idx_dataset(root, num=40, seed=1, split="test")
     monkeypatch.setattr("repa.training.setup.build_encoders", lambda cfg, device: [PatchEncoder(98)])
-    monkeypatch.setattr(C, "make_detector", lambda device: StandInDetector())
+    monkeypatch.setattr("repa.encoders.load_encoder", lambda *a, **k: PatchEncoder(98))  # the CKNNA targets' encoder
+    monkeypatch.setattr(C.evaluate, "make_detector", lambda device: StandInDetector())
     preset = C.Preset(steps=4, eval_every=2, batch_size=8, num_train=None, fid_samples=20, fid_reference=20,
                       sample_steps=2, probe_train=20, probe_test=20, probe_epochs=2, seeds=(0, 1), workers=1,
                       threads=1, device="cpu", eval_batch=10)  # fmt: skip

@@ -1,9 +1,10 @@
-"""`repa bench step|gpu [options]`: the training-step benchmarks in the repository's `benchmarks/` folder."""
+"""`repa bench step|gpu|convergence [options]`: the benchmark suites in the repository's `benchmarks/` folder."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -19,17 +20,15 @@ SUITES: dict[str, tuple[str, str]] = {
 
 
 def _suite(module_name: str) -> ModuleType:
-    """Import a benchmark module from the source checkout (benchmarks/ sits beside src/, outside the package)."""
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name not in ("benchmarks", module_name):
-            raise
-    for root in (Path(__file__).resolve().parents[3], Path.cwd()):  # <repo>/src/repa/cli/bench.py, then the cwd
-        if (root / "benchmarks" / "__init__.py").is_file():
-            sys.path.insert(0, str(root))
-            return importlib.import_module(module_name)
-    raise FileNotFoundError("the benchmarks/ folder was not found: run `repa bench` from a source checkout of repa")
+    """Import a benchmark suite. `benchmarks/` sits beside `src/`, outside the installed package: when it is not
+    importable already, the source checkout holding this file (else the working directory) joins `sys.path`."""
+    if importlib.util.find_spec("benchmarks") is None:
+        here = Path(__file__).resolve().parents[3]  # <checkout>/src/repa/cli/bench.py
+        roots = [p for p in (here, Path.cwd()) if (p / "benchmarks" / "__init__.py").is_file()]
+        if not roots:
+            raise FileNotFoundError("the benchmarks/ folder was not found: run `repa bench` from a source checkout")
+        sys.path.insert(0, str(roots[0]))
+    return importlib.import_module(module_name)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,104 @@
+"""What one checkpoint is scored against, and the scores: FID of EMA samples, linear-probe accuracy and CKNNA of
+pooled hidden states (per alignment block), all through library code."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.convergence.presets import CKNNA_K, FID_METHOD, PROBE_T, Preset, device_of
+from repa.analysis import alignment, collect_hidden_states, linear_probe
+from repa.analysis.run import encoder_features
+from repa.assets import cache_dir
+from repa.config import Config
+from repa.data.npz import save_samples
+from repa.data.sources import fashion_mnist_images
+from repa.evaluation import InceptionDetector, balanced_labels, compute_activations, frechet_distance
+from repa.evaluation.reference import ReferenceStats, reference_statistics
+from repa.generate import apply_sample_overrides, decode_pixels, generate_batches, to_adm_nhwc
+from repa.loading import load_model
+
+FID_SEED = 1000  # the sampling seed of every FID evaluation: the same noise for every arm and checkpoint
+PROBE_SEED = 7  # the noise of the probe / CKNNA inputs
+
+
+def make_detector(device: torch.device):
+    """The FID feature network (tests substitute a small stand-in)."""
+    return InceptionDetector(classifier=None, device=device)
+
+
+def fid_reference(detector, num: int, root: str | None) -> ReferenceStats:
+    """Inception statistics of the first `num // 10` test images of each class (Fashion-MNIST under `root`), cached
+    by (file content, detector) in the repa cache."""
+    images, labels = fashion_mnist_images("test", num, root)
+    npz = cache_dir() / "eval" / f"fashion-mnist-test-balanced{len(images)}.npz"  # ADM layout, usable by `repa eval`
+    npz.parent.mkdir(parents=True, exist_ok=True)
+    tmp = npz.with_name(f"{npz.stem}.{os.getpid()}.tmp.npz")
+    save_samples(tmp, to_adm_nhwc(images), labels.numpy())
+    tmp.replace(npz)
+    return reference_statistics(npz, detector, use_precomputed=False, progress=True)
+
+
+def cknna_targets(cfg: Config, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Mean-pooled patch tokens (N, D) of the config's first REPA encoder: the CKNNA target."""
+    r = cfg.repa
+    weights = r.encoder_weights[0] if r.encoder_weights else None
+    return encoder_features(r.encoders[0], images, r.encoder_resolution, r.encoder_layer, weights, batch_size=250,
+                            device=device, progress=False)  # fmt: skip
+
+
+def prepare_shared(out: Path, cfg: Config, preset: Preset, data_root: str | None) -> None:
+    """Once per output folder: FID reference statistics, probe images, CKNNA targets -> `<out>/shared.pt`."""
+    path = out / "shared.pt"
+    if path.is_file():
+        return
+    device = device_of(preset)
+    mu, sigma = fid_reference(make_detector(device), preset.fid_reference, data_root).stats["pool"]
+    train_images, train_labels = fashion_mnist_images("train", preset.probe_train, data_root)
+    test_images, test_labels = fashion_mnist_images("test", preset.probe_test, data_root)
+    print(f"[convergence] CKNNA targets: encoder features of {len(test_images)} test images", flush=True)
+    shared = {
+        "fid_mu": torch.from_numpy(mu), "fid_sigma": torch.from_numpy(sigma),
+        "probe_train_images": train_images, "probe_train_labels": train_labels,
+        "probe_test_images": test_images, "probe_test_labels": test_labels,
+        "align_targets": cknna_targets(cfg, test_images, device),
+    }  # fmt: skip
+    tmp = path.with_suffix(".tmp")
+    torch.save(shared, tmp)
+    tmp.replace(path)
+
+
+def evaluate_checkpoint(
+    ckpt: Path, p: Preset, layers: tuple[int, ...], shared: dict[str, Any], detector
+) -> dict[str, Any]:
+    """FID, probe accuracy and CKNNA (per block in `layers`) of one checkpoint's EMA model (the probe trains, so no
+    global no_grad here; sampling and feature extraction run without gradients on their own)."""
+    device = device_of(p)
+    t0, c0 = time.perf_counter(), time.process_time()
+    loaded = load_model(ckpt, prefer_ema=True, device=device)
+    model, cfg = loaded.model, loaded.cfg
+    apply_sample_overrides(cfg, {"sampler": "ode", "heun": True, "num_steps": p.sample_steps, "cfg_scale": 1.0})
+    labels = balanced_labels(p.fid_samples, loaded.num_classes, seed=0)
+    samples = generate_batches(model, cfg, labels, loaded.sample_shape, seed=FID_SEED, batch_size=p.eval_batch,
+                               decode=decode_pixels)  # fmt: skip
+    acts = compute_activations(detector, samples, len(labels), progress=False)
+    mu, sigma = shared["fid_mu"].numpy(), shared["fid_sigma"].numpy()
+    row: dict[str, Any] = {
+        "fid": frechet_distance(acts.stats["pool"].mean, acts.stats["pool"].cov, mu, sigma, method=FID_METHOD)
+    }
+    feats = {}
+    for split in ("train", "test"):
+        x = shared[f"probe_{split}_images"].float() / 127.5 - 1.0  # the loop's pixel-space x
+        feats[split] = collect_hidden_states(model, x.split(p.eval_batch), layers, [PROBE_T], seed=PROBE_SEED)
+    for layer in layers:
+        tr, te = feats["train"][(layer, PROBE_T)], feats["test"][(layer, PROBE_T)]
+        res = linear_probe(tr, shared["probe_train_labels"], te, shared["probe_test_labels"], num_classes=10,
+                           epochs=p.probe_epochs, lr=p.probe_lr, seed=0, device=device)  # fmt: skip
+        row[f"probe_acc_l{layer}"] = res.test_acc
+        row[f"cknna_l{layer}"] = alignment(te, shared["align_targets"], "cknna", k=CKNNA_K)
+    row.update(eval_s=time.perf_counter() - t0, eval_cpu_s=time.process_time() - c0)
+    return row

@@ -1,0 +1,158 @@
+"""Runs: one (arm, seed) job trains to the preset's budget (resuming) and evaluates each saved eval step once;
+`run_benchmark` runs every job (in parallel workers or in this process) and writes the report."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import multiprocessing
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import temporary_environ
+from benchmarks.convergence import evaluate
+from benchmarks.convergence.presets import REPA, VANILLA, Arm, Preset, device_of, eval_steps
+from benchmarks.convergence.report import write_results
+from repa.checkpoint import list_checkpoints
+from repa.config import Config, load_config
+from repa.training import train
+from repa.training.data import load_train_images
+from repa.training.setup import plan_targets, prepare_targets
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a worker needs to train and evaluate one (arm, seed) run."""
+
+    arm: Arm
+    seed: int
+    preset: Preset
+    config: str
+    overrides: tuple[str, ...]
+    out: str
+    data_root: str | None
+    layers: tuple[int, ...]
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out) / "runs" / f"{self.arm.name}-seed{self.seed}"
+
+    def train_config(self) -> Config:
+        p = self.preset
+        evals = len(eval_steps(p))
+        return load_config(self.config, [
+            f"train.run_dir={self.run_dir}", f"train.seed={self.seed}", f"train.max_steps={p.steps}",
+            f"train.global_batch_size={p.batch_size}", f"train.checkpoint_every={p.eval_every}",
+            f"train.keep_checkpoints={evals + 1}", f"train.sample_every={p.steps}", "train.progress=false",
+            f"train.num_threads={p.threads}", f"data.num_train={'null' if p.num_train is None else p.num_train}",
+            "sample.num_images=20", *([f"data.root={self.data_root}"] if self.data_root else []),
+            *self.overrides, *self.arm.overrides,
+        ])  # fmt: skip
+
+
+def _logged(run_dir: Path, step: int) -> dict[str, Any]:
+    """Training losses at `step` (the last metrics.jsonl record at or before it) and the mean images/s so far."""
+    path = run_dir / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    before = [r for r in records if r["step"] <= step]
+    last = before[-1] if before else {}
+    rates = [r["images_per_s"] for r in before if r.get("images_per_s")]
+    return {"denoise": last.get("denoise"), "align": last.get("align"),
+            "train_images_per_s": statistics.mean(rates) if rates else None}  # fmt: skip
+
+
+def run_job(job: Job) -> list[dict[str, Any]]:
+    """Train one (arm, seed) run to the preset's budget (resuming), then evaluate every saved eval step once."""
+    torch.set_num_threads(job.preset.threads)
+    shared = torch.load(Path(job.out) / "shared.pt", weights_only=True)  # tensors only (see `prepare_shared`)
+    t0 = time.perf_counter()
+    train(job.train_config())
+    print(f"[convergence] {job.run_dir.name}: trained ({time.perf_counter() - t0:.0f} s)", flush=True)
+    ckpts = {int(c.name.split("_")[-1]): c for c in list_checkpoints(job.run_dir / "checkpoints")}
+    detector, rows = None, []
+    for step in eval_steps(job.preset):
+        out = job.run_dir / "evals" / f"step_{step:08d}.json"
+        if out.is_file():
+            row = json.loads(out.read_text())
+        else:
+            if step not in ckpts:
+                raise FileNotFoundError(f"{job.run_dir}: no checkpoint for step {step}")
+            detector = detector or evaluate.make_detector(device_of(job.preset))
+            row = {"arm": job.arm.name, "seed": job.seed, "step": step,
+                   **evaluate.evaluate_checkpoint(ckpts[step], job.preset, job.layers, shared, detector)}  # fmt: skip
+            row.update(_logged(job.run_dir, step))
+            out.parent.mkdir(exist_ok=True)
+            out.write_text(json.dumps(row, indent=1) + "\n")
+            print(f"[convergence] {job.run_dir.name} step {step}: FID {row['fid']:.2f}, "
+                  f"eval {row['eval_s']:.0f} s", flush=True)  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+def prepare_target_cache(cfg: Config) -> None:
+    """Build the encoder-target cache of a REPA config once, before parallel workers would race to build it."""
+    data = load_train_images(cfg)
+    plan = plan_targets(cfg, data, torch.device("cpu"))
+    if plan.cache:
+        prepare_targets(cfg, data, plan.encoders)
+
+
+def _check_out(out: Path, key: dict[str, Any]) -> None:
+    """Refuse to mix results of different budgets in one folder (seeds and ablations may be added)."""
+    meta = out / "benchmark.json"
+    if meta.is_file():
+        old = json.loads(meta.read_text())
+        if old != key:
+            raise ValueError(f"{out} holds a benchmark with other settings ({meta}); pass a new --out")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        meta.write_text(json.dumps(key, indent=1) + "\n")
+
+
+def run_benchmark(preset: Preset, *, out: Path, config: str, overrides: Sequence[str] = (),
+                  ablations: Sequence[Arm] = (), data_root: str | None = None, command: str = "") -> dict[str, Any]:  # fmt: skip
+    """Train and evaluate every (arm, seed), then write the CSV, markdown table, figure and summary.
+
+    Returns:
+        The summary dict (also written to `<out>/summary.json`).
+    """
+    arms = [VANILLA, REPA, *ablations]
+    probe = Job(REPA, preset.seeds[0], preset, config, tuple(overrides), str(out), data_root, ())
+    depths = {arm.name: dataclasses.replace(probe, arm=arm, seed=0).train_config().model.align_depth for arm in arms}
+    base_depth = depths["repa"]
+    layers = tuple(sorted({base_depth, *(d for a, d in depths.items() if a != "vanilla")}))
+    budget = {k: v for k, v in dataclasses.asdict(preset).items() if k not in ("seeds", "workers", "threads")}
+    _check_out(out, {"config": str(config), "overrides": list(overrides), "data_root": data_root, **budget})
+    jobs = [dataclasses.replace(probe, arm=arm, seed=seed, layers=layers) for seed in preset.seeds for arm in arms]
+    t0, threads = time.perf_counter(), torch.get_num_threads()
+    try:
+        torch.set_num_threads(max(1, preset.threads * preset.workers))
+        evaluate.prepare_shared(out, probe.train_config(), preset, data_root)
+        results = _run_jobs(jobs, preset)
+    finally:
+        torch.set_num_threads(threads)
+    rows = [{**r, "probe_acc": r[f"probe_acc_l{base_depth}"], "cknna": r[f"cknna_l{base_depth}"]}
+            for res in results for r in res]  # fmt: skip
+    meta = {"preset": preset, "layers": layers, "base_depth": base_depth, "depths": depths, "command": command,
+            "wall_s": time.perf_counter() - t0, "config": probe.train_config()}  # fmt: skip
+    return write_results(rows, [a.name for a in arms], out, meta)
+
+
+def _run_jobs(jobs: list[Job], preset: Preset) -> list[list[dict[str, Any]]]:
+    """Run the jobs in this process, or in `preset.workers` spawned processes after building the shared caches."""
+    if preset.workers <= 1:
+        return [run_job(job) for job in jobs]
+    for cfg in {str(j.train_config().repa): j.train_config() for j in jobs if j.seed == preset.seeds[0]}.values():
+        prepare_target_cache(cfg)
+    blas = {k: str(preset.threads) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+    with temporary_environ(blas):  # the spawned workers' numpy/scipy BLAS threads
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(preset.workers, mp_context=ctx) as pool:
+            return list(pool.map(run_job, jobs))

@@ -1,0 +1,107 @@
+"""What the convergence benchmark measures and on what budget: presets, arms, ablations, metric constants."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+PROBE_T = 0.25  # the noise level of the probe / CKNNA features (t = 0 data, t = 1 noise)
+CKNNA_K = 10
+# Tr (S1 S2)^(1/2) by symmetric eigendecompositions: the same value as scipy's sqrtm (ADM) to ~1e-9, ~5x cheaper on
+# 2048-d Inception features, and never complex when fewer samples than dimensions make S1 singular.
+FID_METHOD = "eigh"
+METRICS = {  # name -> (label, lower is better)
+    "fid": ("FID", True),
+    "probe_acc": ("linear-probe accuracy", False),
+    "cknna": ("CKNNA", False),
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Budget of one benchmark run (see benchmarks/CONVERGENCE.md for how each was sized)."""
+
+    steps: int
+    eval_every: int
+    batch_size: int
+    num_train: int | None  # class-balanced training subset (tiny.yaml: 6000)
+    fid_samples: int
+    fid_reference: int
+    sample_steps: int  # Heun steps of the FID sampler (2 * steps - 1 model evaluations)
+    probe_train: int
+    probe_test: int
+    probe_epochs: int  # Adam, cosine schedule from `probe_lr` (nearly converged on these features, unlike 40 at 1e-3)
+    seeds: tuple[int, ...]
+    workers: int  # runs trained/evaluated in parallel processes
+    threads: int  # torch threads per worker
+    device: str
+    eval_batch: int = 250
+    probe_lr: float = 0.03
+
+
+PRESETS: dict[str, Preset] = {
+    # pipeline check only (2 evals, tiny N): its numbers carry no conclusion
+    "smoke": Preset(steps=30, eval_every=15, batch_size=32, num_train=1000, fid_samples=50, fid_reference=200,
+                    sample_steps=5, probe_train=500, probe_test=200, probe_epochs=100, seeds=(0, 1), workers=2,
+                    threads=1, device="cpu", eval_batch=100),
+    # <= 60 min on a quiet 2-core CPU: two single-threaded workers, 4 runs, 4 evals each
+    "cpu": Preset(steps=1000, eval_every=250, batch_size=64, num_train=6000, fid_samples=500, fid_reference=2000,
+                  sample_steps=10, probe_train=3000, probe_test=1000, probe_epochs=200, seeds=(0, 1), workers=2,
+                  threads=1, device="cpu"),
+    # sized (not measured here: no GPU) for <= 8 min on one H100
+    "gpu": Preset(steps=4000, eval_every=500, batch_size=256, num_train=20000, fid_samples=2000, fid_reference=10000,
+                  sample_steps=10, probe_train=5000, probe_test=1000, probe_epochs=200, seeds=(0, 1), workers=1,
+                  threads=4, device="cuda", eval_batch=500),
+}  # fmt: skip
+
+ABLATIONS = {  # --ablate KEY=V1,V2: one extra REPA arm per value
+    "depth": ("model.align_depth", "repa-depth{}"),
+    "lambda": ("repa.align_coeff", "repa-lambda{}"),
+    "kind": ("repa.align_kind", "repa-{}"),
+    "encoder": ("repa.encoders", "repa-{}"),
+}
+ABLATE_ALL = ("depth=1,4", "lambda=0.25,1.0", "kind=ntxent", "encoder=random-dinov2-vit-s")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One training recipe: a name and the dotted overrides it applies on top of the base config."""
+
+    name: str
+    overrides: tuple[str, ...] = ()
+
+
+VANILLA = Arm("vanilla", ("repa.encoders=[]", "repa.align_coeff=0.0"))
+REPA = Arm("repa")
+
+
+def parse_ablations(specs: Sequence[str]) -> list[Arm]:
+    """`["depth=1,4", "kind=ntxent"]` (or `["all"]`) -> extra REPA arms, one setting changed each."""
+    arms = []
+    for spec in [s for item in specs for s in (ABLATE_ALL if item == "all" else (item,))]:
+        key, _, values = spec.partition("=")
+        if key not in ABLATIONS or not values:
+            raise ValueError(f"--ablate {spec!r}: expected KEY=V1[,V2] with KEY in {sorted(ABLATIONS)}, or 'all'")
+        field, name = ABLATIONS[key]
+        for v in values.split(","):
+            value = f"[{v}]" if key == "encoder" else v
+            arms.append(Arm(name.format(v), (f"{field}={value}",)))
+    return arms
+
+
+def eval_steps(p: Preset) -> list[int]:
+    """The evaluated steps: every `eval_every` steps, and always the last step."""
+    steps = list(range(p.eval_every, p.steps + 1, p.eval_every))
+    return steps if steps and steps[-1] == p.steps else [*steps, p.steps]
+
+
+def device_of(p: Preset) -> torch.device:
+    return torch.device("cuda" if p.device == "cuda" and torch.cuda.is_available() else "cpu")
+
+
+def preset_name(p: Preset) -> str:
+    return next((name for name, q in PRESETS.items() if q == p), "custom")

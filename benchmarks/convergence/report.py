@@ -1,0 +1,214 @@
+"""The benchmark's outputs: `results.csv`, `results.md` (tables and verdicts), `convergence.png`, `summary.json`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.convergence.presets import CKNNA_K, METRICS, PROBE_T, Preset, preset_name
+from benchmarks.convergence.stats import curves, finals, iso_fid_speedups, speedup, verdict
+
+
+def _fmt(values: Sequence[float], digits: int = 4) -> str:
+    if not values:
+        return "-"
+    mean = statistics.mean(values)
+    return (
+        f"{mean:.{digits}g}"
+        if len(values) == 1
+        else f"{mean:.{digits}g} [{min(values):.{digits}g}, {max(values):.{digits}g}]"
+    )
+
+
+def metric_table(rows: list[dict], key: str, arm: str, base: str = "vanilla") -> list[str]:
+    """Markdown rows: step | base | arm | diff | verdict, for one metric."""
+    label, lower = METRICS[key]
+    steps_b, vb = curves(rows, base, key)
+    steps_a, va = curves(rows, arm, key)
+    lines = [f"| step | {base} | {arm} | diff ({arm} - {base}) | verdict ({label}) |", "|---:|---|---|---:|---|"]
+    for step in (s for s in steps_a if s in steps_b):
+        b = [v[steps_b.index(step)] for v in vb.values()]
+        a = [v[steps_a.index(step)] for v in va.values()]
+        diff = statistics.mean(a) - statistics.mean(b)
+        lines.append(f"| {step} | {_fmt(b)} | {_fmt(a)} | {diff:+.4g} | {verdict(b, a, lower)} |")
+    return lines
+
+
+def plot(rows: list[dict], arms: list[str], path: Path, title: str) -> None:
+    """Metric vs training steps, one line per arm (mean over seeds) with a min-max band over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 3.8))
+    for ax, (key, (label, lower)) in zip(axes, METRICS.items()):
+        for arm in arms:
+            steps, per_seed = curves(rows, arm, key)
+            if not steps:
+                continue
+            cols = list(zip(*per_seed.values()))
+            mean = [statistics.mean(c) for c in cols]
+            ax.plot(steps, mean, marker="o", label=f"{arm} ({len(per_seed)} seeds)")
+            ax.fill_between(steps, [min(c) for c in cols], [max(c) for c in cols], alpha=0.2)
+        ax.set_xlabel("training step")
+        ax.set_title(f"{label} ({'lower' if lower else 'higher'} is better)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def describe(p: Preset, cfg, d0: int, seeds: Sequence[int]) -> str:
+    """One paragraph stating exactly what was trained and measured."""
+    enc = f"{cfg.repa.encoders[0]} (block {cfg.repa.encoder_layer}, {cfg.repa.encoder_resolution} px)"
+    return (
+        f"{cfg.model.name} on Fashion-MNIST ({p.num_train or 'all'} training images, pixel space), batch {p.batch_size}, "
+        f"{p.steps} steps, lr {cfg.optim.lr:g}, seeds {','.join(map(str, seeds))}; REPA: {enc}, lambda "
+        f"{cfg.repa.align_coeff:g}, block {d0}, {cfg.repa.align_kind}. Evaluated every {p.eval_every} steps on the EMA "
+        f"model. FID: {p.fid_samples} samples (Heun ODE {p.sample_steps} steps, no CFG, same noise everywhere) vs "
+        f"Inception statistics of {p.fid_reference} Fashion-MNIST test images (a small-N FID: compare only within "
+        f"this table). Probe: BatchNorm + linear layer, Adam lr {p.probe_lr:g} cosine, {p.probe_epochs} epochs, on mean-pooled block-{d0} tokens at "
+        f"t = {PROBE_T} with the null label, {p.probe_train} train / {p.probe_test} test images. CKNNA: k = {CKNNA_K}, "
+        f"same {p.probe_test} test images, vs mean-pooled {enc} tokens."
+    )
+
+
+SPEEDUP_HELP = (
+    "Grid step = the first evaluated step whose seed-mean FID is <= vanilla's final seed-mean FID (the primary "
+    "number; a lower bound on the speed-up when the curves decrease monotonically); interpolated = on the straight "
+    "line between that evaluation and the previous one. Per-seed ratios pair REPA seed s with vanilla seed s. "
+    "Verdict: a result only if REPA's final FID beats vanilla's by more than the seed spread and every seed reaches "
+    "its vanilla target before the final step."
+)
+
+
+def speedup_section(rows: list[dict], arms: list[str], summary: dict, printed: list[str]) -> list[str]:
+    """Markdown for the steps-to-reach table; fills `summary` and the lines to print."""
+    md = ["## Steps to reach vanilla's final FID", "", SPEEDUP_HELP, "",
+          "| arm | target FID | grid step | interpolated | speed-up (grid) | speed-up (interp.) | per seed (grid) "
+          "| verdict |", "|---|---:|---:|---:|---:|---:|---|---|"]  # fmt: skip
+    for arm in arms[1:]:
+        sp = speedup(rows, arm)
+        summary.setdefault(arm, {})["speedup"] = sp
+        if not sp:
+            continue
+        per_seed = ", ".join(
+            f"s{k}: {'not reached' if r is None else f'{r:.2f}x'}" for k, r in sp["ratio_per_seed"].items()
+        )
+        ratio = "not reached" if sp["ratio_grid"] is None else f"{sp['ratio_grid']:.2f}x"
+        ratio_i = "-" if sp["ratio_interp"] is None else f"{sp['ratio_interp']:.2f}x"
+        interp = "-" if sp["interp_step"] is None else round(sp["interp_step"])
+        md.append(f"| {arm} | {sp['target_fid']:.4g} | {sp['grid_step'] or '-'} | {interp} | {ratio} | {ratio_i} | "
+                  f"{per_seed} | **{sp['verdict']}**; final FID: {sp['final_fid_verdict']} |")  # fmt: skip
+        printed.append(f"[convergence] {arm}: reaches vanilla's final FID {sp['target_fid']:.4g} at step "
+                       f"{sp['grid_step'] or 'never'} (grid; interpolated {interp}) -> speed-up {ratio}; per seed "
+                       f"{per_seed}; VERDICT: {sp['verdict']}")  # fmt: skip
+    md += ["", "**Speed-up at every vanilla checkpoint** (seed means): the step at which each arm first reaches "
+           "vanilla's FID at that checkpoint, interpolated linearly between evaluations; ratio = vanilla step / "
+           "arm step. A level reached at the arm's first evaluation gives a lower bound (marked >=).", ""]  # fmt: skip
+    iso = {arm: iso_fid_speedups(rows, arm) for arm in arms[1:]}
+    base_steps = [c["base_step"] for c in next(iter(iso.values()), [])]
+    md += ["| arm | " + " | ".join(f"vanilla step {s}" for s in base_steps) + " |",
+           "|---|" + "---:|" * len(base_steps)]  # fmt: skip
+    for arm, curve in iso.items():
+        summary.setdefault(arm, {})["iso_fid_speedups"] = curve
+        cells = [
+            "not reached" if c["arm_step"] is None
+            else f"{'>=' if c['lower_bound'] else ''}{c['ratio']:.2f}x (step {round(c['arm_step'])})"
+            for c in curve
+        ]  # fmt: skip
+        md.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return md
+
+
+def per_step_section(
+    rows: list[dict], arm: str, d0: int, own: int | None, summary: dict, printed: list[str]
+) -> list[str]:
+    """Markdown per-step tables of every metric for `arm` vs vanilla, with final-step verdicts."""
+    md = ["", f"## {arm} vs vanilla, per evaluated step", ""]
+    for key, (label, lower) in METRICS.items():
+        base, other = finals(rows, "vanilla", key), finals(rows, arm, key)
+        if not base or not other:
+            continue
+        md += [f"**{label}**{'' if key == 'fid' else f' (block {d0})'}", "", *metric_table(rows, key, arm), ""]
+        v = verdict(base, other, lower)
+        summary.setdefault(arm, {})[key] = {"vanilla_final": base, "final": other, "final_verdict": v}
+        printed.append(f"[convergence] {arm} vs vanilla, final {label}: {_fmt(base)} -> {_fmt(other)}: VERDICT: {v}")
+    if own is not None and own != d0:  # a depth ablation: also at the block it aligns
+        p = [_fmt(finals(rows, a, f"probe_acc_l{own}")) for a in ("vanilla", arm)]
+        c = [_fmt(finals(rows, a, f"cknna_l{own}")) for a in ("vanilla", arm)]
+        md += [f"At its own alignment block {own} (final step, vanilla -> {arm}): probe {p[0]} -> {p[1]}; "
+               f"CKNNA {c[0]} -> {c[1]}.", ""]  # fmt: skip
+    return md
+
+
+def ablation_section(rows: list[dict], arm: str, summary: dict, printed: list[str]) -> list[str]:
+    """Markdown per-step tables of an ablation arm against the REPA arm it varies (same verdict rule)."""
+    md = ["", f"## {arm} vs repa (the ablation against the default REPA arm), per evaluated step", ""]
+    for key, (label, lower) in METRICS.items():
+        base, other = finals(rows, "repa", key), finals(rows, arm, key)
+        if not base or not other:
+            continue
+        md += [f"**{label}**", "", *metric_table(rows, key, arm, base="repa"), ""]
+        v = verdict(base, other, lower)
+        summary.setdefault(arm, {})[f"{key}_vs_repa"] = {"repa_final": base, "final": other, "final_verdict": v}
+        printed.append(f"[convergence] {arm} vs repa, final {label}: {_fmt(base)} -> {_fmt(other)}: VERDICT: {v}")
+    return md
+
+
+def cost_section(rows: list[dict], arms: list[str], p: Preset, wall_s: float) -> list[str]:
+    """Markdown table of the measured training and evaluation cost of each arm."""
+    md = ["## Measured cost", "", "| arm | train s/step (from logged images/s) | eval s per checkpoint |",
+          "|---|---:|---:|"]  # fmt: skip
+    for arm in arms:
+        ips = [r["train_images_per_s"] for r in rows if r["arm"] == arm and r.get("train_images_per_s")]
+        ev = [r["eval_s"] for r in rows if r["arm"] == arm]
+        step_s = f"{p.batch_size / statistics.mean(ips):.3f}" if ips else "-"
+        md.append(f"| {arm} | {step_s} | {statistics.mean(ev):.1f} |" if ev else f"| {arm} | {step_s} | - |")
+    return [*md, "", f"Wall time of this invocation: {wall_s / 60:.1f} min (finished runs and evaluations are "
+            "reused).", ""]  # fmt: skip
+
+
+def write_results(rows: list[dict], arms: list[str], out: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """`results.csv`, `results.md`, `convergence.png`, `summary.json`; prints the verdicts. Returns the summary."""
+    p: Preset = meta["preset"]
+    d0 = meta["base_depth"]
+    rows = sorted(rows, key=lambda r: (arms.index(r["arm"]), r["seed"], r["step"]))
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        writer.writeheader()
+        writer.writerows(rows)
+    setup = describe(p, meta["config"], d0, sorted({r["seed"] for r in rows}))
+    per_arm: dict[str, Any] = {}
+    printed = [f"[convergence] {setup}"]
+    md = [f"# Convergence: vanilla vs REPA (preset `{preset_name(p)}`)", ""]
+    md += [f"Command: `{meta['command']}`", ""] if meta["command"] else []
+    md += [setup, "", "Values: mean over seeds [min, max]. Verdict: a mean difference not larger than the seed "
+           "spread (the larger of the two arms' max - min over seeds) is **no result**.", ""]  # fmt: skip
+    md += speedup_section(rows, arms, per_arm, printed)
+    for arm in arms[1:]:
+        md += per_step_section(rows, arm, d0, meta["depths"].get(arm), per_arm, printed)
+    if "repa" in arms:
+        for arm in (a for a in arms[1:] if a != "repa"):
+            md += ablation_section(rows, arm, per_arm, printed)
+    md += [*cost_section(rows, arms, p, meta["wall_s"]), "![convergence](convergence.png)", ""]
+    (out / "results.md").write_text("\n".join(md))
+    plot(
+        rows,
+        arms,
+        out / "convergence.png",
+        f"{preset_name(p)} preset: {p.steps} steps, {len({r['seed'] for r in rows})} seeds, FID-{p.fid_samples}",
+    )
+    summary = {"setup": setup, "command": meta["command"], "wall_s": meta["wall_s"], "rows": len(rows), "arms": per_arm}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    for line in printed:
+        print(line, flush=True)
+    print(f"[convergence] wrote {out / 'results.csv'}, results.md, convergence.png, summary.json", flush=True)
+    return summary
