@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from repa.evaluation import (
+    ADM_STATISTICS_DETECTOR,
     FeatureStats,
     balanced_labels,
     fid_from_stats,
@@ -255,17 +256,24 @@ def test_evaluate_end_to_end_with_reference_cache(tmp_path, monkeypatch):
     assert m2["fid"] > 1 and (tmp_path / "m.json").is_file()
 
 
+class _AdmInceptionStandIn(_FakeDetector):
+    """The fake detector under the name of the detector ADM's precomputed statistics belong to."""
+
+    name = ADM_STATISTICS_DETECTOR
+
+
 def test_reference_uses_precomputed_adm_statistics(tmp_path, monkeypatch):
     monkeypatch.setenv("REPA_CACHE", str(tmp_path / "cache"))
     rng = np.random.default_rng(13)
     images = rng.integers(0, 256, (30, 8, 8, 3), dtype=np.uint8)
     mu, sigma = np.ones(16), np.eye(16) * 2
     np.savez(tmp_path / "ref.npz", arr_0=images, mu=mu, sigma=sigma, mu_s=np.zeros(6), sigma_s=np.eye(6))
-    ref = reference_statistics(tmp_path / "ref.npz", _FakeDetector(), progress=False)
-    assert ref.source == "precomputed" and ref.pool.shape == (30, 16)
+    ref = reference_statistics(tmp_path / "ref.npz", _AdmInceptionStandIn(), progress=False)
+    assert ref.source == "precomputed" and ref.pool.shape == (30, 16) and ref.note is None
+    assert ref.source_of("spatial") == "precomputed"
     np.testing.assert_array_equal(ref.stats["pool"][1], sigma)
     np.testing.assert_array_equal(ref.stats["spatial"][0], np.zeros(6))
-    own = reference_statistics(tmp_path / "ref.npz", _FakeDetector(), use_precomputed=False, progress=False)
+    own = reference_statistics(tmp_path / "ref.npz", _AdmInceptionStandIn(), use_precomputed=False, progress=False)
     assert own.source == "images" and not np.allclose(own.stats["pool"][0], mu)
 
 
@@ -294,7 +302,7 @@ def test_tf_legacy_resize_matches_grid_sample_emulation(side):
 
 
 @pytest.mark.slow
-def test_inception_detector_loads_and_extracts():
+def test_inception_detector_loads_and_extracts(tmp_path):
     from repa.evaluation import InceptionDetector, inception_path
 
     try:
@@ -314,6 +322,13 @@ def test_inception_detector_loads_and_extracts():
     assert pre.shape == (3, 3, 299, 299) and pre.min() >= -1 and pre.max() < 1
     with pytest.raises(ValueError):
         det.features(images.float())
+    assert "switched off" in det.is_missing_reason
+    # an explicit classifier matrix (here random) gives logits = pool @ W, and no missing-IS reason
+    w = torch.randn(2048, 1008, generator=torch.Generator().manual_seed(1))
+    np.save(tmp_path / "w.npy", w.numpy())
+    with_is = InceptionDetector(archive, classifier=tmp_path / "w.npy")
+    assert with_is.is_missing_reason is None
+    torch.testing.assert_close(with_is.features(images)["logits"], feats["pool"] @ w)
 
 
 def test_encoder_detector_mean_pools_tokens():

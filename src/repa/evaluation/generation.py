@@ -172,7 +172,7 @@ def generate_and_score(
     ref = reference if isinstance(reference, ReferenceStats) else reference_stats(
         reference, detector, limit=ref_limit, progress=progress
     )  # fmt: skip
-    metrics: dict[str, Any] = score_activations(Activations(pool, logit, stats), ref)
+    metrics: dict[str, Any] = score_activations(Activations(pool, logit, stats, is_missing_reason=acts.is_missing_reason), ref)
     metrics.update(
         detector=detector.name,
         checkpoint=str(loaded.path),

@@ -2,19 +2,50 @@
 
 Definitions follow ADM's evaluator (`guided-diffusion/evaluations/evaluator.py`), which REPA reports with:
 covariance with N - 1, FID by `scipy.linalg.sqrtm` of the covariance product with the 1e-6 diagonal offset retry,
-Inception Score over 10 splits, and k = 3 nearest-neighbour manifolds for improved precision/recall.
+Inception Score over consecutive chunks of 5,000 samples (`compute_inception_score(split_size=5000)`), and k = 3
+nearest-neighbour manifolds for improved precision/recall.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import scipy.linalg
 import torch
+
+from repa.errors import ReportedError
+
+ADM_IS_SPLIT_SIZE = 5000  # guided-diffusion evaluations/evaluator.py: compute_inception_score(..., split_size=5000)
+
+
+class EvaluationInputError(ReportedError, ValueError):
+    """A damaged or mismatching evaluation input (statistics with NaN/inf or wrong shapes, statistics of another
+    detector, an unreadable classifier file); the message names the file. A ValueError, as callers expect."""
+
+    exit_code = 2
+
+
+def check_gaussian(mu: np.ndarray, sigma: np.ndarray, what: str) -> None:
+    """Raise EvaluationInputError unless `mu` is a finite (D,) vector and `sigma` a finite (D, D) matrix.
+
+    Args:
+        mu, sigma: the mean and covariance of a set of features.
+        what: how the message names them, e.g. "ref.npz: precomputed mu/sigma".
+    """
+    mu, sigma = np.asarray(mu), np.asarray(sigma)
+    if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
+        raise EvaluationInputError(f"{what}: mean {mu.shape} and covariance {sigma.shape} are not (D,) and (D, D)")
+    if not (np.issubdtype(mu.dtype, np.number) and np.issubdtype(sigma.dtype, np.number)):
+        raise EvaluationInputError(f"{what}: mean/covariance are {mu.dtype}/{sigma.dtype}, not numbers")
+    for name, arr in (("mean", mu), ("covariance", sigma)):
+        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        if bad:
+            raise EvaluationInputError(f"{what}: the {name} has {bad} NaN/inf values; the file is damaged")
 
 
 class FeatureStats:
@@ -100,12 +131,19 @@ class FeatureStats:
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureStats:
-        """Read a file written by `save` (np.load(allow_pickle=False))."""
-        with np.load(path, allow_pickle=False) as data:
-            stats = cls(int(data["sum"].shape[0]))
-            stats.num = int(data["num"])
-            stats._sum = data["sum"].astype(np.float64)
-            stats._sum_outer = data["sum_outer"].astype(np.float64)
+        """Read a file written by `save` (np.load(allow_pickle=False)); a damaged file is an EvaluationInputError."""
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                stats = cls(int(data["sum"].shape[0]))
+                stats.num = int(data["num"])
+                stats._sum = data["sum"].astype(np.float64)
+                stats._sum_outer = data["sum_outer"].astype(np.float64).reshape(stats.dim, stats.dim)
+        except (zipfile.BadZipFile, EOFError, KeyError, ValueError, IndexError) as err:
+            raise EvaluationInputError(
+                f"{path}: not readable as feature statistics ({type(err).__name__}: {err})"
+            ) from err
+        if not (np.isfinite(stats._sum).all() and np.isfinite(stats._sum_outer).all()):
+            raise EvaluationInputError(f"{path}: the feature statistics hold NaN/inf values; the file is damaged")
         return stats
 
 
@@ -172,17 +210,34 @@ def fid_from_stats(a: FeatureStats, b: FeatureStats, **kwargs) -> float:
 
 
 def inception_score(
-    probs_or_logits: np.ndarray | torch.Tensor, num_splits: int = 10, logits: bool = False
+    probs_or_logits: np.ndarray | torch.Tensor,
+    *,
+    split_size: int = ADM_IS_SPLIT_SIZE,
+    num_splits: int | None = None,
+    logits: bool = False,
 ) -> tuple[float, float]:
-    """Inception Score exp(E_x KL(p(y|x) || p(y))), mean and std over contiguous splits (ADM/EDM: 10 splits).
+    """Inception Score exp(E_x KL(p(y|x) || p(y))) over consecutive chunks of the samples, as ADM computes it.
+
+    ADM (`guided-diffusion/evaluations/evaluator.py`, `Evaluator.compute_inception_score(activations,
+    split_size=5000)`): softmax of `pool_3 @ W` (the graph's `softmax/logits/MatMul` weights, no bias), then for
+    `i in range(0, N, 5000)` the chunk `preds[i : i + 5000]` scores `exp(mean_x sum_y p log(p / mean_chunk p))`, and
+    the result is the plain mean of the chunk scores. So N = 50,000 gives 10 chunks of 5,000, N = 10,000 two and
+    N <= 5,000 one; when 5,000 does not divide N the last, smaller chunk is a chunk of its own and weighs as much as
+    a full one in the mean (e.g. N = 5,001 averages a 5,000-sample score with the score of 1 sample, which is 1).
+    ADM returns no spread; `std` here is the standard deviation of the chunk scores (0 for one chunk).
+
+    Differences from ADM: the softmax is taken in float64 (ADM: TF float32) and 0 * log 0 terms count as 0 (ADM's
+    formula gives NaN when a float32 probability underflows to 0).
 
     Args:
-        probs_or_logits: (N, C) class probabilities, or logits when `logits=True` (softmax taken in float64).
-        num_splits: number of contiguous splits (for N = 50,000 this equals ADM's split_size = 5000).
+        probs_or_logits: (N, C) class probabilities, or logits when `logits=True`.
+        split_size: ADM's chunk size (5000); keyword-only so an old positional `num_splits` cannot be mistaken for it.
+        num_splits: instead of `split_size`, this many near-equal contiguous splits (`i * N // num_splits`, the
+            StyleGAN/EDM/torch-fidelity convention; identical to ADM's chunks when N = 5000 * num_splits).
         logits: whether the input holds logits.
 
     Returns:
-        (mean, std) of the per-split scores. 0 * log 0 terms count as 0.
+        (mean, std) of the per-chunk scores.
     """
     x = (
         probs_or_logits.detach().cpu().double().numpy()
@@ -193,17 +248,28 @@ def inception_score(
     if logits:
         x = np.exp(x - x.max(axis=1, keepdims=True))
         x /= x.sum(axis=1, keepdims=True)
-    if x.ndim != 2 or len(x) < num_splits:
-        raise ValueError(f"need (N, C) predictions with N >= num_splits={num_splits}, got {x.shape}")
-    scores = []
     n = len(x)
-    for i in range(num_splits):
-        part = x[i * n // num_splits : (i + 1) * n // num_splits]
+    if num_splits is not None:
+        if x.ndim != 2 or n < num_splits or num_splits < 1:
+            raise ValueError(f"need (N, C) predictions with N >= num_splits={num_splits}, got {x.shape}")
+        bounds = [(i * n // num_splits, (i + 1) * n // num_splits) for i in range(num_splits)]
+    else:
+        if x.ndim != 2 or n < 1 or split_size < 1:
+            raise ValueError(f"need (N, C) predictions with N >= 1 and split_size >= 1, got {x.shape}, {split_size}")
+        bounds = [(i, min(i + split_size, n)) for i in range(0, n, split_size)]
+    scores = []
+    for start, stop in bounds:
+        part = x[start:stop]
         p_y = part.mean(axis=0, keepdims=True)
         with np.errstate(divide="ignore", invalid="ignore"):
             kl = np.where(part > 0, part * (np.log(part) - np.log(p_y)), 0.0)
         scores.append(math.exp(kl.sum(axis=1).mean()))
     return float(np.mean(scores)), float(np.std(scores))
+
+
+def is_num_splits(num: int, split_size: int = ADM_IS_SPLIT_SIZE) -> int:
+    """How many chunks ADM's Inception Score averages over for `num` samples: ceil(num / split_size)."""
+    return -(-num // split_size)
 
 
 def _sq_distances(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -18,16 +18,21 @@ from repa.fileio import write_json
 
 
 def summary_line(metrics: dict[str, Any]) -> str:
-    """One line: FID, sFID, IS, precision, recall and counts (n/a for unavailable metrics)."""
+    """One line: FID, sFID, IS, precision, recall, counts and which reference statistics the FID used (n/a for
+    unavailable metrics)."""
 
     def fmt(key: str, spec: str) -> str:
         value = metrics.get(key)
         return "n/a" if value is None else format(value, spec)
 
+    used = metrics.get("reference_stats")
+    if used == "images" and metrics.get("reference_stats_num") is not None:
+        used = f"{metrics['reference_stats_num']} images"
+    stats = f"; reference statistics: {used}" if used else ""
     return (
         f"FID {fmt('fid', '.3f')}  sFID {fmt('sfid', '.3f')}  IS {fmt('is', '.2f')}  precision {fmt('precision', '.3f')}"
         f"  recall {fmt('recall', '.3f')}  ({metrics.get('num_samples')} samples vs {metrics.get('num_reference')} "
-        f"reference, {metrics.get('detector')})"
+        f"reference, {metrics.get('detector')}{stats})"
     )
 
 
