@@ -21,7 +21,16 @@ from repa.cli.sample import add_sampling_arguments, sampling_overrides
 def _detector_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detector", default="inception", help="'inception' (FID) or 'encoder:<name>' (e.g. dinov2-vit-l)")
     p.add_argument("--inception", default=None, help="explicit FID Inception TorchScript archive (default: verified)")
-    p.add_argument("--no-is", action="store_true", help="no Inception Score (skip the classifier-weights download)")
+    is_source = p.add_mutually_exclusive_group()
+    is_source.add_argument("--no-is", action="store_true", help="no Inception Score (no classifier weights needed)")
+    is_source.add_argument(
+        "--classifier",
+        default=None,
+        metavar="PATH",
+        help="Inception softmax weights for the IS: pytorch-fid's pt_inception-2015-12-05-6726825d.pth, torch-fidelity's "
+        "weights-inception-2015-12-05-6726825d.pth or a (2048, 1008) .npy/.safetensors (default: repa's cache, then "
+        "those files in torch.hub's checkpoints folder, then one download)",
+    )
     p.add_argument("--batch-size", type=int, default=None, help="images per detector (ref/score) or sampling batch")
     p.add_argument("--resolution", type=int, default=None, help="image folders: ADM centre-crop side")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -66,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from repa.evaluation.reference import save_reference
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    classifier = None if args.no_is else "auto"
+    classifier = None if args.no_is else (args.classifier or "auto")
     progress = not args.no_progress
     if args.eval_command == "generate":
         metrics = generate_and_score(
