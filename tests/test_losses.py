@@ -331,3 +331,37 @@ def test_repa_loss_ddpm():
     # float times in [0, 1) map to floor(t T), so the loop's uniform draws work unchanged
     loss(model, x, y, targets, t=torch.tensor([0.0, 0.5, 0.9999]), noise=noise)
     assert model.calls[-1]["t"].tolist() == [0.0, 500.0, 999.0]
+
+
+# ------------------------------------------------------------------------------------- REPA family options
+
+
+def test_golden_eval_seeded_with_the_family_options_configured_but_off(golden):
+    """Family coefficients set but no family input (and schedule weight 1): the official values, bit for bit."""
+    model, ref, _ = golden
+    model.eval()
+    configured = RepaLoss(attn_coeff=0.7, class_token_coeff=0.1, self_align_coeff=0.3, self_align_blocks=(1, 2))
+    results = []
+    for loss, kwargs in ((RepaLoss(), {}), (configured, {"align_weight": 1.0})):
+        torch.manual_seed(1234)
+        with torch.no_grad():
+            results.append(loss(model, ref["x"], ref["y"], [ref["zs_target_0"]], per_sample=True, **kwargs))
+    plain, family = results
+    assert list(plain) == list(family) and all(torch.equal(plain[k], family[k]) for k in plain)
+    assert _max_err(family, ref) <= TOL
+
+
+def test_repa_loss_spatial_norm_matches_the_official_zscore():
+    """iREPA's `spatial_zscore`: (x - alpha mean_T) / (std_T + 1e-6), torch's unbiased std, per image and channel."""
+    from repa.losses import spatial_norm
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 9, 4, generator=g) * 3 + 1
+    official = (x - 0.6 * x.mean(dim=1, keepdim=True)) / (x.std(dim=1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(spatial_norm(x, 0.6), official, rtol=0, atol=0)
+    model = _Toy()
+    xs, y, targets = torch.randn(3, 2, 4, 4), torch.tensor([0, 1, 2]), [torch.randn(3, 16, 6)]
+    t, noise = torch.rand(3), torch.randn(3, 2, 4, 4)
+    a = RepaLoss(spatial_norm_gamma=1.0)(model, xs, y, targets, t=t, noise=noise)
+    b = RepaLoss()(model, xs, y, [spatial_norm(targets[0], 1.0)], t=t, noise=noise)
+    torch.testing.assert_close(a["total"], b["total"], rtol=0, atol=0)

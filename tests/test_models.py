@@ -321,3 +321,42 @@ def test_pos_embed_is_a_fixed_buffer_in_the_state_dict():
     omega = 1.0 / 10000 ** (torch.arange(8, dtype=torch.float64) / 8)
     expected = torch.cat([(2 * omega).sin(), (2 * omega).cos(), (1 * omega).sin(), (1 * omega).cos()]).float()
     torch.testing.assert_close(pe, expected)
+
+
+# ------------------------------------------------------------------------------------- REPA family options
+
+
+def test_golden_checkpoint_loads_strictly_with_the_family_options_off():
+    """Official REPA weights: the family options at their defaults change neither keys nor outputs."""
+    model = golden_model()
+    assert (
+        model.config["projector"] == "mlp" and model.config["class_token_dim"] == 0 and not model.config["self_align"]
+    )
+    model.load_state_dict(load_file(GOLDEN / "model.safetensors"), strict=True)
+    f = load_file(GOLDEN / "forward.safetensors")
+    with torch.no_grad():
+        out, zs = model.eval()(f["x_t"], f["t"], f["y"], attn_blocks=(), self_align_block=None)
+    torch.testing.assert_close(out, f["out"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(zs[0], f["zs_0"], rtol=0, atol=1e-5)
+
+
+def test_family_options_have_their_own_keys_and_round_trip_strictly():
+    model = tiny(projector="conv", projector_kernel=5, class_token_dim=16, self_align=True)
+    keys = set(model.state_dict())
+    assert "projectors.0.conv.weight" in keys and not any(k.startswith("projectors.0.0.") for k in keys)
+    assert model.projectors[0].conv.weight.shape == (16, 32, 5, 5)
+    assert {"class_token_head.weight", "class_token_embedder.proj.weight", "self_align_head.0.weight"} <= keys
+    again = tiny(projector="conv", projector_kernel=5, class_token_dim=16, self_align=True)
+    again.load_state_dict(model.state_dict(), strict=True)
+    with pytest.raises(RuntimeError):
+        tiny().load_state_dict(model.state_dict(), strict=True)
+    assert "projector='conv'" in repr(model) and "class_token_dim=16" in repr(model)
+    with pytest.raises(ValueError, match="first encoder's width"):
+        tiny(class_token_dim=8)
+    with pytest.raises(ValueError, match="unknown projector"):
+        tiny(projector="linear")
+    with pytest.raises(ValueError, match="odd"):
+        tiny(projector="conv", projector_kernel=4)
+    assert count_params(model, include_projectors=True) - count_params(model) == sum(
+        p.numel() for p in [*model.projectors.parameters(), *model.self_align_head.parameters()]
+    )

@@ -1,9 +1,11 @@
-"""REPA's training objective L = L_velocity + lambda L_REPA (REPA Sec. 3.3): denoising + alignment terms."""
+"""REPA's training objective L = L_velocity + lambda L_REPA (REPA Sec. 3.3): denoising + alignment terms, and the
+REPA family's terms as options (off = plain REPA, bit for bit): iREPA's spatial normalisation of the targets, HASTE's
+alignment schedule and attention alignment, REG's class-token denoising, SRA's self-alignment."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -12,9 +14,28 @@ from torch import Tensor, nn
 
 from repa.transport import TimeSampling, create_diffusion, get_path, sample_time
 
-__all__ = ["AlignKind", "RepaLoss", "alignment_loss", "alignment_per_sample", "denoising_loss", "resample_tokens"]
+__all__ = [
+    "AlignKind",
+    "RepaLoss",
+    "ScheduleKind",
+    "SelfAlignKind",
+    "align_weight",
+    "alignment_loss",
+    "alignment_per_sample",
+    "attention_alignment_per_sample",
+    "denoising_loss",
+    "resample_attention",
+    "resample_tokens",
+    "self_alignment_per_sample",
+    "spatial_norm",
+    "teacher_time",
+]
 
 AlignKind = Literal["cos", "ntxent"]
+ScheduleKind = Literal["constant", "stop", "linear", "cosine"]
+SelfAlignKind = Literal["cos", "smooth_l1"]
+# HASTE (arXiv 2505.16792, official train.py/loss.py): SiT blocks 5..8 distil DINOv2-B blocks 9..12 (1-indexed).
+HASTE_ATTN_PAIRS: tuple[tuple[int, int], ...] = ((5, 9), (6, 10), (7, 11), (8, 12))
 
 
 def denoising_loss(pred: Tensor, target: Tensor) -> Tensor:
@@ -166,8 +187,174 @@ def alignment_loss(
     return torch.stack([term.mean() for term in terms]).mean()
 
 
+def spatial_norm(tokens_BND: Tensor, gamma: float = 0.6, eps: float = 1e-6) -> Tensor:
+    """iREPA's spatial normalisation of target tokens (Singh et al. 2025, arXiv 2512.10794; official `spatial_zscore`).
+
+    y = (x - gamma * mean_n x) / (std_n x + eps): the mean and the (unbiased, torch's default) standard deviation
+    are taken over the N spatial positions of each image, per channel. gamma < 1 keeps part of the shared
+    (global) component; gamma = 1 is a plain z-score. Computed in fp32 with autocast off.
+
+    Args:
+        tokens_BND: (B, N, D) target tokens, N >= 2.
+        gamma: coefficient on the spatial mean (0.6: the official latent-diffusion default, `--zscore-alpha`).
+        eps: added to the standard deviation.
+
+    Returns:
+        (B, N, D) fp32 (fp64 stays fp64).
+    """
+    if tokens_BND.ndim != 3 or tokens_BND.shape[1] < 2:
+        raise ValueError(f"spatial_norm needs (B, N, D) tokens with N >= 2, got {tuple(tokens_BND.shape)}")
+    with torch.autocast(device_type=tokens_BND.device.type, enabled=False):
+        x = _fp32(tokens_BND)
+        return (x - gamma * x.mean(dim=1, keepdim=True)) / (x.std(dim=1, keepdim=True) + eps)
+
+
+def align_weight(
+    step: int, kind: ScheduleKind = "constant", *, stop_step: int | None = None, start_step: int = 0
+) -> float:
+    """Multiplier of the alignment coefficient at optimizer step `step` (0 = the first step): a pure function of the
+    step, so resumed runs replay it. HASTE (arXiv 2505.16792) uses "stop": full alignment, then none from
+    `stop_step` on (its `global_step >= early_stop_point` test; 250000 in the official script).
+
+    - "constant": 1.
+    - "stop": 1 for step < stop_step, else 0.
+    - "linear": 1 up to start_step, then 1 - (step - start_step) / (stop_step - start_step), 0 from stop_step.
+    - "cosine": 1 up to start_step, then (1 + cos(pi p)) / 2 with p = (step - start_step) / (stop_step - start_step),
+      0 from stop_step.
+
+    Raises:
+        ValueError: unknown kind, missing stop_step, or stop_step <= start_step for a decay.
+    """
+    if kind == "constant":
+        return 1.0
+    if kind not in ("stop", "linear", "cosine"):
+        raise ValueError(f"unknown schedule {kind!r}; choose 'constant', 'stop', 'linear' or 'cosine'")
+    if stop_step is None or stop_step < 0:
+        raise ValueError(f"schedule {kind!r} needs stop_step >= 0, got {stop_step}")
+    if kind == "stop":
+        return 1.0 if step < stop_step else 0.0
+    if not 0 <= start_step < stop_step:
+        raise ValueError(f"schedule {kind!r} needs 0 <= start_step < stop_step, got {start_step}, {stop_step}")
+    progress = min(max((step - start_step) / (stop_step - start_step), 0.0), 1.0)
+    return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def resample_attention(
+    attn_BHMM: Tensor, grid_hw: tuple[int, int] | int, *, src_grid_hw: tuple[int, int] | None = None
+) -> Tensor:
+    """Attention maps (rows = queries, columns = keys, both on a row-major grid) resampled to another grid.
+
+    Both token axes are resampled like `resample_tokens` (bilinear, anti-aliased when shrinking: non-negative
+    weights), then each row is renormalised to sum to 1. Identity (the input itself) when the grids match.
+
+    Returns:
+        (B, H, N', N') row-stochastic maps.
+    """
+    b, h, m, _ = attn_BHMM.shape
+    src = src_grid_hw if src_grid_hw is not None else _square_grid(m, "the attention map")
+    if tuple(src) == ((grid_hw, grid_hw) if isinstance(grid_hw, int) else tuple(grid_hw)):
+        return attn_BHMM
+    x = attn_BHMM.reshape(b * h, m, m).transpose(1, 2)  # (BH, keys, queries): resample the keys
+    x = resample_tokens(x, grid_hw, src_grid_hw=src_grid_hw).transpose(1, 2)  # (BH, queries, keys')
+    x = resample_tokens(x, grid_hw, src_grid_hw=src_grid_hw).clamp_min(0)  # (BH, queries', keys')
+    x = x / x.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+    return x.reshape(b, h, x.shape[1], x.shape[2])
+
+
+def attention_alignment_per_sample(
+    logits_BHNN: Tensor,
+    target_BHMM: Tensor,
+    *,
+    resample: bool = True,
+    pred_grid_hw: tuple[int, int] | None = None,
+    target_grid_hw: tuple[int, int] | None = None,
+) -> Tensor:
+    """HASTE's attention alignment (arXiv 2505.16792, official `loss.py`): cross-entropy between the teacher's
+    attention rows and the model's, H(p_enc, softmax(logits)) = -sum_j p_enc[i, j] log softmax(logits[i])_j,
+    averaged over heads and query tokens. Only the first min(H_model, H_enc) heads of each are paired (HASTE pairs
+    SiT-XL's first 12 of 16 heads with DINOv2-B's 12). fp32, autocast off.
+
+    Args:
+        logits_BHNN: (B, H, N, N) the model's pre-softmax attention logits Q K^T / sqrt(d) over its patch tokens.
+        target_BHMM: (B, H', M, M) the encoder's patch-to-patch attention probabilities (rows sum to 1).
+        resample: resample the target maps to the model grid when N != M (else ValueError).
+        pred_grid_hw, target_grid_hw: the grids (square when None).
+
+    Returns:
+        (B,) losses (>= the teacher rows' entropy; equal iff the model's rows match).
+    """
+    if logits_BHNN.ndim != 4 or target_BHMM.ndim != 4 or logits_BHNN.shape[0] != target_BHMM.shape[0]:
+        raise ValueError(
+            f"expected (B, H, N, N) maps with the same batch, got {tuple(logits_BHNN.shape)} and {tuple(target_BHMM.shape)}"
+        )
+    with torch.autocast(device_type=logits_BHNN.device.type, enabled=False):
+        heads = min(logits_BHNN.shape[1], target_BHMM.shape[1])
+        logits, target = _fp32(logits_BHNN[:, :heads]), _fp32(target_BHMM[:, :heads])
+        n, m = logits.shape[-1], target.shape[-1]
+        if n != m or (pred_grid_hw is not None and target_grid_hw is not None and pred_grid_hw != target_grid_hw):
+            if not resample:
+                raise ValueError(f"model attention covers {n} tokens but the encoder's {m}; enable resampling")
+            grid = pred_grid_hw if pred_grid_hw is not None else _square_grid(n, "the model")
+            target = resample_attention(target, grid, src_grid_hw=target_grid_hw).to(logits.dtype)
+        return -(target * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean(dim=(1, 2))
+
+
+def teacher_time(t: Tensor, u: Tensor, gap: float, num_timesteps: int | None = None) -> Tensor:
+    """SRA's teacher time (arXiv 2505.02831, official `loss.py`): a smaller noise level than the student's.
+
+    Flow (t in [0, 1], 0 = data): clamp(t - gap * u, 0, 1) (SiT-SRA: t_max = 0.2). DDPM (integer steps,
+    `num_timesteps` T given): clamp(t - floor(u * floor(gap * T)), 1, T - 1) (DiT-SRA: randint(0, t_max)).
+
+    Args:
+        t: (B,) student times (float) or DDPM steps (long).
+        u: (B,) uniform draws in [0, 1).
+        gap: the largest time gap, as a fraction of the time range.
+        num_timesteps: DDPM steps T; None for flow.
+    """
+    u = u.to(t.device)
+    if num_timesteps is None:
+        return (t - gap * u.to(t.dtype)).clamp(0.0, 1.0)
+    steps = (u * int(gap * num_timesteps)).long()
+    return (t.long() - steps).clamp(1, num_timesteps - 1)
+
+
+def self_alignment_per_sample(
+    student_BND: Tensor, teacher_BND: Tensor, kind: SelfAlignKind = "cos", beta: float = 0.05
+) -> Tensor:
+    """SRA's self-alignment (arXiv 2505.02831): the student's head output against the EMA teacher's hidden tokens,
+    which get no gradient (detached here). fp32, autocast off.
+
+    - "cos": mean over tokens of 1 - cos(student[n], teacher[n]) over the feature dimension (the official code's
+      current default loss, which its README recommends over the paper's smooth-L1).
+    - "smooth_l1": the paper's smooth-L1 (Huber, beta 0.05), mean over tokens and features.
+
+    Returns:
+        (B,) losses.
+    """
+    if student_BND.shape != teacher_BND.shape:
+        raise ValueError(f"student {tuple(student_BND.shape)} and teacher {tuple(teacher_BND.shape)} tokens differ")
+    with torch.autocast(device_type=student_BND.device.type, enabled=False):
+        s, t = _fp32(student_BND), _fp32(teacher_BND.detach())
+        if kind == "cos":
+            return 1.0 - F.cosine_similarity(s, t, dim=-1).mean(dim=-1)
+        if kind == "smooth_l1":
+            return F.smooth_l1_loss(s, t, beta=beta, reduction="none").mean(dim=(1, 2))
+        raise ValueError(f"unknown self-alignment kind {kind!r}; choose 'cos' or 'smooth_l1'")
+
+
 class RepaLoss:
-    """L = L_denoise + align_coeff * L_align (REPA Sec. 3.3) for SiT (flow, v-prediction) or DiT (DDPM).
+    """L = L_denoise + align_coeff * L_align (REPA Sec. 3.3) for SiT (flow, v-prediction) or DiT (DDPM), with the
+    REPA family's terms as options. Each family term is on only when its input is given, so plain REPA is
+    unchanged bit for bit:
+
+    - iREPA: `spatial_norm_gamma` (constructor) normalises every target with `spatial_norm` before alignment.
+    - HASTE: `align_weight` (call) multiplies align_coeff and attn_coeff (a schedule value, see `align_weight`);
+      `attn_targets` (call) adds attn_coeff * L_attn over `attn_pairs` (model block, encoder layer).
+    - REG: `class_tokens` (call) noises the encoder's global token on the image's path and time (its own noise),
+      feeds it to the model (`cls_t`) and adds class_token_coeff * MSE(class-token prediction, its target); with
+      `class_token_align` the projected class token also joins encoder 0's alignment as one more token ("cos").
+    - SRA: `teacher` (call, the EMA model) adds self_align_coeff * L_self: the student's `self_align_head` on block
+      `self_align_blocks[0]` at t against the teacher's block `self_align_blocks[1]` at `teacher_time`, no grad.
 
     Args:
         path: "linear" or "cosine" interpolant (flow only; DDPM uses its discrete schedule).
@@ -175,12 +362,21 @@ class RepaLoss:
         time_sampling: "uniform" or "lognormal" (see `repa.transport.sample_time`; flow only).
         align_coeff: lambda (0.5 in the paper).
         align_kind: "cos" or "ntxent".
-        resample: resample encoder token grids to the model grid when they differ.
+        resample: resample encoder token grids (and attention maps) to the model grid when they differ.
         temperature: NT-Xent temperature.
         time_mean, time_std: log-normal parameters.
         diffusion: "flow" (interpolant, default) or "ddpm" (DiT: integer timesteps, eps target + L_vlb with
             learned Sigma; the model must output 2C channels).
         num_timesteps: DDPM steps.
+        spatial_norm_gamma: iREPA's coefficient on the spatial mean (0.6 official); None = off.
+        attn_coeff: HASTE's attention-alignment weight (0.5 official).
+        attn_pairs: (model block, encoder layer) pairs, 1-indexed (HASTE: (5, 9) .. (8, 12)).
+        class_token_coeff: REG's class-token denoising weight (0.03 official).
+        class_token_align: REG also aligns the projected class token with the global token (official: yes).
+        self_align_coeff: SRA's weight (0.5 official with the cosine loss).
+        self_align_blocks: (student block, teacher block), 1-indexed (SiT-XL/2: (8, 20); DiT-XL/2: (8, 16)).
+        self_align_gap: SRA's largest time gap t_max (0.2).
+        self_align_kind: "cos" or "smooth_l1" (see `self_alignment_per_sample`).
     """
 
     def __init__(
@@ -197,6 +393,15 @@ class RepaLoss:
         time_std: float = 1.0,
         diffusion: Literal["flow", "ddpm"] = "flow",
         num_timesteps: int = 1000,
+        spatial_norm_gamma: float | None = None,
+        attn_coeff: float = 0.5,
+        attn_pairs: Sequence[tuple[int, int]] = HASTE_ATTN_PAIRS,
+        class_token_coeff: float = 0.03,
+        class_token_align: bool = True,
+        self_align_coeff: float = 0.5,
+        self_align_blocks: tuple[int, int] = (8, 20),
+        self_align_gap: float = 0.2,
+        self_align_kind: SelfAlignKind = "cos",
     ) -> None:
         if prediction != "v":
             raise ValueError(
@@ -208,6 +413,10 @@ class RepaLoss:
             raise ValueError(f"unknown alignment kind {align_kind!r}; choose 'cos' or 'ntxent'")
         if diffusion not in ("flow", "ddpm"):
             raise ValueError(f"unknown diffusion {diffusion!r}; choose 'flow' or 'ddpm'")
+        if self_align_kind not in ("cos", "smooth_l1"):
+            raise ValueError(f"unknown self-alignment kind {self_align_kind!r}; choose 'cos' or 'smooth_l1'")
+        if not 0.0 <= self_align_gap <= 1.0:
+            raise ValueError(f"self_align_gap must be in [0, 1], got {self_align_gap}")
         self.path = get_path(path)
         self.prediction = prediction
         self.time_sampling = time_sampling
@@ -220,6 +429,11 @@ class RepaLoss:
         self.ddpm = (
             create_diffusion(None, num_timesteps=num_timesteps, learn_sigma=True) if diffusion == "ddpm" else None
         )
+        self.spatial_norm_gamma = spatial_norm_gamma
+        self.attn_coeff, self.attn_pairs = attn_coeff, tuple((int(m), int(e)) for m, e in attn_pairs)
+        self.class_token_coeff, self.class_token_align = class_token_coeff, class_token_align
+        self.self_align_coeff, self.self_align_blocks = self_align_coeff, tuple(self_align_blocks)
+        self.self_align_gap, self.self_align_kind = self_align_gap, self_align_kind
 
     def draw_time(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """One time per sample, drawn like the official SILoss: on the CPU global RNG (or `generator`), then
@@ -243,81 +457,202 @@ class RepaLoss:
         generator: torch.Generator | None = None,
         model_kwargs: dict[str, Any] | None = None,
         per_sample: bool = False,
+        align_weight: float = 1.0,
+        attn_targets: Mapping[int, Tensor] | None = None,
+        class_tokens: Tensor | None = None,
+        noise_cls: Tensor | None = None,
+        teacher: nn.Module | None = None,
+        teacher_u: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Compute the loss terms for one batch.
 
         Random draws when not given, in this order (the official SILoss order, so `torch.manual_seed(s)`
         replays it): `t` (one `torch.rand(B)` on the CPU, or `torch.randint(0, T, (B,))` for DDPM), then
         `noise = torch.randn_like(x)`. With `generator`, both come from it (noise on the generator's device).
-        The model's own label dropout (train mode) draws after these, inside the model call.
+        The model's own label dropout (train mode) draws after these, inside the model call. The family options
+        add draws only when on, at their official places: SRA's `teacher_u` (torch.rand(B) on the CPU) right
+        after t, REG's `noise_cls` (randn_like(class_tokens)) right after noise.
 
         Args:
-            model: `model(x_t, t, y, **model_kwargs) -> (out, zs)` (or just `out`).
+            model: `model(x_t, t, y, **model_kwargs) -> (out, zs)` (or just `out`; `(out, zs, extras)` with the
+                family options, see `DiffusionTransformer.forward`).
             x: (B, C, H, W) clean inputs.
             y: (B,) labels.
             targets: per encoder (B, M, D_k) tokens, or None (vanilla: align = 0, projectors skipped).
             t: (B,) times in [0, 1]. DDPM: long timesteps 0..T-1, or floats in [0, 1) mapped to floor(t T).
             noise: (B, C, H, W) standard normal noise.
             generator: RNG for the draws.
-            model_kwargs: extra model arguments, e.g. {"force_drop_ids": drop_mask.long()}.
-            per_sample: also return (B,) tensors `denoise/per_sample`, `align/per_sample`.
+            model_kwargs: extra model arguments, e.g. {"force_drop_ids": drop_mask.long()} (SRA's teacher gets the
+                same `force_drop_ids`, so it sees the student's effective labels).
+            per_sample: also return (B,) tensors `<term>/per_sample` for denoise, align and the family terms.
+            align_weight: schedule multiplier of align_coeff and attn_coeff (HASTE; 1 = plain).
+            attn_targets: HASTE: {encoder layer: (B, H, M, M) patch attention probabilities}.
+            class_tokens: REG: (B, D_enc) clean global tokens of encoder 0.
+            noise_cls: REG: (B, D_enc) the class token's noise.
+            teacher: SRA: the EMA model (`forward_hidden`), run without gradient.
+            teacher_u: SRA: (B,) uniform draws of the time gap.
 
         Returns:
-            dict of scalars: denoise, align, align/<k> per encoder, total (+ mse, vb for DDPM).
+            dict of scalars: denoise, align, align/<k> per encoder, [align_attn], [class_token], [self_align],
+            total (+ mse, vb for DDPM).
         """
         if t is None:
             t = self.draw_time(x, generator)
+        if teacher is not None and teacher_u is None:
+            teacher_u = torch.rand(x.shape[0], generator=generator, device=_rng_device(generator))
         if noise is None:
-            noise = torch.randn_like(x) if generator is None else torch.randn(
-                x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)  # fmt: skip
+            noise = _normal_like(x, generator)
+        if class_tokens is not None and noise_cls is None:
+            noise_cls = _normal_like(class_tokens, generator)
         kwargs = dict(model_kwargs or {})
         if targets is None:
             kwargs.setdefault("project", False)
-
+        if attn_targets is not None:
+            kwargs["attn_blocks"] = tuple(m for m, _ in self.attn_pairs)
+        if teacher is not None:
+            kwargs["self_align_block"] = self.self_align_blocks[0]
         terms: dict[str, Tensor] = {}
-        if self.ddpm is None:
-            t = t.to(x.device)
-            x_t = self.path.interpolate(x, noise, t)  # x_t = alpha_t x + sigma_t noise (REPA Sec. 2)
-            target = self.path.velocity_target(x, noise, t)
-            out, zs = _split(model(x_t, t.flatten(), y, **kwargs))
-            denoise = denoising_loss(out, target)  # L_velocity (REPA Sec. 2), per sample
-        else:
-            timestep = t.to(x.device)
-            timestep = (
-                timestep.long() if not timestep.is_floating_point() else self.ddpm.timesteps_from_uniform(timestep)
-            )
-            x_t = self.ddpm.q_sample(x, timestep, noise).to(x.dtype)
-            out, zs = _split(model(x_t, self.ddpm.model_time(timestep), y, **kwargs))
-            ddpm_terms = self.ddpm.training_losses(out, x, x_t, timestep, noise)  # iDDPM Eq. 16 (DiT)
-            denoise = ddpm_terms["loss"]
-            terms["mse"], terms["vb"] = ddpm_terms["mse"].mean(), ddpm_terms["vb"].mean()
+        t, denoise, zs, extras, cls_target = self._denoise(
+            model, x, y, t, noise, kwargs, class_tokens, noise_cls, terms
+        )
 
-        align_ps = self._align(zs, targets, x)
+        class_zs = extras.get("class_token_zs") if class_tokens is not None and self.class_token_align else None
+        align_ps = self._align(zs, targets, x, class_tokens, class_zs)
+        family: dict[str, Tensor] = {}
+        if attn_targets is not None:
+            family["align_attn"] = self._attention(extras, attn_targets)
+        if class_tokens is not None:
+            family["class_token"] = denoising_loss(extras["class_token"], cls_target)
+        if teacher is not None:
+            family["self_align"] = self._self_align(teacher, extras, x, y, noise, t, teacher_u, kwargs, class_tokens,
+                                                    noise_cls)  # fmt: skip
         terms["denoise"] = denoise.mean()
         terms["align"] = align_ps["all"].mean()
         for k, v in align_ps.items():
             if k != "all":
                 terms[f"align/{k}"] = v.mean()
-        terms["total"] = terms["denoise"] + self.align_coeff * terms["align"]
+        lam = self.align_coeff if align_weight == 1.0 else self.align_coeff * align_weight
+        terms["total"] = terms["denoise"] + lam * terms["align"]
+        coeffs = {"align_attn": self.attn_coeff * align_weight, "class_token": self.class_token_coeff,
+                  "self_align": self.self_align_coeff}  # fmt: skip
+        for name, value in family.items():
+            terms[name] = value.mean()
+            terms["total"] = terms["total"] + coeffs[name] * terms[name]
         if per_sample:
             terms["denoise/per_sample"], terms["align/per_sample"] = denoise, align_ps["all"]
+            terms.update({f"{name}/per_sample": value for name, value in family.items()})
         return terms
 
-    def _align(self, zs: Sequence[Tensor], targets: Sequence[Tensor] | None, x: Tensor) -> dict[Any, Tensor]:
+    def _denoise(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        t: Tensor,
+        noise: Tensor,
+        kwargs: dict[str, Any],
+        class_tokens: Tensor | None,
+        noise_cls: Tensor | None,
+        terms: dict[str, Tensor],
+    ) -> tuple[Tensor, Tensor, list[Tensor], dict[str, Any], Tensor | None]:
+        """Noise the batch, run the model, per-sample denoising loss (DDPM adds mse/vb to `terms`).
+
+        Returns:
+            (t, denoise (B,), zs, extras, class-token target): t as used (DDPM: the integer steps).
+        """
+        cls_target = None
+        if self.ddpm is None:
+            t = t.to(x.device)
+            x_t = self.path.interpolate(x, noise, t)  # x_t = alpha_t x + sigma_t noise (REPA Sec. 2)
+            target = self.path.velocity_target(x, noise, t)
+            if class_tokens is not None:  # REG: the class token on the same path and time, its own noise
+                kwargs["cls_t"] = self.path.interpolate(class_tokens, noise_cls, t.flatten())
+                cls_target = self.path.velocity_target(class_tokens, noise_cls, t.flatten())
+            out, zs, extras = _split(model(x_t, t.flatten(), y, **kwargs))
+            return t, denoising_loss(out, target), zs, extras, cls_target  # L_velocity (REPA Sec. 2), per sample
+        timestep = t.to(x.device)
+        timestep = timestep.long() if not timestep.is_floating_point() else self.ddpm.timesteps_from_uniform(timestep)
+        x_t = self.ddpm.q_sample(x, timestep, noise).to(x.dtype)
+        if class_tokens is not None:  # REG under DDPM (our choice): q_sample the class token, eps target
+            kwargs["cls_t"] = self.ddpm.q_sample(class_tokens, timestep, noise_cls).to(class_tokens.dtype)
+            cls_target = noise_cls
+        out, zs, extras = _split(model(x_t, self.ddpm.model_time(timestep), y, **kwargs))
+        ddpm_terms = self.ddpm.training_losses(out, x, x_t, timestep, noise)  # iDDPM Eq. 16 (DiT)
+        terms["mse"], terms["vb"] = ddpm_terms["mse"].mean(), ddpm_terms["vb"].mean()
+        return timestep, ddpm_terms["loss"], zs, extras, cls_target
+
+    def _align(
+        self,
+        zs: Sequence[Tensor],
+        targets: Sequence[Tensor] | None,
+        x: Tensor,
+        class_tokens: Tensor | None = None,
+        class_zs: Sequence[Tensor] | None = None,
+    ) -> dict[Any, Tensor]:
         """Per-sample alignment terms per encoder k and their mean over encoders ("all")."""
         if targets is None or len(targets) == 0:
             return {"all": torch.zeros(x.shape[0], device=x.device, dtype=torch.float32)}
         if len(zs) != len(targets):
             raise ValueError(f"the model returned {len(zs)} projector outputs for {len(targets)} encoder targets")
+        if self.spatial_norm_gamma is not None:  # iREPA: normalise each target over its own grid, then resample
+            targets = [spatial_norm(tgt, self.spatial_norm_gamma) for tgt in targets]
         per = {
             k: alignment_per_sample(z, tgt, self.align_kind, self.temperature, resample=self.resample)
             for k, (z, tgt) in enumerate(zip(zs, targets))
         }
+        if class_zs and class_tokens is not None and self.align_kind == "cos":
+            # REG's projection loss averages -cos over the N patch tokens and the class token alike.
+            n = zs[0].shape[1]
+            cos = -(F.normalize(_fp32(class_zs[0]), dim=-1) * F.normalize(_fp32(class_tokens), dim=-1)).sum(dim=-1)
+            per[0] = (n * per[0] + cos) / (n + 1)
         per["all"] = torch.stack(list(per.values())).mean(dim=0)
         return per
 
+    def _attention(self, extras: Mapping[str, Any], attn_targets: Mapping[int, Tensor]) -> Tensor:
+        """HASTE: mean over the (model block, encoder layer) pairs of the per-sample attention alignment."""
+        maps = extras.get("attn", {})
+        missing = [e for _, e in self.attn_pairs if e not in attn_targets] + [
+            m for m, _ in self.attn_pairs if m not in maps
+        ]
+        if missing:
+            raise ValueError(f"attention alignment pairs {self.attn_pairs}: no maps for {missing} "
+                             "(encoder layers come from attn_targets, model blocks from the model's extras['attn'])")  # fmt: skip
+        terms = [attention_alignment_per_sample(maps[m], attn_targets[e], resample=self.resample)
+                 for m, e in self.attn_pairs]  # fmt: skip
+        return torch.stack(terms).mean(dim=0)
 
-def _split(output: Any) -> tuple[Tensor, list[Tensor]]:
+    def _self_align(self, teacher: nn.Module, extras: Mapping[str, Any], x: Tensor, y: Tensor, noise: Tensor,
+                    t: Tensor, teacher_u: Tensor, kwargs: Mapping[str, Any], class_tokens: Tensor | None,
+                    noise_cls: Tensor | None) -> Tensor:  # fmt: skip
+        """SRA: the teacher (EMA) sees the same x and noise at the smaller time `teacher_time`, without gradient."""
+        block = self.self_align_blocks[1]
+        with torch.no_grad():
+            if self.ddpm is None:
+                t_tea = teacher_time(t.flatten(), teacher_u, self.self_align_gap)
+                x_tea, model_t = self.path.interpolate(x, noise, t_tea), t_tea
+                cls_tea = None if class_tokens is None else self.path.interpolate(class_tokens, noise_cls, t_tea)
+            else:
+                t_tea = teacher_time(t, teacher_u, self.self_align_gap, self.ddpm.num_timesteps)
+                x_tea, model_t = self.ddpm.q_sample(x, t_tea, noise).to(x.dtype), self.ddpm.model_time(t_tea)
+                cls_tea = None if class_tokens is None else self.ddpm.q_sample(class_tokens, t_tea, noise_cls)
+            extra = {} if cls_tea is None else {"cls_t": cls_tea.to(class_tokens.dtype)}
+            hidden = teacher.forward_hidden(x_tea, model_t, y, [block], force_drop_ids=kwargs.get("force_drop_ids"),
+                                            **extra)[block]  # fmt: skip
+        return self_alignment_per_sample(extras["self_align"], hidden, self.self_align_kind)
+
+
+def _rng_device(generator: torch.Generator | None) -> torch.device | str:
+    return "cpu" if generator is None else generator.device
+
+
+def _normal_like(like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """randn_like(like) on the global RNG, or a draw from `generator` on its device moved to like's device."""
+    if generator is None:
+        return torch.randn_like(like)
+    return torch.randn(like.shape, generator=generator, device=generator.device, dtype=like.dtype).to(like.device)
+
+
+def _split(output: Any) -> tuple[Tensor, list[Tensor], dict[str, Any]]:
     if isinstance(output, (tuple, list)):
-        return output[0], list(output[1])
-    return output, []
+        return output[0], list(output[1]), (dict(output[2]) if len(output) > 2 else {})
+    return output, [], {}

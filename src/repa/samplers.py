@@ -4,6 +4,10 @@ Both follow the official REPA samplers step for step (float64 integration, model
 on a doubled batch inside a guidance interval [guidance_low, guidance_high] of t_cur), so they reproduce the
 official outputs. They take a velocity function `fn(x_t, t, y) -> v` (t of shape (B,)); `model_velocity_fn`
 builds one from a `DiffusionTransformer`. DDPM (DiT) sampling lives in `repa.transport.ddpm`.
+
+REG models (a class token, arXiv 2507.01467) are sampled jointly: pass `cls_noise` and a joint function
+`fn(x_t, cls_t, t, y) -> (v, v_cls)` (`model_joint_velocity_fn`); the class token follows the image's grid, CFG and
+(SDE) noise injection step for step, as REG's official sampler, and is dropped at the end unless asked for.
 """
 
 from __future__ import annotations
@@ -16,9 +20,17 @@ from tqdm.auto import tqdm
 
 from repa.transport import InterpolationPath, get_path
 
-__all__ = ["VelocityFn", "euler_maruyama_sampler", "euler_sampler", "model_velocity_fn"]
+__all__ = [
+    "JointVelocityFn",
+    "VelocityFn",
+    "euler_maruyama_sampler",
+    "euler_sampler",
+    "model_joint_velocity_fn",
+    "model_velocity_fn",
+]
 
 VelocityFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+JointVelocityFn = Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 def model_velocity_fn(model: nn.Module) -> VelocityFn:
@@ -34,6 +46,19 @@ def model_velocity_fn(model: nn.Module) -> VelocityFn:
     return fn
 
 
+def model_joint_velocity_fn(model: nn.Module) -> JointVelocityFn:
+    """`fn(x_t, cls_t, t, y) -> (v, v_cls)` for a REG `DiffusionTransformer` (class_token_dim > 0): eval mode, no
+    projectors, the first C output channels and the class token's prediction, no gradients."""
+    model.eval()
+
+    @torch.no_grad()
+    def fn(x_t: Tensor, cls_t: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        out, _, extras = model(x_t, t, y, project=False, cls_t=cls_t)
+        return out[:, : x_t.shape[1]], extras["class_token"]
+
+    return fn
+
+
 def _check_cfg(cfg_scale: float, null_label: int | None) -> None:
     if cfg_scale > 1.0 and null_label is None:
         raise ValueError("cfg_scale > 1 needs null_label (the model's unconditional class, = num_classes)")
@@ -44,28 +69,48 @@ def _use_cfg(t_cur: Tensor, cfg_scale: float, guidance_low: float, guidance_high
 
 
 def _evaluate(
-    fn: VelocityFn, x: Tensor, t_cur: Tensor, y: Tensor, use_cfg: bool, null_label: int | None, model_dtype: torch.dtype
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Model velocity at (x, t_cur) in float64, on [x, x] with labels [y, null] under CFG.
+    fn: Callable, xs: list[Tensor], t_cur: Tensor, y: Tensor, use_cfg: bool, null_label: int | None,
+    model_dtype: torch.dtype,
+) -> tuple[list[Tensor], list[Tensor], Tensor]:  # fmt: skip
+    """Model velocities at (xs, t_cur) in float64, on [x, x] with labels [y, null] under CFG.
+
+    `xs` is [x] (fn(x, t, y) -> v) or [x, cls] for REG (fn(x, cls, t, y) -> (v, v_cls)).
 
     Returns:
-        (v, x_in, t_in): v (B or 2B, ...) float64, the (possibly doubled) float64 input and its times.
+        (vs, xs_in, t_in): vs (B or 2B, ...) float64 per state, the (possibly doubled) float64 inputs and times.
     """
     if use_cfg:
-        x_in = torch.cat([x, x])
+        xs_in = [torch.cat([x, x]) for x in xs]
         y_in = torch.cat([y, torch.full_like(y, null_label)])
     else:
-        x_in, y_in = x, y
-    t_in = torch.ones(x_in.shape[0], device=x.device, dtype=torch.float64) * t_cur
-    v = fn(x_in.to(model_dtype), t_in.to(model_dtype), y_in).to(torch.float64)
-    return v, x_in, t_in
+        xs_in, y_in = xs, y
+    t_in = torch.ones(xs_in[0].shape[0], device=xs[0].device, dtype=torch.float64) * t_cur
+    v = fn(*[x.to(model_dtype) for x in xs_in], t_in.to(model_dtype), y_in)
+    vs = [v] if len(xs) == 1 else list(v)
+    return [v.to(torch.float64) for v in vs], xs_in, t_in
 
 
 def _guide(d: Tensor, use_cfg: bool, cfg_scale: float) -> Tensor:
     if not use_cfg:
         return d
     d_cond, d_uncond = d.chunk(2)
+    if cfg_scale <= 0:  # REG's class token: a non-positive scale means the conditional half only
+        return d_cond
     return d_uncond + cfg_scale * (d_cond - d_uncond)  # Ho & Salimans 2022, on all channels
+
+
+def _states(noise: Tensor, cls_noise: Tensor | None) -> list[Tensor]:
+    if cls_noise is not None and (cls_noise.ndim != 2 or cls_noise.shape[0] != noise.shape[0]):
+        raise ValueError(f"cls_noise must have shape ({noise.shape[0]}, D_enc), got {tuple(cls_noise.shape)}")
+    return [noise.to(torch.float64)] + ([] if cls_noise is None else [cls_noise.to(noise.device, torch.float64)])
+
+
+def _finish(xs: list[Tensor], return_class_token: bool) -> Tensor | tuple[Tensor, Tensor]:
+    if return_class_token:
+        if len(xs) == 1:
+            raise ValueError("return_class_token needs cls_noise (a REG model)")
+        return xs[0], xs[1]
+    return xs[0]
 
 
 def _model_dtype(noise: Tensor, model_dtype: torch.dtype | None) -> torch.dtype:
@@ -89,7 +134,10 @@ def euler_sampler(
     t_steps: Sequence[float] | Tensor | None = None,
     model_dtype: torch.dtype | None = None,
     progress: bool = False,
-) -> Tensor:
+    cls_noise: Tensor | None = None,
+    cls_cfg_scale: float | None = None,
+    return_class_token: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Probability-flow ODE dx = v(x, t) dt from t = 1 to 0 with Euler or Heun (2nd order) steps.
 
     x_next = x + (t_next - t_cur) v(x, t_cur); Heun adds the corrector v' = v(x_next, t_next) on every step
@@ -108,11 +156,15 @@ def euler_sampler(
         t_steps: optional custom decreasing time grid from 1 to 0 (overrides num_steps).
         model_dtype: dtype of the model's inputs (default float32 for float64 noise, else noise.dtype).
         progress: show a tqdm bar.
+        cls_noise: REG: (B, D_enc) initial class tokens at t = 1; `fn` is then `fn(x_t, cls_t, t, y) -> (v, v_cls)`.
+        cls_cfg_scale: REG: guidance scale of the class token (None = cfg_scale; <= 0 = conditional only).
+        return_class_token: also return the generated class token.
 
     Returns:
-        (B, C, H, W) float64 samples at t = 0.
+        (B, C, H, W) float64 samples at t = 0 (and the (B, D_enc) class tokens with `return_class_token`).
     """
     _check_cfg(cfg_scale, null_label)
+    scales = [cfg_scale, cfg_scale if cls_cfg_scale is None else cls_cfg_scale]
     dtype = _model_dtype(noise, model_dtype)
     if t_steps is None:
         t_steps = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64, device=noise.device)
@@ -121,17 +173,22 @@ def euler_sampler(
         if t_steps.ndim != 1 or len(t_steps) < 2 or not bool((t_steps[1:] < t_steps[:-1]).all()):
             raise ValueError("t_steps must be a strictly decreasing 1-D grid")
     num = len(t_steps) - 1
-    x_next = noise.to(torch.float64)
+    xs_next = _states(noise, cls_noise)
     for i in tqdm(range(num), disable=not progress, desc="ode"):
         t_cur, t_next = t_steps[i], t_steps[i + 1]
-        x_cur = x_next
+        xs_cur = xs_next
         use_cfg = _use_cfg(t_cur, cfg_scale, guidance_low, guidance_high)
-        d_cur = _guide(_evaluate(fn, x_cur, t_cur, y, use_cfg, null_label, dtype)[0], use_cfg, cfg_scale)
-        x_next = x_cur + (t_next - t_cur) * d_cur
+        vs = _evaluate(fn, xs_cur, t_cur, y, use_cfg, null_label, dtype)[0]
+        ds_cur = [_guide(v, use_cfg, scale) for v, scale in zip(vs, scales)]
+        xs_next = [x_cur + (t_next - t_cur) * d_cur for x_cur, d_cur in zip(xs_cur, ds_cur)]
         if heun and i < num - 1:
-            d_prime = _guide(_evaluate(fn, x_next, t_next, y, use_cfg, null_label, dtype)[0], use_cfg, cfg_scale)
-            x_next = x_cur + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
-    return x_next
+            vs = _evaluate(fn, xs_next, t_next, y, use_cfg, null_label, dtype)[0]
+            ds_prime = [_guide(v, use_cfg, scale) for v, scale in zip(vs, scales)]
+            xs_next = [
+                x_cur + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
+                for x_cur, d_cur, d_prime in zip(xs_cur, ds_cur, ds_prime)
+            ]
+    return _finish(xs_next, return_class_token)
 
 
 @torch.no_grad()
@@ -151,7 +208,11 @@ def euler_maruyama_sampler(
     *,
     model_dtype: torch.dtype | None = None,
     progress: bool = False,
-) -> Tensor:
+    cls_noise: Tensor | None = None,
+    cls_cfg_scale: float | None = None,
+    cls_eps: Sequence[Tensor] | Tensor | None = None,
+    return_class_token: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Reverse SDE dx = [v - (w_t / 2) s] dt + sqrt(w_t) dW_bar with w_t = 2 t (REPA Sec. 2 / SiT;
     any w_t > 0 keeps the marginals of the probability-flow ODE, REPA's sampler uses 2 t).
 
@@ -172,36 +233,48 @@ def euler_maruyama_sampler(
         eps: injected noises, num_steps - 1 tensors (B, C, H, W) in order (overrides `generator`).
         model_dtype: dtype of the model's inputs.
         progress: show a tqdm bar.
+        cls_noise: REG: (B, D_enc) initial class tokens at t = 1; `fn` is then `fn(x_t, cls_t, t, y) -> (v, v_cls)`.
+            Each stochastic step draws the class token's noise right after the image's (REG's order).
+        cls_cfg_scale: REG: guidance scale of the class token (None = cfg_scale; <= 0 = conditional only).
+        cls_eps: REG: injected class-token noises, num_steps - 1 tensors (B, D_enc) (with `eps`).
+        return_class_token: also return the generated class token.
 
     Returns:
-        (B, C, H, W) float64 samples at t = 0.
+        (B, C, H, W) float64 samples at t = 0 (and the (B, D_enc) class tokens with `return_class_token`).
     """
     _check_cfg(cfg_scale, null_label)
     if num_steps < 2:
         raise ValueError("euler_maruyama_sampler needs num_steps >= 2")
     if eps is not None and len(eps) < num_steps - 1:
         raise ValueError(f"eps holds {len(eps)} noises, {num_steps - 1} are needed")
+    if cls_noise is not None and eps is not None and (cls_eps is None or len(cls_eps) < num_steps - 1):
+        raise ValueError(f"with eps and cls_noise, cls_eps must hold {num_steps - 1} class-token noises")
+    scales = [cfg_scale, cfg_scale if cls_cfg_scale is None else cls_cfg_scale]
     p = get_path(path)
     dtype = _model_dtype(noise, model_dtype)
     t_steps = torch.linspace(1, last_step, num_steps, dtype=torch.float64, device=noise.device)
     t_steps = torch.cat([t_steps, torch.zeros(1, dtype=torch.float64, device=noise.device)])
-    x = noise.to(torch.float64)
+    xs = _states(noise, cls_noise)
+    injected = [eps, cls_eps]
     for i in tqdm(range(num_steps), disable=not progress, desc="sde"):
         t_cur, t_next = t_steps[i], t_steps[i + 1]
         dt = t_next - t_cur
         last = i == num_steps - 1
         use_cfg = _use_cfg(t_cur, cfg_scale, guidance_low, guidance_high)
         w = 2 * t_cur  # diffusion coefficient
-        if not last:
-            if eps is not None:
-                z = eps[i].to(device=x.device, dtype=torch.float64)
-            elif generator is None:
-                z = torch.randn_like(x)
-            else:
-                z = torch.randn(x.shape, generator=generator, device=generator.device, dtype=torch.float64)
-                z = z.to(x.device)
-        v, x_in, t_in = _evaluate(fn, x, t_cur, y, use_cfg, null_label, dtype)
-        s = p.velocity_to_score(v, x_in, t_in)
-        d = _guide(v - 0.5 * w * s, use_cfg, cfg_scale)
-        x = x + dt * d if last else x + d * dt + torch.sqrt(w) * (z * torch.sqrt(torch.abs(dt)))
-    return x
+        zs = [] if last else [_draw(x, injected[k], i, generator) for k, x in enumerate(xs)]
+        vs, xs_in, t_in = _evaluate(fn, xs, t_cur, y, use_cfg, null_label, dtype)
+        for k, (x, v, x_in) in enumerate(zip(xs, vs, xs_in)):
+            s = p.velocity_to_score(v, x_in, t_in)
+            d = _guide(v - 0.5 * w * s, use_cfg, scales[k])
+            xs[k] = x + dt * d if last else x + d * dt + torch.sqrt(w) * (zs[k] * torch.sqrt(torch.abs(dt)))
+    return _finish(xs, return_class_token)
+
+
+def _draw(x: Tensor, eps: Sequence[Tensor] | Tensor | None, i: int, generator: torch.Generator | None) -> Tensor:
+    """Step i's standard normal noise like x (float64): injected, from `generator`, or the global RNG."""
+    if eps is not None:
+        return eps[i].to(device=x.device, dtype=torch.float64)
+    if generator is None:
+        return torch.randn_like(x)
+    return torch.randn(x.shape, generator=generator, device=generator.device, dtype=torch.float64).to(x.device)

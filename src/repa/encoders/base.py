@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,6 +37,25 @@ def to_unit_rgb(images: torch.Tensor) -> torch.Tensor:
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
+@dataclass
+class EncoderOutput:
+    """What `Encoder.encode` returns (all float32, no grad).
+
+    Attributes:
+        tokens: (B, N, D) patch tokens, exactly the default call's output.
+        global_token: (B, D) the image's global token (REG's class token), or None when not asked: the CLS token
+            after the final norm for families that have one (`Encoder.global_token_kind == "cls"`), else the mean
+            of the patch tokens ("mean").
+        attentions: {layer: (B, heads, N, N)} the attention of the asked 1-indexed layers restricted to the patch
+            tokens: softmax over the patch keys of Q K^T / sqrt(d) (HASTE drops the CLS row and column of the
+            teacher's logits before the softmax), so each row sums to 1.
+    """
+
+    tokens: torch.Tensor
+    global_token: torch.Tensor | None = None
+    attentions: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
 class Encoder(nn.Module):
     """A frozen target encoder: `forward(images) -> (B, N, D)` patch tokens (no CLS/register tokens), no grad.
 
@@ -50,7 +72,13 @@ class Encoder(nn.Module):
         resolution: input side after preprocessing.
         layer: block whose output is returned (None = the last block), after the model's final norm.
         source: where the weights came from (hub id, file path or "random-init"), recorded in target caches.
+        global_token_kind: "cls" (the family has a CLS token) or "mean" (mean patch token), see `encode`.
+
+    `forward(images)` returns the patch tokens only; `encode(images, global_token=..., attention_layers=...)` also
+    returns the global token and attention maps (`EncoderOutput`) without changing the tokens.
     """
+
+    global_token_kind: str = "mean"
 
     def __init__(
         self,
@@ -107,11 +135,45 @@ class Encoder(nn.Module):
     def _tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _encode(self, pixels: torch.Tensor, attention_layers: tuple[int, ...]) -> EncoderOutput:
+        """Tokens, global token and attention maps of preprocessed pixels; this default has no attention maps and
+        takes the mean patch token as the global token (global average pooling)."""
+        if attention_layers:
+            raise ValueError(
+                f"encoder {self.name!r} ({type(self).__name__}) has no attention maps: it is not a transformer. "
+                "HASTE's attention alignment needs a ViT encoder (e.g. dinov2-vit-b)"
+            )
+        tokens = self._tokens(pixels)
+        return EncoderOutput(tokens, tokens.mean(dim=1))
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Patch tokens (B, N, D) float32 of uint8 [0,255] or float [0,1] images (B, 1|3, H, W)."""
         tokens = self._tokens(self.preprocess(images))
         return tokens.float()
+
+    @torch.no_grad()
+    def encode(
+        self, images: torch.Tensor, *, global_token: bool = False, attention_layers: Iterable[int] = ()
+    ) -> EncoderOutput:
+        """Patch tokens and, on request, the global token and attention maps (REG, HASTE) of one forward pass.
+
+        Args:
+            images: uint8 [0,255] or float [0,1] images (B, 1|3, H, W).
+            global_token: also return the global token (B, D).
+            attention_layers: 1-indexed blocks whose attention maps (B, heads, N, N) to return.
+
+        Returns:
+            `EncoderOutput` in float32; `tokens` equals `forward(images)`.
+
+        Raises:
+            ValueError: attention maps from an encoder that has none, or a layer outside the run blocks.
+        """
+        out = self._encode(self.preprocess(images), tuple(sorted({int(a) for a in attention_layers})))
+        out.tokens = out.tokens.float()
+        out.global_token = out.global_token.float() if global_token and out.global_token is not None else None
+        out.attentions = {k: v.float() for k, v in out.attentions.items()}
+        return out
 
     def extra_repr(self) -> str:
         return (

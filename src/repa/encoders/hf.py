@@ -3,6 +3,8 @@
 
 Tokens are the last run block's output after the model's final LayerNorm, without CLS/register tokens. With
 `layer=k` the block list is cut after block k, so later blocks are never run (and the final norm still applies).
+`encode` also gives the global token (the CLS token after the final norm; the mean patch token for SigLIP and I-JEPA,
+which have none) and the attention maps of chosen blocks, read from their query/key projections.
 """
 
 from __future__ import annotations
@@ -12,7 +14,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from repa.encoders.base import CLIP_MEAN, CLIP_STD, HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD, Encoder
+from repa.encoders.base import (
+    CLIP_MEAN,
+    CLIP_STD,
+    HALF_MEAN,
+    HALF_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Encoder,
+    EncoderOutput,
+)
 
 
 @dataclass(frozen=True)
@@ -116,6 +127,7 @@ class HFEncoder(Encoder):
             truncate_blocks(model, layer)
         self.family = family
         self.model = model
+        self.global_token_kind = "cls" if fam.cls_token else "mean"
         self.num_prefix = int(fam.cls_token) + int(getattr(cfg, "num_register_tokens", 0) or 0)
         native = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
         self.native_resolution = native
@@ -123,7 +135,8 @@ class HFEncoder(Encoder):
             raise ValueError(f"{name}: MAE must run with mask_ratio 0 (got {cfg.mask_ratio})")
         self.freeze()
 
-    def _tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _sequence(self, pixels: torch.Tensor) -> torch.Tensor:
+        """All output tokens (B, prefix + N, D) after the final norm (prefix: CLS, then registers)."""
         kwargs: dict = {}
         if self.family not in ("dinov2", "dinov2-reg"):  # DINOv2 always interpolates its position embeddings
             kwargs["interpolate_pos_encoding"] = pixels.shape[-1] != self.native_resolution
@@ -134,7 +147,54 @@ class HFEncoder(Encoder):
         post_norm = FAMILIES[self.family].post_norm
         if post_norm is not None:
             tokens = getattr(self.model, post_norm)(tokens)
-        return tokens[:, self.num_prefix :]
+        return tokens
+
+    def _tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._sequence(pixels)[:, self.num_prefix :]
+
+    def _encode(self, pixels: torch.Tensor, attention_layers: tuple[int, ...]) -> EncoderOutput:
+        blocks = _blocks(self.model, self.model.config.num_hidden_layers)[2]
+        bad = [a for a in attention_layers if not 1 <= a <= len(blocks)]
+        if bad:
+            raise ValueError(
+                f"encoder {self.name!r}: attention_layers must be in [1, {len(blocks)}] (the blocks it runs), got {bad}"
+            )
+        logits: dict[int, torch.Tensor] = {}
+        hooks = [
+            _attention_module(blocks[a - 1]).register_forward_pre_hook(_logit_hook(logits, a), with_kwargs=True)
+            for a in attention_layers
+        ]
+        try:
+            seq = self._sequence(pixels)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        p = self.num_prefix
+        attn = {a: logits[a][:, :, p:, p:].float().softmax(dim=-1) for a in attention_layers}  # HASTE: CLS dropped
+        glob = seq[:, 0] if self.global_token_kind == "cls" else seq[:, p:].mean(dim=1)
+        return EncoderOutput(seq[:, p:], glob, attn)
+
+
+def _attention_module(block: nn.Module) -> nn.Module:
+    """The self-attention of a transformers ViT block: the submodule with `q_proj` and `k_proj` (every family)."""
+    found = [m for m in block.modules() if hasattr(m, "q_proj") and hasattr(m, "k_proj")]
+    if len(found) != 1:
+        raise RuntimeError(f"cannot locate the attention of {type(block).__name__}")
+    return found[0]
+
+
+def _logit_hook(store: dict[int, torch.Tensor], layer: int):
+    """A forward pre-hook storing the attention logits Q K^T * scale (B, heads, T, T) of the module's input."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        h = args[0] if args else kwargs["hidden_states"]
+        b, t, _ = h.shape
+        q = module.q_proj(h).view(b, t, -1, module.head_dim).transpose(1, 2)
+        k = module.k_proj(h).view(b, t, -1, module.head_dim).transpose(1, 2)
+        scale = getattr(module, "scaling", None) or getattr(module, "scale", module.head_dim**-0.5)
+        store[layer] = (q.float() * scale) @ k.float().transpose(-2, -1)
+
+    return hook
 
 
 def mocov3_to_vit(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -16,14 +16,17 @@ def count_params(model: nn.Module, include_projectors: bool = False) -> int:
 
     Args:
         model: the model.
-        include_projectors: add the REPA projector MLPs (they are dropped after training).
+        include_projectors: add the training-only heads: the REPA projectors and SRA's `self_align_head` (both
+            are dropped after training; REG's class-token embedder and head are part of the generator).
 
     Returns:
         the parameter count.
     """
     total = sum(p.numel() for p in model.parameters())
-    if not include_projectors and hasattr(model, "projectors"):
-        total -= sum(p.numel() for p in model.projectors.parameters())
+    if not include_projectors:
+        for name in ("projectors", "self_align_head"):
+            if hasattr(model, name):
+                total -= sum(p.numel() for p in getattr(model, name).parameters())
     return total
 
 
@@ -39,23 +42,33 @@ def forward_macs(model: nn.Module, batch: int = 1, include_projectors: bool = Fa
     Args:
         model: a `DiffusionTransformer` (only its configuration is read).
         batch: number of images.
-        include_projectors: add the REPA projectors (used in training only, at `align_depth`).
+        include_projectors: add the REPA projectors (used in training only, at `align_depth`; an MLP per token or
+            iREPA's k x k convolution) and SRA's head.
 
     Returns:
         multiply-accumulates for `batch` images.
+
+    A REG class token (`class_token_dim` > 0) adds one token to every block, its input embedding and its output
+    head (and, with projectors, one projected token).
     """
     c = model.config
     D, p, C = c["hidden_size"], c["patch_size"], c["in_channels"]
     c_out = 2 * C if c["learn_sigma"] else C
     N = (c["input_size"] // p) ** 2
+    E = c.get("class_token_dim", 0)
+    T = N + int(E > 0)  # tokens inside the blocks
     mlp_hidden = int(D * c["mlp_ratio"])
     freq = model.t_embedder.frequency_embedding_size
     conditioning = freq * D + D * D + c["depth"] * D * 6 * D + D * 2 * D  # per image, not per token
-    per_block = N * (3 * D * D + D * D + 2 * D * mlp_hidden) + 2 * N * N * D  # linears + QK^T + AV
-    macs = N * C * p * p * D + conditioning + c["depth"] * per_block + N * D * p * p * c_out
+    per_block = T * (3 * D * D + D * D + 2 * D * mlp_hidden) + 2 * T * T * D  # linears + QK^T + AV
+    macs = N * C * p * p * D + conditioning + c["depth"] * per_block + N * D * p * p * c_out + 2 * E * D
     if include_projectors:
-        P = c["projector_dim"]
-        macs += sum(N * (D * P + P * P + P * d) for d in c["encoder_dims"])
+        P, k = c["projector_dim"], c.get("projector_kernel", 3)
+        if c.get("projector", "mlp") == "conv":  # zero padding is counted as multiplied, as the flop counter does
+            macs += sum(T * D * d * k * k for d in c["encoder_dims"])
+        else:
+            macs += sum(T * (D * P + P * P + P * d) for d in c["encoder_dims"])
+        macs += N * 4 * D * D if c.get("self_align") else 0
     return batch * macs
 
 

@@ -14,6 +14,8 @@ from torch import Tensor, nn
 
 __all__ = [
     "Attention",
+    "ClassTokenEmbedder",
+    "ConvProjector",
     "FinalLayer",
     "LabelEmbedder",
     "Mlp",
@@ -21,6 +23,7 @@ __all__ = [
     "TimestepEmbedder",
     "TransformerBlock",
     "build_projector",
+    "build_self_align_head",
     "modulate",
     "sincos_pos_embed_2d",
     "timestep_features",
@@ -170,14 +173,23 @@ class Attention(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim, bias=True)
 
-    def forward(self, x_BND: Tensor) -> Tensor:
-        """(B, N, D) -> (B, N, D)."""
+    def forward(self, x_BND: Tensor, return_attn: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """(B, N, D) -> (B, N, D); with `return_attn` also the attention logits (B, H, N, N).
+
+        The default path is the fused SDPA kernel. `return_attn=True` (HASTE's attention alignment, only at the
+        blocks it reads) computes the same attention explicitly: logits = Q K^T / sqrt(d), out = softmax(logits) V,
+        so the returned map is the one the block used and gradients flow through it.
+        """
         B, N, D = x_BND.shape
         qkv = self.qkv(x_BND).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q_BHNd, k_BHNd, v_BHNd = qkv.unbind(0)
         q_BHNd, k_BHNd = self.q_norm(q_BHNd), self.k_norm(k_BHNd)
-        out_BHNd = F.scaled_dot_product_attention(q_BHNd, k_BHNd, v_BHNd)  # scale 1/sqrt(head_dim)
-        return self.proj(out_BHNd.transpose(1, 2).reshape(B, N, D))
+        if not return_attn:
+            out_BHNd = F.scaled_dot_product_attention(q_BHNd, k_BHNd, v_BHNd)  # scale 1/sqrt(head_dim)
+            return self.proj(out_BHNd.transpose(1, 2).reshape(B, N, D))
+        logits_BHNN = (q_BHNd * self.head_dim**-0.5) @ k_BHNd.transpose(-2, -1)
+        out_BHNd = logits_BHNN.softmax(dim=-1) @ v_BHNd
+        return self.proj(out_BHNd.transpose(1, 2).reshape(B, N, D)), logits_BHNN
 
 
 class Mlp(nn.Module):
@@ -208,12 +220,18 @@ class TransformerBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x_BND: Tensor, c_BD: Tensor) -> Tensor:
-        """Tokens (B, N, D) and conditioning (B, D) -> tokens (B, N, D)."""
+    def forward(self, x_BND: Tensor, c_BD: Tensor, return_attn: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Tokens (B, N, D) and conditioning (B, D) -> tokens (B, N, D) (and the attention logits (B, H, N, N)
+        with `return_attn`, see `Attention.forward`)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c_BD).chunk(6, dim=-1)
-        x_BND = x_BND + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x_BND), shift_msa, scale_msa))
+        h_BND = modulate(self.norm1(x_BND), shift_msa, scale_msa)
+        if return_attn:
+            attn_BND, logits_BHNN = self.attn(h_BND, return_attn=True)
+        else:
+            attn_BND = self.attn(h_BND)
+        x_BND = x_BND + gate_msa.unsqueeze(1) * attn_BND
         x_BND = x_BND + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x_BND), shift_mlp, scale_mlp))
-        return x_BND
+        return (x_BND, logits_BHNN) if return_attn else x_BND
 
 
 class FinalLayer(nn.Module):
@@ -231,15 +249,55 @@ class FinalLayer(nn.Module):
 
     def forward(self, x_BND: Tensor, c_BD: Tensor) -> Tensor:
         """(B, N, D), (B, D) -> (B, N, p * p * C_out)."""
+        return self.linear(self.modulated(x_BND, c_BD))
+
+    def modulated(self, x_BND: Tensor, c_BD: Tensor) -> Tensor:
+        """The adaLN-modulated final norm (B, N, D) before the linear map (REG's class-token head reads it too)."""
         shift, scale = self.adaLN_modulation(c_BD).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x_BND), shift, scale))
+        return modulate(self.norm_final(x_BND), shift, scale)
 
 
-def build_projector(hidden_size: int, projector_dim: int, encoder_dim: int) -> nn.Sequential:
-    """REPA projector h_phi: Linear(D, P)-SiLU-Linear(P, P)-SiLU-Linear(P, D_enc), applied per token.
+class ConvProjector(nn.Module):
+    """iREPA's projector (Singh et al. 2025, arXiv 2512.10794, Sec. 4): one 2-D convolution over the token grid.
 
-    No normalisation before or after it (the alignment loss normalises). Keys `{0, 2, 4}`.
+    Conv2d(D, D_enc, kernel k, stride 1, padding k // 2) maps the (h, w) grid of hidden tokens to target tokens,
+    so each prediction sees its k x k neighbourhood (the MLP sees one token). No hidden layer and no activation,
+    as the official `ProjectionLayer(conv)`. PyTorch's default Conv2d init (the official init only re-initialises
+    `nn.Linear`). Keys `conv.weight`, `conv.bias` (distinct from the MLP's `0/2/4`).
     """
+
+    def __init__(self, hidden_size: int, encoder_dim: int, kernel_size: int = 3) -> None:
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(
+                f"projector_kernel must be a positive odd number (the grid keeps its size), got {kernel_size}"
+            )
+        self.kernel_size = kernel_size
+        self.conv = nn.Conv2d(hidden_size, encoder_dim, kernel_size, stride=1, padding=kernel_size // 2)
+
+    def forward(self, tokens_BND: Tensor, grid_hw: tuple[int, int] | None = None) -> Tensor:
+        """(B, N, D) row-major tokens of a (h, w) grid (square when None) -> (B, N, D_enc)."""
+        B, N, D = tokens_BND.shape
+        h, w = grid_hw if grid_hw is not None else (math.isqrt(N), math.isqrt(N))
+        if h * w != N:
+            raise ValueError(f"the conv projector needs a token grid: {N} tokens are not a {h}x{w} grid")
+        grid_BDhw = tokens_BND.transpose(1, 2).reshape(B, D, h, w)
+        return self.conv(grid_BDhw).flatten(2).transpose(1, 2)  # (B, N, D_enc)
+
+
+def build_projector(
+    hidden_size: int, projector_dim: int, encoder_dim: int, kind: str = "mlp", kernel_size: int = 3
+) -> nn.Module:
+    """REPA projector h_phi, applied per token (kind "mlp") or over the token grid (kind "conv", iREPA).
+
+    "mlp": Linear(D, P)-SiLU-Linear(P, P)-SiLU-Linear(P, D_enc), no normalisation before or after it (the
+    alignment loss normalises); keys `{0, 2, 4}` (the official REPA layout). "conv": `ConvProjector(D, D_enc,
+    kernel_size)`; `projector_dim` is unused.
+    """
+    if kind == "conv":
+        return ConvProjector(hidden_size, encoder_dim, kernel_size)
+    if kind != "mlp":
+        raise ValueError(f"unknown projector {kind!r}; choose 'mlp' or 'conv'")
     return nn.Sequential(
         nn.Linear(hidden_size, projector_dim),
         nn.SiLU(),
@@ -247,3 +305,23 @@ def build_projector(hidden_size: int, projector_dim: int, encoder_dim: int) -> n
         nn.SiLU(),
         nn.Linear(projector_dim, encoder_dim),
     )
+
+
+class ClassTokenEmbedder(nn.Module):
+    """REG's input embedding of the noisy class token (Wu et al. 2025, arXiv 2507.01467): Linear(D_enc, D) then an
+    affine LayerNorm (eps 1e-6), as the official `cls_projectors2` + `wg_norm`. Keys `proj.*`, `norm.*`."""
+
+    def __init__(self, class_token_dim: int, hidden_size: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(class_token_dim, hidden_size)
+        self.norm = nn.LayerNorm(hidden_size, elementwise_affine=True, eps=1e-6)
+
+    def forward(self, cls_BC: Tensor) -> Tensor:
+        """(B, D_enc) noisy class token -> (B, 1, D) model token."""
+        return self.norm(self.proj(cls_BC)).unsqueeze(1)
+
+
+def build_self_align_head(hidden_size: int) -> nn.Sequential:
+    """SRA's student head (Jiang et al. 2025, arXiv 2505.02831; official `SimpleHead(D, D)`):
+    Linear(D, 2D)-SiLU-Linear(2D, D) per token. Keys `{0, 2}`."""
+    return nn.Sequential(nn.Linear(hidden_size, 2 * hidden_size), nn.SiLU(), nn.Linear(2 * hidden_size, hidden_size))
