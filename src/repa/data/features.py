@@ -22,12 +22,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from repa.errors import ReportedError
+
 FORMAT_VERSION = 1
 _ST_DTYPES = {torch.float16: ("F16", np.float16), torch.float32: ("F32", np.float32)}
 
 
-class TargetCacheMismatch(ValueError):
+class TargetCacheMismatch(ReportedError, ValueError):
     """An existing cache was built for another encoder, resolution, layer, dataset or flip set."""
+
+    exit_code = 9
 
 
 def images_fingerprint(images: torch.Tensor) -> str:

@@ -15,6 +15,7 @@ from repa.encoders.base import Encoder
 from repa.encoders.focus import focus_weights
 from repa.encoders.hf import HFEncoder, build_random, from_pretrained, mocov3_to_vit
 from repa.encoders.mobilenet import MobileNetV2Encoder
+from repa.errors import ReportedError
 
 
 @dataclass(frozen=True)
@@ -114,8 +115,10 @@ ENCODERS.update(
 )
 
 
-class EncoderWeightsError(RuntimeError):
+class EncoderWeightsError(ReportedError, RuntimeError):
     """The weights of a registered encoder could not be found or downloaded."""
+
+    exit_code = 10
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
