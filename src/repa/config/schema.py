@@ -1,0 +1,137 @@
+"""The run configuration's schema: one small typed dataclass per component, composed into `Config` (validated on
+construction by `repa.config.validate`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from repa.config.validate import validate
+
+
+@dataclass
+class ModelConfig:
+    """The diffusion transformer. `name` picks a registry entry; the other fields override it."""
+
+    name: str = "SiT-XL/2"
+    hidden_size: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float | None = None
+    align_depth: int | None = None  # 1-indexed block whose output feeds the projectors; None = registry default
+    projector_dim: int = 2048
+    qk_norm: bool = False
+    class_dropout_prob: float = 0.1
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Training data. `fashion-mnist`: bundled 28x28 grayscale, pixel space; `folder`: ImageNet-layout images;
+    `latents`: shards written by `repa prepare` (VAE posterior mean/std + encoder targets)."""
+
+    kind: Literal["fashion-mnist", "folder", "latents"] = "latents"
+    root: str | None = None
+    resolution: int = 256  # image side; latents are resolution / 8
+    num_train: int | None = None  # first-N class-balanced subset (None = all)
+    hflip: bool = True
+    space: Literal["pixel", "latent"] = "latent"
+    vae: str = "stabilityai/sd-vae-ft-ema"
+    num_workers: int = 0
+
+
+@dataclass
+class RepaConfig:
+    """The alignment regulariser. No encoders or align_coeff == 0 gives vanilla training (no encoder is run)."""
+
+    encoders: list[str] = field(default_factory=lambda: ["dinov2-vit-b"])
+    encoder_resolution: int = 224
+    encoder_layer: int | None = None  # None = final layer (after the final norm)
+    encoder_weights: list[str] = field(default_factory=list)  # local paths, one per encoder (optional)
+    align_coeff: float = 0.5
+    align_kind: Literal["cos", "ntxent"] = "cos"
+    resample_tokens: bool = True  # resample encoder token grids to the model grid when they differ
+    cache_targets: bool = True  # precompute encoder targets once instead of running the encoder every step
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.encoders) and self.align_coeff > 0
+
+
+@dataclass
+class TransportConfig:
+    """Interpolant / diffusion process (time convention lives in repa.transport)."""
+
+    diffusion: Literal["flow", "ddpm"] = "flow"
+    path: Literal["linear", "cosine"] = "linear"
+    prediction: Literal["v"] = "v"
+    time_sampling: Literal["uniform", "lognormal"] = "uniform"
+
+
+@dataclass
+class OptimConfig:
+    """AdamW + EMA, the official recipe's defaults."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    ema_warmup: bool = False  # decay = min(ema_decay, (1 + step) / (10 + step)); useful for short runs
+
+
+@dataclass
+class SampleConfig:
+    """Sampling for periodic grids and `repa sample`."""
+
+    sampler: Literal["ode", "sde"] = "sde"
+    num_steps: int = 250
+    heun: bool = False
+    cfg_scale: float = 1.0
+    guidance_low: float = 0.0
+    guidance_high: float = 0.7
+    num_images: int = 64
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """The loop: batch, duration, precision, cadence of logs/samples/checkpoints."""
+
+    run_dir: str = "runs/default"
+    seed: int = 0
+    global_batch_size: int = 256
+    grad_accum_steps: int = 1
+    max_steps: int = 400_000
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    allow_tf32: bool = True
+    compile: bool = False
+    # with compile: the share of activations the backward may keep (torch._functorch activation_memory_budget);
+    # below 1 the compiler recomputes the cheapest ops (pointwise first) instead of saving them: less memory, a
+    # little more time (benchmarks/README.md). None = the compiler's default (1.0).
+    compile_memory_budget: float | None = None
+    log_every: int = 50
+    sample_every: int = 10_000
+    checkpoint_every: int = 10_000
+    keep_checkpoints: int = 2
+    max_nonfinite_steps: int = 10  # stop after this many skipped steps with NaN/inf loss or gradients
+    num_threads: int | None = None  # CPU threads (None = torch default)
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    """Everything a run needs; written resolved to `<run_dir>/config.yaml`."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    repa: RepaConfig = field(default_factory=RepaConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)

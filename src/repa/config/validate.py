@@ -1,0 +1,185 @@
+"""Every value and cross-field check that can be made before any work, raising `ConfigError` naming the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from typing import TYPE_CHECKING, Any
+
+from repa.errors import ReportedError
+from repa.models import MODELS
+
+if TYPE_CHECKING:
+    from repa.config.schema import Config, OptimConfig
+
+
+class ConfigError(ReportedError, ValueError):
+    """A config value, preset file or override that cannot run; the message names the key or the file."""
+
+    exit_code = 2
+
+
+MAX_LR = 1.0  # AdamW moves every weight by about lr per step: above this no run can train
+DDPM_STEPS = 1000  # DDPM sampling respaces the 1000 training steps (DiT models and transport.diffusion=ddpm)
+FASHION_MNIST_SIZE = 28
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Every value and cross-field check that can be made before any work. Raises ConfigError (a ValueError)
+    naming the key."""
+    _check_finite(cfg)
+    _check_ranges(cfg)
+    t, d, r = cfg.train, cfg.data, cfg.repa
+    if t.global_batch_size < 1 or t.grad_accum_steps < 1:
+        raise ConfigError("train.global_batch_size and train.grad_accum_steps must be >= 1")
+    if t.global_batch_size % (world_size * t.grad_accum_steps):
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by "
+            f"num_processes ({world_size}) x train.grad_accum_steps ({t.grad_accum_steps})"
+        )
+    if t.max_steps < 0:
+        raise ConfigError("train.max_steps must be >= 0")
+    if d.kind == "fashion-mnist" and d.space != "pixel":
+        raise ConfigError("data.kind=fashion-mnist is grayscale 28x28 and trains in pixel space: set data.space=pixel")
+    if d.kind == "folder" and d.space != "pixel":
+        raise ConfigError(
+            "data.kind=folder trains on the images' pixels but data.space=latent: set data.space=pixel, or run "
+            "`repa prepare` and train on its latents with data.kind=latents"
+        )
+    if d.kind == "latents" and d.space != "latent":
+        raise ConfigError("data.kind=latents holds VAE latents: set data.space=latent")
+    if r.align_coeff < 0:
+        raise ConfigError("repa.align_coeff must be >= 0")
+    if r.encoder_weights and len(r.encoder_weights) != len(r.encoders):
+        raise ConfigError("repa.encoder_weights must give one path per entry of repa.encoders")
+    if cfg.transport.diffusion == "ddpm" and cfg.transport.path != "linear":
+        raise ConfigError("transport.path only applies to diffusion=flow")
+    if not 0.0 <= cfg.sample.guidance_low <= cfg.sample.guidance_high <= 1.0:
+        raise ConfigError("sample guidance interval must satisfy 0 <= guidance_low <= guidance_high <= 1")
+    if cfg.model.align_depth is not None and cfg.model.depth is not None and cfg.model.align_depth > cfg.model.depth:
+        raise ConfigError(f"model.align_depth={cfg.model.align_depth} exceeds model.depth={cfg.model.depth}")
+    _check_optim(cfg.optim)
+    _check_model(cfg)
+    _check_sample(cfg)
+
+
+def _floats(obj: Any, prefix: str = "") -> typing.Iterator[tuple[str, float]]:
+    """(dotted key, value) of every float in a config, tuple/list entries included."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _floats(value, f"{key}.")
+        elif isinstance(value, float):
+            yield key, value
+        elif isinstance(value, (list, tuple)):
+            yield from ((f"{key}[{i}]", v) for i, v in enumerate(value) if isinstance(v, float))
+
+
+def _check_finite(cfg: Config) -> None:
+    """NaN/inf pass every `<` test and would surface mid-run (or never): no float of a config may be one."""
+    for key, value in _floats(cfg):
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Numbers that would otherwise fail mid-run (a zero cadence divides by zero after the first step)."""
+    t, o, d, m = cfg.train, cfg.optim, cfg.data, cfg.model
+    positive = {"train.log_every": t.log_every, "train.sample_every": t.sample_every,
+                "train.checkpoint_every": t.checkpoint_every, "data.resolution": d.resolution,
+                "repa.encoder_resolution": cfg.repa.encoder_resolution, "sample.num_steps": cfg.sample.num_steps,
+                "sample.num_images": cfg.sample.num_images, "train.num_threads": t.num_threads,
+                "data.num_train": d.num_train, "model.hidden_size": m.hidden_size, "model.depth": m.depth,
+                "model.num_heads": m.num_heads, "model.projector_dim": m.projector_dim,
+                "repa.encoder_layer": cfg.repa.encoder_layer}  # fmt: skip
+    for key, value in positive.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    non_negative = {"train.keep_checkpoints": t.keep_checkpoints, "train.max_nonfinite_steps": t.max_nonfinite_steps,
+                    "optim.lr": o.lr, "optim.warmup_steps": o.warmup_steps, "optim.grad_clip": o.grad_clip,
+                    "optim.weight_decay": o.weight_decay, "data.num_workers": d.num_workers}  # fmt: skip
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    for key, seed in (("train.seed", t.seed), ("sample.seed", cfg.sample.seed)):
+        if not 0 <= seed < 2**63:
+            raise ConfigError(f"{key} must be in [0, 2**63), got {seed}")
+    if not 0.0 <= o.ema_decay <= 1.0:
+        raise ConfigError(f"optim.ema_decay must be in [0, 1], got {o.ema_decay}")
+    if not 0.0 <= m.class_dropout_prob < 1.0:
+        raise ConfigError(f"model.class_dropout_prob must be in [0, 1), got {m.class_dropout_prob}")
+    if m.mlp_ratio is not None and not m.mlp_ratio > 0:
+        raise ConfigError(f"model.mlp_ratio must be > 0, got {m.mlp_ratio}")
+    if t.compile_memory_budget is not None and not 0.0 < t.compile_memory_budget <= 1.0:
+        raise ConfigError(f"train.compile_memory_budget must be in (0, 1], got {t.compile_memory_budget}")
+    if not t.run_dir.strip():
+        raise ConfigError("train.run_dir must name a folder")
+    if d.root is not None and not d.root.strip():
+        raise ConfigError("data.root must name a folder (or be null)")
+    if d.space == "latent" and not d.vae.strip():
+        raise ConfigError("data.vae must name the VAE that decodes the latents (data.space=latent)")
+    if any(not name.strip() for name in cfg.repa.encoders):
+        raise ConfigError(f"repa.encoders holds an empty name: {cfg.repa.encoders}")
+
+
+def _check_optim(o: OptimConfig) -> None:
+    """AdamW settings certain to fail (NaN on the first update, divergence) or meaningless."""
+    if o.lr > MAX_LR:
+        raise ConfigError(f"optim.lr={o.lr} is far too large for AdamW (each step moves every weight by about lr): "
+                          f"use a value <= {MAX_LR}, e.g. 1e-4")  # fmt: skip
+    for i, beta in enumerate(o.betas):
+        if not 0.0 <= beta < 1.0:
+            raise ConfigError(f"optim.betas[{i}] must be in [0, 1), got {beta}")
+    if not o.eps > 0:
+        raise ConfigError(f"optim.eps must be > 0 (AdamW divides by sqrt(v) + eps: a weight whose gradient is 0 "
+                          f"would get 0/0 = NaN), got {o.eps}")  # fmt: skip
+    if o.lr * o.weight_decay > 1.0:
+        raise ConfigError(f"optim.lr x optim.weight_decay = {o.lr * o.weight_decay:g} must be <= 1 (AdamW multiplies "
+                          "every weight by 1 - lr x weight_decay each step)")  # fmt: skip
+
+
+def _check_model(cfg: Config) -> None:
+    """The model name and the depth the projectors read, with the registry's values where the config has none."""
+    m = cfg.model
+    if m.name not in MODELS:
+        close = difflib.get_close_matches(m.name, list(MODELS), n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}?" if close else f"valid: {', '.join(MODELS)}"
+        raise ConfigError(f"model.name={m.name!r} is not a registered model ({hint})")
+    reg = MODELS[m.name]
+    depth = m.depth if m.depth is not None else reg["depth"]
+    align = m.align_depth if m.align_depth is not None else reg["align_depth"]
+    if (m.align_depth is not None or cfg.repa.enabled) and not 1 <= align <= depth:
+        src = "" if m.depth is not None else f" (the depth of {m.name}; set model.depth to change it)"
+        what = "model.align_depth" if m.align_depth is not None else f"{m.name}'s default align_depth"
+        raise ConfigError(f"{what}={align} must be in [1, {depth}]{src}")
+    hidden = m.hidden_size if m.hidden_size is not None else reg["hidden_size"]
+    heads = m.num_heads if m.num_heads is not None else reg["num_heads"]
+    if hidden % heads:
+        raise ConfigError(f"model hidden_size={hidden} is not divisible by num_heads={heads}")
+    if hidden % 4:
+        raise ConfigError(f"model hidden_size={hidden} must be divisible by 4 (the 2-D sin-cos position embedding)")
+    patch, d = reg["patch_size"], cfg.data
+    size = {"fashion-mnist": FASHION_MNIST_SIZE, "folder": d.resolution}.get(d.kind)  # latents: the manifest's
+    if size is not None and size % patch:
+        what = "Fashion-MNIST's 28 px" if d.kind == "fashion-mnist" else f"data.resolution={d.resolution}"
+        raise ConfigError(f"{what} is not divisible by the patch size {patch} of model.name={m.name}")
+
+
+def _check_sample(cfg: Config) -> None:
+    """Sampling settings that would only fail at the first sample grid, or be silently ignored."""
+    from repa.models import MODELS
+
+    s = cfg.sample
+    if s.cfg_scale < 1.0:
+        raise ConfigError(f"sample.cfg_scale must be >= 1 (1 = no guidance; the samplers guide only above 1), "
+                          f"got {s.cfg_scale}")  # fmt: skip
+    if s.cfg_scale > 1.0 and cfg.model.class_dropout_prob == 0:
+        raise ConfigError(f"sample.cfg_scale={s.cfg_scale} needs the unconditional (null) class that "
+                          "model.class_dropout_prob > 0 trains: set one, or sample.cfg_scale=1")  # fmt: skip
+    if cfg.transport.diffusion == "ddpm" or MODELS[cfg.model.name]["learn_sigma"]:
+        why = "transport.diffusion=ddpm" if cfg.transport.diffusion == "ddpm" else f"model.name={cfg.model.name}"
+        if s.num_steps > DDPM_STEPS:
+            raise ConfigError(f"sample.num_steps={s.num_steps}: {why} samples with DDPM, which respaces its "
+                              f"{DDPM_STEPS} steps: use at most {DDPM_STEPS}")  # fmt: skip
