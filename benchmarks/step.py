@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -140,9 +141,7 @@ def measure(
     verbose: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """Raw measurements per mode: describe() facts, per-step rows, per-step GEMM rates, peak memory, final loss."""
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
+    ctx = multiprocessing.get_context("spawn")
     chunk = steps if cfg.device.startswith("cuda") else 1  # GPU: no sync between measured steps
     out: dict[str, dict[str, Any]] = {}
 

@@ -121,13 +121,13 @@ def _fashion_test_batches():
 _TWO_PROC = """
 import json, sys
 sys.path.insert(0, {root!r})
-import repa.evaluation.generation as R
+import repa.evaluation.generation as generation
 from tests.test_cli_eval import FakeDetector
-R.make_detector = lambda *a, **k: FakeDetector()
-from repa import distributed as D
-m = R.generate_and_score({ckpt!r}, 12, {ref!r}, sample={{"num_steps": 2}}, batch_size=6, out_dir={out!r},
-                         progress=False)
-if D.is_main():
+generation.make_detector = lambda *a, **k: FakeDetector()
+from repa import distributed
+m = generation.generate_and_score({ckpt!r}, 12, {ref!r}, sample={{"num_steps": 2}}, batch_size=6, out_dir={out!r},
+                                  progress=False)
+if distributed.is_main():
     print("METRICS", json.dumps(m))
 """
 

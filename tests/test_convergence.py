@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
 import torch
-from benchmarks import convergence as C
+from benchmarks import convergence
+from safetensors.torch import load_file
 
 from tests.helpers.tiny import PatchEncoder, write_idx_dataset
 
@@ -18,18 +20,18 @@ ROOT = Path(__file__).parents[1]
 
 def test_steps_to_reach_grid_and_interpolated():
     steps = [100, 200, 300, 400]
-    assert C.steps_to_reach(steps, [10, 6, 4, 3], 5.0) == (300, 250.0)  # 6 -> 4 crosses 5 halfway
-    assert C.steps_to_reach(steps, [10, 6, 5, 3], 5.0) == (300, 300.0)  # equal counts as reached
-    assert C.steps_to_reach(steps, [4, 3, 2, 1], 5.0) == (100, 100.0)  # nothing known before the first eval
-    assert C.steps_to_reach(steps, [10, 9, 8, 7], 5.0) == (None, None)
-    assert C.steps_to_reach(steps, [0.1, 0.5, 0.7, 0.8], 0.6, lower_is_better=False) == (300, 250.0)
+    assert convergence.steps_to_reach(steps, [10, 6, 4, 3], 5.0) == (300, 250.0)  # 6 -> 4 crosses 5 halfway
+    assert convergence.steps_to_reach(steps, [10, 6, 5, 3], 5.0) == (300, 300.0)  # equal counts as reached
+    assert convergence.steps_to_reach(steps, [4, 3, 2, 1], 5.0) == (100, 100.0)  # nothing known before the first eval
+    assert convergence.steps_to_reach(steps, [10, 9, 8, 7], 5.0) == (None, None)
+    assert convergence.steps_to_reach(steps, [0.1, 0.5, 0.7, 0.8], 0.6, lower_is_better=False) == (300, 250.0)
 
 
 def test_verdict_needs_difference_beyond_seed_spread():
-    assert C.verdict([10.0, 12.0], [9.0, 9.5], lower_is_better=True).startswith("no result")  # diff 1.75 <= 2
-    assert C.verdict([10.0, 11.0], [7.0, 7.5], lower_is_better=True).startswith("better")
-    assert C.verdict([0.5, 0.52], [0.3, 0.31], lower_is_better=False).startswith("worse")
-    assert C.verdict([10.0], [5.0], lower_is_better=True).startswith("no result (one seed")
+    assert convergence.verdict([10.0, 12.0], [9.0, 9.5], lower_is_better=True).startswith("no result")  # diff 1.75 <= 2
+    assert convergence.verdict([10.0, 11.0], [7.0, 7.5], lower_is_better=True).startswith("better")
+    assert convergence.verdict([0.5, 0.52], [0.3, 0.31], lower_is_better=False).startswith("worse")
+    assert convergence.verdict([10.0], [5.0], lower_is_better=True).startswith("no result (one seed")
 
 
 def _rows(arm, seed, fids):
@@ -39,7 +41,7 @@ def _rows(arm, seed, fids):
 def test_speedup_on_constructed_curves():
     rows = (_rows("vanilla", 0, [40, 30, 22, 20]) + _rows("vanilla", 1, [41, 31, 23, 21])
             + _rows("repa", 0, [30, 19, 15, 12]) + _rows("repa", 1, [31, 20, 16, 13]))  # fmt: skip
-    sp = C.speedup(rows, "repa")
+    sp = convergence.speedup(rows, "repa")
     assert sp["target_fid"] == pytest.approx(20.5)
     assert sp["grid_step"] == 200 and sp["ratio_grid"] == pytest.approx(2.0)  # mean curve 30.5, 19.5 -> 200
     assert sp["interp_step"] == pytest.approx(100 + 100 * (30.5 - 20.5) / (30.5 - 19.5))
@@ -51,12 +53,12 @@ def test_speedup_on_constructed_curves():
         + _rows("repa", 0, [30, 19, 15, 19])
         + _rows("repa", 1, [31, 20, 16, 26])
     )
-    assert C.speedup(noisy, "repa")["verdict"] == "no result"  # final difference 1.5 < seed spread 8
+    assert convergence.speedup(noisy, "repa")["verdict"] == "no result"  # final difference 1.5 < seed spread 8
 
 
 def test_iso_fid_speedups_at_every_vanilla_checkpoint():
     rows = _rows("vanilla", 0, [40, 30, 22, 20]) + _rows("repa", 0, [30, 19, 15, 25])
-    curve = C.iso_fid_speedups(rows, "repa")
+    curve = convergence.iso_fid_speedups(rows, "repa")
     assert [c["base_step"] for c in curve] == [100, 200, 300, 400]
     assert [c["target_fid"] for c in curve] == [40, 30, 22, 20]
     assert curve[0]["arm_step"] == 100 and curve[0]["ratio"] == 1.0  # reached at the first evaluation: a bound
@@ -65,16 +67,17 @@ def test_iso_fid_speedups_at_every_vanilla_checkpoint():
     assert curve[2]["arm_step"] == pytest.approx(100 + 100 * (30 - 22) / (30 - 19))
     assert curve[3]["arm_step"] == pytest.approx(100 + 100 * (30 - 20) / (30 - 19))  # first crossing, not the last
     assert curve[3]["ratio"] == pytest.approx(400 / curve[3]["arm_step"])
-    assert C.iso_fid_speedups(_rows("vanilla", 0, [40, 30]) + _rows("repa", 0, [45, 41]), "repa")[1]["ratio"] is None
+    never = _rows("vanilla", 0, [40, 30]) + _rows("repa", 0, [45, 41])
+    assert convergence.iso_fid_speedups(never, "repa")[1]["ratio"] is None
 
 
 def test_parse_ablations():
-    arms = C.parse_ablations(["depth=1,4", "kind=ntxent", "encoder=random-dinov2-vit-s"])
+    arms = convergence.parse_ablations(["depth=1,4", "kind=ntxent", "encoder=random-dinov2-vit-s"])
     assert [a.name for a in arms] == ["repa-depth1", "repa-depth4", "repa-ntxent", "repa-random-dinov2-vit-s"]
     assert arms[-1].overrides == ("repa.encoders=[random-dinov2-vit-s]",)
-    assert len(C.parse_ablations(["all"])) == 6
+    assert len(convergence.parse_ablations(["all"])) == 6
     with pytest.raises(ValueError):
-        C.parse_ablations(["width=3"])
+        convergence.parse_ablations(["width=3"])
 
 
 class StandInDetector:
@@ -94,8 +97,8 @@ def test_tiny_benchmark_end_to_end(tmp_path, monkeypatch):
     write_idx_dataset(root, num=40, seed=1, split="test")
     monkeypatch.setattr("repa.training.setup.build_encoders", lambda cfg, device: [PatchEncoder(98)])
     monkeypatch.setattr("repa.encoders.load_encoder", lambda *a, **k: PatchEncoder(98))  # the CKNNA targets' encoder
-    monkeypatch.setattr(C.evaluate, "make_detector", lambda device: StandInDetector())
-    preset = C.Preset(steps=4, eval_every=2, batch_size=8, num_train=None, fid_samples=20, fid_reference=20,
+    monkeypatch.setattr(convergence.evaluate, "make_detector", lambda device: StandInDetector())
+    preset = convergence.Preset(steps=4, eval_every=2, batch_size=8, num_train=None, fid_samples=20, fid_reference=20,
                       sample_steps=2, probe_train=20, probe_test=20, probe_epochs=2, seeds=(0, 1), workers=1,
                       threads=1, device="cpu", eval_batch=10)  # fmt: skip
     overrides = ["model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.align_depth=1",
@@ -103,8 +106,8 @@ def test_tiny_benchmark_end_to_end(tmp_path, monkeypatch):
     out = tmp_path / "bench"
     threads = torch.get_num_threads()
     kwargs = dict(out=out, config=str(ROOT / "configs/tiny.yaml"), overrides=overrides, data_root=str(root),
-                  ablations=[C.Arm("repa-depth2", ("model.align_depth=2",))])  # fmt: skip
-    summary = C.run_benchmark(preset, **kwargs)
+                  ablations=[convergence.Arm("repa-depth2", ("model.align_depth=2",))])  # fmt: skip
+    summary = convergence.run_benchmark(preset, **kwargs)
     assert torch.get_num_threads() == threads  # the caller's thread count is restored
 
     with open(out / "results.csv") as f:
@@ -128,7 +131,130 @@ def test_tiny_benchmark_end_to_end(tmp_path, monkeypatch):
 
     # rerunning reuses the finished runs and evaluations; a different budget in the same folder is refused
     before = (out / "results.csv").read_text()
-    C.run_benchmark(preset, **kwargs)
+    convergence.run_benchmark(preset, **kwargs)
     assert (out / "results.csv").read_text() == before
     with pytest.raises(ValueError, match="other settings"):
-        C.run_benchmark(dataclasses.replace(preset, fid_samples=30), **kwargs)
+        convergence.run_benchmark(dataclasses.replace(preset, fid_samples=30), **kwargs)
+
+
+def _fake_focus_weights(path: Path) -> Path:
+    """A small state dict named like a 12-block Dinov2Model (the bundle keeps blocks 1..8 of it)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    state = {f"encoder.layer.{i}.mlp.fc1.weight": torch.randn(4, 3, generator=g) for i in range(12)}
+    state.update({"embeddings.cls_token": torch.randn(1, 1, 3, generator=g), "layernorm.weight": torch.ones(3)})
+    save_file(state, str(path))
+    return path
+
+
+def test_bundle_offline_run_and_deferred_scoring_match_the_online_run(tmp_path, monkeypatch):
+    """Bundle a tiny preset, run from it with an empty repa cache, offline and without network, score the packed
+    samples afterwards: the report's FIDs, probe and CKNNA equal those of a run that scored online."""
+    monkeypatch.setenv("REPA_CACHE", str(tmp_path / "cache"))
+    root = write_idx_dataset(tmp_path / "fmnist", num=60)  # 6 per class: the bundle keeps the first 3 (train)
+    write_idx_dataset(root, num=60, seed=1, split="test")  # and the first 2 (test)
+    monkeypatch.setattr("repa.training.setup.build_encoders", lambda cfg, device: [PatchEncoder(98)])
+    monkeypatch.setattr("repa.encoders.load_encoder", lambda *a, **k: PatchEncoder(98))
+    monkeypatch.setattr(convergence.evaluate, "make_detector", lambda device: StandInDetector())
+    focus = _fake_focus_weights(tmp_path / "focus.safetensors")
+    monkeypatch.setattr(convergence.bundle, "encoder_source", lambda name: focus)
+    preset = convergence.Preset(steps=4, eval_every=2, batch_size=8, num_train=30, fid_samples=20, fid_reference=20,
+                                sample_steps=2, probe_train=20, probe_test=20, probe_epochs=2, seeds=(0, 1),
+                                workers=1, threads=1, device="cpu", eval_batch=10)  # fmt: skip
+    overrides = ["model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.align_depth=1",
+                 "model.projector_dim=32", "sample.num_steps=2", "train.log_every=1"]  # fmt: skip
+    config = str(ROOT / "configs/tiny.yaml")
+    convergence.run_benchmark(preset, out=tmp_path / "online", config=config, overrides=overrides, data_root=str(root))
+
+    bundle = tmp_path / "bundle"
+    manifest = convergence.bundle.build_bundle(preset, bundle, config=config, overrides=overrides, data_root=str(root))
+    assert manifest["data"]["train"] == {"per_class": 3, "images": 30, "split_size": 60}
+    assert manifest["data"]["test"] == {"per_class": 2, "images": 20, "split_size": 60}
+    enc = manifest["encoders"]["dinov2-vit-s-focus"]
+    assert enc["layer"] == 8 and sorted(enc["dropped"]) == [f"encoder.layer.{i}.mlp.fc1.weight" for i in (10, 11, 8, 9)]
+    assert not manifest["inception"]["packed"]
+    with pytest.raises(ValueError, match="not empty"):
+        convergence.bundle.build_bundle(preset, bundle, config=config, overrides=overrides, data_root=str(root))
+
+    # offline: an empty repa cache, no hub, no pip, no download, no other Fashion-MNIST folder
+    empty = tmp_path / "empty-cache"
+    empty.mkdir()
+    monkeypatch.setenv("REPA_CACHE", str(empty))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("REPA_DATA", raising=False)
+    monkeypatch.setattr("repa.data.fashion_mnist.DEBIAN_DIR", tmp_path / "no-such-dir")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"network or subprocess used offline: {args}")
+
+    monkeypatch.setattr("urllib.request.urlopen", no_network)
+    monkeypatch.setattr("subprocess.run", no_network)
+    offline = tmp_path / "offline"
+    assert convergence.main(["--from-bundle", str(bundle), "--out", str(offline)]) == 0  # the bundle's own preset
+    assert not any(empty.iterdir())
+    restored = load_file(str(offline / "repa-cache" / "weights" / "dinov2-vit-s-focus.safetensors"))
+    original = load_file(str(focus))
+    assert set(restored) == set(original) and all(v.dtype == torch.float32 for v in restored.values())
+    block8 = "encoder.layer.7.mlp.fc1.weight"  # 0-indexed names: block 8 is layer.7
+    assert torch.equal(restored[block8], original[block8].half().float())
+    assert not restored["encoder.layer.8.mlp.fc1.weight"].any()  # never run (the encoder stops after block 8)
+    pack = offline / "deferred"
+    desc = json.loads((pack / "deferred.json").read_text())
+    assert len(desc["rows"]) == 2 * 2 * 2 and all(r["fid"] is None for r in desc["rows"])
+    assert sorted(p.name for p in pack.glob("samples-*.npz")) == [
+        "samples-repa-seed0.npz", "samples-repa-seed1.npz", "samples-vanilla-seed0.npz", "samples-vanilla-seed1.npz"
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="needs"):  # more images than the bundle holds
+        convergence.bundle.run_from_bundle(bundle, dataclasses.replace(preset, num_train=40), out=tmp_path / "more")
+
+    # scoring elsewhere (a machine with the Inception network and a repa cache)
+    monkeypatch.setenv("REPA_CACHE", str(tmp_path / "cache"))
+    scored = tmp_path / "scored"
+    assert convergence.main(["--score-samples", str(pack), "--from-bundle", str(bundle), "--out", str(scored)]) == 0
+    with open(tmp_path / "online" / "results.csv") as f:
+        online_rows = list(csv.DictReader(f))
+    with open(scored / "results.csv") as f:
+        scored_rows = list(csv.DictReader(f))
+    assert list(online_rows[0]) == list(scored_rows[0])  # the same columns, in the same order
+    timing = {"eval_s", "eval_cpu_s", "train_images_per_s"}
+    assert [{k: v for k, v in r.items() if k not in timing} for r in scored_rows] == [
+        {k: v for k, v in r.items() if k not in timing} for r in online_rows
+    ]  # the same FIDs, probe accuracies, CKNNA and losses, bit for bit
+    assert (scored / "convergence.png").stat().st_size > 0
+    assert "## Steps to reach" in (scored / "results.md").read_text()
+    assert len(list((scored / "fid").glob("*.json"))) == 8  # per-evaluation FIDs: a rerun resumes
+    with pytest.raises(ValueError, match="differ from the bundle"):  # other reference images are refused
+        other = write_idx_dataset(tmp_path / "other", num=60, seed=5, split="test")
+        convergence.deferred.score(pack, tmp_path / "scored2", data_root=str(other))
+
+
+@pytest.mark.slow  # builds the 22M-parameter encoder once (transformers import and init: ~10-40 s on 2 cores)
+def test_bundled_encoder_weights_load_offline(tmp_path, monkeypatch):
+    """The real loader reads the restored float16 focus weights (blocks 1..8) from the private cache, offline."""
+    from safetensors.torch import save_file
+
+    from repa.encoders import load_encoder
+    from repa.encoders.focus import build_focus_model
+
+    with torch.device("meta"):  # the architecture's names and shapes; random values (a real init takes seconds)
+        shapes = {k: v.shape for k, v in build_focus_model().state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    original = {k: torch.randn(shape, generator=g) * 0.02 for k, shape in shapes.items()}
+    src = tmp_path / "focus.safetensors"
+    save_file(original, str(src))
+    entry = convergence.bundle.pack_encoder(src, tmp_path / "packed.safetensors", layer=8)
+    assert {k.split(".")[2] for k in entry["dropped"]} == {"8", "9", "10", "11"}
+    assert (tmp_path / "packed.safetensors").stat().st_size < 0.36 * src.stat().st_size  # half precision, 8/12 blocks
+    cache = tmp_path / "cache"
+    convergence.bundle.restore_encoder(tmp_path, "dinov2-vit-s-focus", {**entry, "file": "packed.safetensors"}, cache)
+    monkeypatch.setenv("REPA_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("subprocess.run", lambda *a, **k: pytest.fail("pip run offline"))
+    encoder = load_encoder("dinov2-vit-s-focus", 98, layer=8)  # strict load of the full-shape state dict
+    loaded = encoder.model.state_dict()
+    assert len(encoder.model.encoder.layer) == 8 and set(loaded) == {k for k in original if k not in entry["dropped"]}
+    assert all(torch.equal(v, original[k].half().float()) for k, v in loaded.items())
+    with torch.no_grad():
+        tokens = encoder(torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8))
+    assert tokens.shape == (2, 49, 384) and bool(torch.isfinite(tokens).all())

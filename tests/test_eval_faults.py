@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import repa.evaluation.detectors as det_mod
+import repa.evaluation.inception_weights as inception_weights
 from repa.cli.main import main as cli_main
 from repa.errors import ReportedError
 from repa.evaluation import (
@@ -62,12 +62,12 @@ class AdmNamedDetector(FakeDetector):
 def _isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("REPA_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr(det_mod, "_DOWNLOAD_ATTEMPT", None)
+    monkeypatch.setattr(inception_weights, "_DOWNLOAD_ATTEMPT", None)
 
     def no_network(url, dest, timeout=60.0):
         raise OSError("network disabled in tests")
 
-    monkeypatch.setattr(det_mod, "_fetch_url", no_network)
+    monkeypatch.setattr(inception_weights, "_fetch_url", no_network)
 
 
 def _images(n: int, seed: int = 0, side: int = 8) -> np.ndarray:
@@ -294,12 +294,13 @@ def _state_dict_file(path: Path, w: torch.Tensor) -> Path:
 def test_classifier_is_found_where_other_fid_tools_keep_it(tmp_path):
     w = torch.randn(2048, 1008, generator=torch.Generator().manual_seed(0))
     hub = tmp_path / "torch" / "hub" / "checkpoints"
-    assert det_mod.classifier_search_paths()[1:] == [hub / det_mod.PYTORCH_FID_FILE, hub / det_mod.TORCH_FIDELITY_FILE]
-    _state_dict_file(hub / det_mod.TORCH_FIDELITY_FILE, w)  # torch-fidelity / torchmetrics
-    _state_dict_file(hub / det_mod.PYTORCH_FID_FILE, torch.zeros(2048, 1008))  # not pytorch-fid's hash: skipped
+    expected = [hub / inception_weights.PYTORCH_FID_FILE, hub / inception_weights.TORCH_FIDELITY_FILE]
+    assert inception_weights.classifier_search_paths()[1:] == expected
+    _state_dict_file(hub / inception_weights.TORCH_FIDELITY_FILE, w)  # torch-fidelity / torchmetrics
+    _state_dict_file(hub / inception_weights.PYTORCH_FID_FILE, torch.zeros(2048, 1008))  # not pytorch-fid's hash
     found, why = find_inception_classifier("auto")
     assert why is None and torch.equal(found, w)
-    assert det_mod._DOWNLOAD_ATTEMPT is None  # nothing fetched
+    assert inception_weights._DOWNLOAD_ATTEMPT is None  # nothing fetched
 
 
 def test_classifier_download_is_tried_once_per_process(tmp_path, monkeypatch):
@@ -310,11 +311,11 @@ def test_classifier_download_is_tried_once_per_process(tmp_path, monkeypatch):
         calls.append(url)
         raise OSError("no route to host")
 
-    monkeypatch.setattr(det_mod, "_fetch_url", failing)
+    monkeypatch.setattr(inception_weights, "_fetch_url", failing)
     for _ in range(3):
         with pytest.warns(UserWarning, match="Inception Score is unavailable"):
             assert inception_classifier("auto") is None
-    assert calls == [det_mod.PYTORCH_FID_URL]
+    assert calls == [inception_weights.PYTORCH_FID_URL]
     _, why = find_inception_classifier("auto")
     assert "no route to host" in why and "tried once per process" in why and "--classifier PATH" in why
     assert str(tmp_path / "torch" / "hub" / "checkpoints") in why  # where it looked
@@ -322,7 +323,7 @@ def test_classifier_download_is_tried_once_per_process(tmp_path, monkeypatch):
     assert "downloading is off" in find_inception_classifier("auto", download=False)[1]
     # a file placed later (e.g. by another process) is still picked up
     w = torch.randn(2048, 1008)
-    _state_dict_file(tmp_path / "torch" / "hub" / "checkpoints" / det_mod.TORCH_FIDELITY_FILE, w)
+    _state_dict_file(tmp_path / "torch" / "hub" / "checkpoints" / inception_weights.TORCH_FIDELITY_FILE, w)
     assert torch.equal(find_inception_classifier("auto")[0], w) and len(calls) == 1
 
 

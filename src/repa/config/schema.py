@@ -84,9 +84,15 @@ class OptimConfig:
 
 @dataclass
 class SampleConfig:
-    """Sampling for periodic grids and `repa sample`."""
+    """Sampling for periodic grids and `repa sample`.
 
-    sampler: Literal["ode", "sde"] = "sde"
+    `sampler`: flow models take `ode` (Euler/Heun, `heun`), `sde` (Euler-Maruyama) or `dopri5` (adaptive, needs the
+    optional torchdiffeq; `atol`/`rtol` are its tolerances, SiT's defaults, and `num_steps` is unused); DDPM models
+    (DiT, `transport.diffusion=ddpm`) sample ancestrally over `num_steps` respaced steps, or with DDIM (`ddim`,
+    noise scale `ddim_eta`: 0 deterministic, 1 the ancestral posterior variance).
+    """
+
+    sampler: Literal["ode", "sde", "dopri5", "ddim"] = "sde"
     num_steps: int = 250
     heun: bool = False
     cfg_scale: float = 1.0
@@ -94,6 +100,9 @@ class SampleConfig:
     guidance_high: float = 0.7
     num_images: int = 64
     seed: int = 0
+    atol: float = 1e-6  # dopri5 absolute tolerance (SiT's default)
+    rtol: float = 1e-3  # dopri5 relative tolerance (SiT's default)
+    ddim_eta: float = 0.0  # DDIM noise scale in [0, 1]
 
 
 @dataclass

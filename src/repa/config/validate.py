@@ -169,8 +169,6 @@ def _check_model(cfg: Config) -> None:
 
 def _check_sample(cfg: Config) -> None:
     """Sampling settings that would only fail at the first sample grid, or be silently ignored."""
-    from repa.models import MODELS
-
     s = cfg.sample
     if s.cfg_scale < 1.0:
         raise ConfigError(f"sample.cfg_scale must be >= 1 (1 = no guidance; the samplers guide only above 1), "
@@ -183,3 +181,35 @@ def _check_sample(cfg: Config) -> None:
         if s.num_steps > DDPM_STEPS:
             raise ConfigError(f"sample.num_steps={s.num_steps}: {why} samples with DDPM, which respaces its "
                               f"{DDPM_STEPS} steps: use at most {DDPM_STEPS}")  # fmt: skip
+    check_sampler(cfg)
+
+
+DDPM_SAMPLERS = ("ode", "sde", "ddim")  # DDPM models: ancestral sampling for ode/sde (as before), or DDIM
+FLOW_SAMPLERS = ("ode", "sde", "dopri5")
+
+
+def check_sampler(cfg: Config, ddpm: bool | None = None) -> None:
+    """The sampler settings against the kind of model: `ddim` samples DDPM models only, `dopri5` flow models only;
+    tolerances > 0, `ddim_eta` in [0, 1]. Also called by `repa.generate.generate` (overrides set after load).
+
+    Args:
+        cfg: the run's config.
+        ddpm: whether the model samples with DDPM (a learned-Sigma model or transport.diffusion=ddpm); None = from
+            the config (`transport.diffusion` and the registry entry of `model.name`).
+    """
+    s = cfg.sample
+    if ddpm is None:
+        ddpm = cfg.transport.diffusion == "ddpm" or bool(MODELS.get(cfg.model.name, {}).get("learn_sigma", False))
+    for key, value in (("sample.atol", s.atol), ("sample.rtol", s.rtol)):
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{key} must be a finite number > 0 (a dopri5 tolerance), got {value}")
+    if not (math.isfinite(s.ddim_eta) and 0.0 <= s.ddim_eta <= 1.0):
+        raise ConfigError(f"sample.ddim_eta must be in [0, 1] (0 = deterministic DDIM), got {s.ddim_eta}")
+    if ddpm and s.sampler not in DDPM_SAMPLERS:
+        why = "transport.diffusion=ddpm" if cfg.transport.diffusion == "ddpm" else f"model.name={cfg.model.name}"
+        raise ConfigError(f"sample.sampler={s.sampler} integrates a flow model's velocity, but {why} is a DDPM "
+                          "(eps-prediction) model: use sample.sampler=ddim (DDIM) or sde (ancestral)")  # fmt: skip
+    if not ddpm and s.sampler not in FLOW_SAMPLERS:
+        raise ConfigError(f"sample.sampler={s.sampler} samples DDPM models, but model.name={cfg.model.name} with "
+                          f"transport.diffusion={cfg.transport.diffusion} is a flow (velocity) model: use "
+                          "sample.sampler=ode, sde or dopri5")  # fmt: skip

@@ -1,5 +1,6 @@
-"""Vision transformers through `transformers`: DINOv2 (+registers), CLIP, SigLIP, MAE, I-JEPA, and a plain ViT
-(MoCo v3). One wrapper; the families differ only in model class, prefix tokens, final norm and forward options.
+"""Vision transformers through `transformers`: DINOv2 (+registers), DINOv3, CLIP, SigLIP (and SigLIP 2's fixed-
+resolution checkpoints, which share SigLIP's architecture), MAE, I-JEPA, and a plain ViT (MoCo v3). One wrapper; the
+families differ only in model class, prefix tokens, final norm and forward options.
 
 Tokens are the last run block's output after the model's final LayerNorm, without CLS/register tokens. With
 `layer=k` the block list is cut after block k, so later blocks are never run (and the final norm still applies).
@@ -9,6 +10,8 @@ which have none) and the attention maps of chosen blocks, read from their query/
 
 from __future__ import annotations
 
+import math
+import types
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +45,9 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "dinov2": Family("Dinov2Model", "Dinov2Config", IMAGENET_MEAN, IMAGENET_STD, True),
     "dinov2-reg": Family("Dinov2WithRegistersModel", "Dinov2WithRegistersConfig", IMAGENET_MEAN, IMAGENET_STD, True),
+    # DINOv3 ViT: CLS, then `num_register_tokens` (4) registers, then patches; RoPE on the patch tokens only (no
+    # position table: any resolution that the patch size divides), final `norm` applied by the model itself.
+    "dinov3": Family("DINOv3ViTModel", "DINOv3ViTConfig", IMAGENET_MEAN, IMAGENET_STD, True),
     "clip": Family("CLIPVisionModel", "CLIPVisionConfig", CLIP_MEAN, CLIP_STD, True, post_norm="post_layernorm"),
     "siglip": Family(
         "SiglipVisionModel",
@@ -138,7 +144,8 @@ class HFEncoder(Encoder):
     def _sequence(self, pixels: torch.Tensor) -> torch.Tensor:
         """All output tokens (B, prefix + N, D) after the final norm (prefix: CLS, then registers)."""
         kwargs: dict = {}
-        if self.family not in ("dinov2", "dinov2-reg"):  # DINOv2 always interpolates its position embeddings
+        # DINOv2 always interpolates its position embeddings; DINOv3 has none (RoPE, computed for the input's grid)
+        if self.family not in ("dinov2", "dinov2-reg", "dinov3"):
             kwargs["interpolate_pos_encoding"] = pixels.shape[-1] != self.native_resolution
         if self.family == "mae":  # MAE shuffles tokens by argsort(noise) even at mask_ratio 0: keep the order
             b, n = pixels.shape[0], self.num_tokens
@@ -191,10 +198,55 @@ def _logit_hook(store: dict[int, torch.Tensor], layer: int):
         b, t, _ = h.shape
         q = module.q_proj(h).view(b, t, -1, module.head_dim).transpose(1, 2)
         k = module.k_proj(h).view(b, t, -1, module.head_dim).transpose(1, 2)
+        rope = kwargs.get("position_embeddings")
+        if rope is not None:  # DINOv3: the attention rotates the patch queries/keys (RoPE) before Q K^T
+            from transformers.models.dinov3_vit.modeling_dinov3_vit import apply_rotary_pos_emb
+
+            q, k = apply_rotary_pos_emb(q, k, *rope)
         scale = getattr(module, "scaling", None) or getattr(module, "scale", module.head_dim**-0.5)
         store[layer] = (q.float() * scale) @ k.float().transpose(-2, -1)
 
     return hook
+
+
+# torch-hub DINOv2 (facebookresearch/dinov2 `hub/backbones.py`): the position-table resampling of the released models,
+# (interpolate_offset, interpolate_antialias): (0.1, False) without registers, (0.0, True) with registers.
+HUB_POSITION_INTERPOLATION = {"dinov2": (0.1, False), "dinov2-reg": (0.0, True)}
+
+
+def use_hub_position_interpolation(model: nn.Module, family: str) -> None:
+    """Make a transformers DINOv2 resample its position table as the torch-hub DINOv2 does (in place).
+
+    transformers resamples the 37x37 table bicubically to `size=(h, w)`; the hub model (`vision_transformer.py`,
+    `interpolate_pos_encoding`) passes `scale_factor=((h + offset) / 37, (w + offset) / 37)` with offset 0.1 (a
+    "historical kludge", kept for backward compatibility) and no antialiasing, or `size` with antialiasing for the
+    register models. The two differ slightly away from the native 518 px; the hub version is what EDM2's FD_DINOv2
+    (`torch.hub.load('facebookresearch/dinov2', 'dinov2_vitl14')`) and dgm-eval compute with.
+
+    Args:
+        model: a `Dinov2Model` / `Dinov2WithRegistersModel`.
+        family: "dinov2" or "dinov2-reg".
+    """
+    offset, antialias = HUB_POSITION_INTERPOLATION[family]
+
+    def interpolate_pos_encoding(self, embeddings: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        table = self.position_embeddings
+        num_positions = table.shape[1] - 1
+        ph, pw = self.patch_embeddings.patch_size
+        h0, w0 = height // ph, width // pw
+        if h0 * w0 == num_positions and height == width:
+            return table
+        m = int(math.sqrt(num_positions))
+        dim = table.shape[-1]
+        grid = table[:, 1:].float().reshape(1, m, m, dim).permute(0, 3, 1, 2)
+        size_kw = {"scale_factor": ((h0 + offset) / m, (w0 + offset) / m)} if offset else {"size": (h0, w0)}
+        grid = torch.nn.functional.interpolate(grid, mode="bicubic", antialias=antialias, **size_kw)
+        if grid.shape[-2:] != (h0, w0):
+            raise RuntimeError(f"hub position interpolation gave {tuple(grid.shape[-2:])}, expected {(h0, w0)}")
+        grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim)
+        return torch.cat([table[:, :1].float(), grid], dim=1).to(table.dtype)
+
+    model.embeddings.interpolate_pos_encoding = types.MethodType(interpolate_pos_encoding, model.embeddings)
 
 
 def mocov3_to_vit(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

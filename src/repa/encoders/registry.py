@@ -1,4 +1,12 @@
-"""`ENCODERS`: the named target encoders (architecture, weight source); `load_encoder` builds a frozen one."""
+"""`ENCODERS`: the named target encoders (architecture, weight source); `load_encoder` builds a frozen one.
+
+Modern targets (architectures from the official configs, see docs/encoders.md): DINOv3 ViTs (`dinov3-vit-*`,
+transformers' `DINOv3ViTModel`: patch 16, CLS + 4 registers dropped, RoPE, ImageNet mean/std), SigLIP 2 fixed-
+resolution towers (`siglip2-vit-*`: the SigLIP architecture, `SiglipVisionModel`, mean/std 0.5, no CLS). The
+Perception Encoder (PE-spatial) is not registered: transformers reaches it only through `TimmWrapperModel`, i.e.
+timm's `vit_pe_spatial_*` models, and timm (with torchvision) is not installed nor a dependency of repa, so it
+cannot be built here.
+"""
 
 from __future__ import annotations
 
@@ -51,7 +59,33 @@ def _dinov2(hidden: int, layers: int, heads: int, **kw: Any) -> dict[str, Any]:
     )  # fmt: skip
 
 
+def _dinov3(hidden: int, inter: int, layers: int, heads: int, gated: bool, **kw: Any) -> dict[str, Any]:
+    """DINOv3 ViT/16 (transformers' `convert_dinov3_vit_to_hf.get_dinov3_config`): 4 registers, RoPE theta 100,
+    LayerNorm eps 1e-5, layer scale, no key bias; SwiGLU (`use_gated_mlp`, silu) for the "+" and 7B models."""
+    return dict(
+        hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+        patch_size=16, image_size=224, num_register_tokens=4, use_gated_mlp=gated,
+        hidden_act="silu" if gated else "gelu", layer_norm_eps=1e-5, rope_theta=100.0, **kw,
+    )  # fmt: skip
+
+
+def _siglip(hidden: int, inter: int, layers: int, heads: int, patch: int, image: int) -> dict[str, Any]:
+    return dict(
+        hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+        patch_size=patch, image_size=image, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
+    )  # fmt: skip
+
+
 _DINO = {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16), "g": (1536, 40, 24)}
+# name suffix -> (hub size tag, hidden, intermediate, layers, heads, gated MLP, extra config)
+_DINOV3 = {
+    "s": ("vits16", 384, 1536, 12, 6, False, {}),
+    "s-plus": ("vits16plus", 384, 1536, 12, 6, True, {}),
+    "b": ("vitb16", 768, 3072, 12, 12, False, {}),
+    "l": ("vitl16", 1024, 4096, 24, 16, False, {}),
+    "h-plus": ("vith16plus", 1280, 5120, 32, 20, True, {}),
+    "7b": ("vit7b16", 4096, 8192, 40, 32, True, {"query_bias": False, "value_bias": False}),
+}
 _DINO_HUB = {"s": "small", "b": "base", "l": "large", "g": "giant"}
 _MOCO = {"s": (384, 12, 12), "b": (768, 12, 12), "l": (1024, 24, 16)}
 
@@ -67,6 +101,11 @@ for _k, (_h, _n, _a) in _DINO.items():
         _dinov2(_h, _n, _a, num_register_tokens=4, **_extra),
         f"DINOv2 ViT-{_k.upper()}/14 with 4 registers",
     )
+for _k, (_tag, _h, _i, _n, _a, _gated, _extra) in _DINOV3.items():
+    ENCODERS[f"dinov3-vit-{_k}"] = EncoderSpec(
+        "dinov3", f"facebook/dinov3-{_tag}-pretrain-lvd1689m", _dinov3(_h, _i, _n, _a, _gated, **_extra),
+        f"DINOv3 ViT-{_k.upper()}/16 (LVD-1689M; 4 registers; gated repo: accept the licence on the hub first)",
+    )  # fmt: skip
 for _k, (_h, _n, _a) in _MOCO.items():
     ENCODERS[f"mocov3-vit-{_k}"] = EncoderSpec(
         "vit", None, _vit(_h, _n, _a, 16, layer_norm_eps=1e-6, qkv_bias=True),
@@ -86,6 +125,17 @@ ENCODERS.update(
             _vit(768, 12, 12, 16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
             "SigLIP ViT-B/16",
         ),  # fmt: skip
+        # SigLIP 2, FixRes checkpoints (model_type "siglip": SigLIP's architecture, backward compatible); the
+        # NaFlex ones (`Siglip2VisionModel`) take patch sequences with a mask and per-image shapes instead
+        "siglip2-vit-b": EncoderSpec(
+            "siglip", "google/siglip2-base-patch16-224", _siglip(768, 3072, 12, 12, 16, 224), "SigLIP 2 ViT-B/16 (224)"
+        ),
+        "siglip2-vit-l": EncoderSpec(
+            "siglip", "google/siglip2-large-patch16-256", _siglip(1024, 4096, 24, 16, 16, 256), "SigLIP 2 ViT-L/16"
+        ),
+        "siglip2-vit-so400m": EncoderSpec(
+            "siglip", "google/siglip2-so400m-patch14-224", _siglip(1152, 4304, 27, 16, 14, 224), "SigLIP 2 So400m/14"
+        ),
         "mae-vit-b": EncoderSpec(
             "mae", "facebook/vit-mae-base", _vit(768, 12, 12, 16, layer_norm_eps=1e-6), "MAE ViT-B/16"
         ),

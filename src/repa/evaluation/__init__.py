@@ -1,17 +1,14 @@
 """Sample-quality evaluation: FID Inception detector, FID/sFID/IS/precision/recall, ADM .npz batches, label sampling."""
 
 from repa.data.npz import NpzError, image_batches, npz_keys, num_images, open_npz_array, read_npz_arrays, save_samples
-from repa.evaluation.detectors import (
+from repa.evaluation.detectors import Detector, EncoderDetector, make_detector
+from repa.evaluation.inception import InceptionDetector, tf_bilinear_resize
+from repa.evaluation.inception_weights import (
     INCEPTION_SHA1,
-    Detector,
-    EncoderDetector,
-    InceptionDetector,
     classifier_search_paths,
     find_inception_classifier,
     inception_classifier,
     inception_path,
-    make_detector,
-    tf_bilinear_resize,
 )
 from repa.evaluation.metrics import (
     ADM_IS_SPLIT_SIZE,

@@ -17,7 +17,8 @@ import torch
 
 from repa import distributed
 from repa.data.sources import check_source
-from repa.evaluation.detectors import Detector, inception_path, make_detector
+from repa.evaluation.detectors import Detector, make_detector
+from repa.evaluation.inception_weights import inception_path
 from repa.evaluation.metrics import FeatureStats
 from repa.evaluation.pipeline import Activations, compute_activations, score_activations
 from repa.evaluation.reference import ReferenceStats, reference_stats

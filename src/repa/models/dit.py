@@ -85,27 +85,14 @@ class DiffusionTransformer(nn.Module):
         self_align: bool = False,
     ) -> None:
         super().__init__()
-        encoder_dims = tuple(int(d) for d in encoder_dims)
-        _validate(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio, num_classes,
-                  class_dropout_prob, align_depth, encoder_dims)  # fmt: skip
-        if projector not in ("mlp", "conv"):
-            raise ValueError(f"unknown projector {projector!r}; choose 'mlp' or 'conv'")
-        if class_token_dim and encoder_dims and class_token_dim != encoder_dims[0]:
-            raise ValueError(
-                f"class_token_dim={class_token_dim} must equal the first encoder's width {encoder_dims[0]}: REG's class "
-                "token is that encoder's global token (its projection is aligned with it)"
-            )
-        if int(class_token_dim) != class_token_dim or class_token_dim < 0:
-            raise ValueError(
-                f"class_token_dim must be a non-negative integer (0 = no class token), got {class_token_dim}"
-            )
-        self.config: dict[str, Any] = dict(
+        self.config: dict[str, Any] = _checked_config(dict(
             input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
             depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, num_classes=num_classes,
             class_dropout_prob=class_dropout_prob, learn_sigma=learn_sigma, align_depth=align_depth,
-            encoder_dims=list(encoder_dims), projector_dim=projector_dim, qk_norm=qk_norm, projector=projector,
-            projector_kernel=projector_kernel, class_token_dim=int(class_token_dim), self_align=bool(self_align),
-        )  # fmt: skip
+            encoder_dims=encoder_dims, projector_dim=projector_dim, qk_norm=qk_norm, projector=projector,
+            projector_kernel=projector_kernel, class_token_dim=class_token_dim, self_align=self_align,
+        ))  # fmt: skip
+        encoder_dims = tuple(self.config["encoder_dims"])
         self.input_size = input_size
         self.patch_size = patch_size
         self.in_channels = in_channels
@@ -364,38 +351,41 @@ class DiffusionTransformer(nn.Module):
                 + (", self_align=True" if c["self_align"] else ""))  # fmt: skip
 
 
-def _validate(
-    input_size: int,
-    patch_size: int,
-    in_channels: int,
-    hidden_size: int,
-    depth: int,
-    num_heads: int,
-    mlp_ratio: float,
-    num_classes: int,
-    class_dropout_prob: float,
-    align_depth: int,
-    encoder_dims: tuple[int, ...],
-) -> None:
-    """Constructor argument checks with messages that say what to change."""
-    for name, value in dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
-                            hidden_size=hidden_size, depth=depth, num_heads=num_heads,
-                            num_classes=num_classes).items():  # fmt: skip
+def _checked_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The constructor's arguments, checked with messages that say what to change, with `encoder_dims` as a list of
+    ints, `class_token_dim` as an int and `self_align` as a bool."""
+    encoder_dims = tuple(int(d) for d in config["encoder_dims"])
+    for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
+        value = config[name]
         if int(value) != value or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    input_size, patch_size, hidden_size = config["input_size"], config["patch_size"], config["hidden_size"]
+    num_heads, depth, align_depth = config["num_heads"], config["depth"], config["align_depth"]
     if input_size % patch_size != 0:
         raise ValueError(f"input_size={input_size} is not divisible by patch_size={patch_size}")
     if hidden_size % num_heads != 0:
         raise ValueError(f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
     if hidden_size % 4 != 0:
         raise ValueError(f"hidden_size={hidden_size} must be divisible by 4 (2-D sin-cos position embedding)")
-    if not mlp_ratio > 0:
-        raise ValueError(f"mlp_ratio must be positive, got {mlp_ratio}")
-    if not 0.0 <= class_dropout_prob < 1.0:
-        raise ValueError(f"class_dropout_prob must be in [0, 1), got {class_dropout_prob}")
+    if not config["mlp_ratio"] > 0:
+        raise ValueError(f"mlp_ratio must be positive, got {config['mlp_ratio']}")
+    if not 0.0 <= config["class_dropout_prob"] < 1.0:
+        raise ValueError(f"class_dropout_prob must be in [0, 1), got {config['class_dropout_prob']}")
     if any(d < 1 for d in encoder_dims):
         raise ValueError(f"encoder_dims must be positive, got {list(encoder_dims)}")
     if encoder_dims and not 1 <= align_depth <= depth:
         raise ValueError(
             f"align_depth={align_depth} must be in [1, depth={depth}] (1-indexed block feeding the projectors)"
         )
+    if config["projector"] not in ("mlp", "conv"):
+        raise ValueError(f"unknown projector {config['projector']!r}; choose 'mlp' or 'conv'")
+    class_token_dim = config["class_token_dim"]
+    if class_token_dim and encoder_dims and class_token_dim != encoder_dims[0]:
+        raise ValueError(
+            f"class_token_dim={class_token_dim} must equal the first encoder's width {encoder_dims[0]}: REG's class "
+            "token is that encoder's global token (its projection is aligned with it)"
+        )
+    if int(class_token_dim) != class_token_dim or class_token_dim < 0:
+        raise ValueError(f"class_token_dim must be a non-negative integer (0 = no class token), got {class_token_dim}")
+    return {**config, "encoder_dims": list(encoder_dims), "class_token_dim": int(class_token_dim),
+            "self_align": bool(config["self_align"])}  # fmt: skip

@@ -1,4 +1,5 @@
-"""DiT's discrete Gaussian diffusion: linear betas, eps-prediction with learned Sigma, L_simple + L_vlb, respacing.
+"""DiT's discrete Gaussian diffusion: linear betas, eps-prediction with learned Sigma, L_simple + L_vlb, respacing,
+ancestral (DDPM) and DDIM sampling (the loops `GaussianDiffusion` inherits from `repa.transport.ddpm_sampling`).
 
 Follows Ho et al. 2020 (DDPM) and Nichol & Dhariwal 2021 (improved DDPM, "iDDPM"), as used by DiT
 (Peebles & Xie 2023). Discrete timestep i = 0 .. T-1 is the noise level of x_t, with i = 0 closest to data,
@@ -11,11 +12,13 @@ to float32 (float64 if the data is float64), as DiT does.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+
+from repa.transport.ddpm_sampling import DiffusionSampling, ModelFn
+from repa.transport.likelihood import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 
 __all__ = [
     "GaussianDiffusion",
@@ -23,13 +26,9 @@ __all__ = [
     "create_diffusion",
     "linear_time_of_step",
     "ddpm_model_fn",
-    "discretized_gaussian_log_likelihood",
     "linear_beta_schedule",
-    "normal_kl",
     "space_timesteps",
 ]
-
-ModelFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x_t, t_model, y) -> (B, 2C, ...) eps and v
 
 
 def linear_beta_schedule(num_timesteps: int = 1000) -> Tensor:
@@ -42,13 +41,22 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
     """Timesteps kept by respacing (iDDPM Sec. 4): the range is cut into equal sections and each section
     keeps `count` evenly strided steps (fractional stride, rounded), first and last included.
 
+    "ddimN" is iDDPM's DDIM spacing instead: the integer stride s with len(range(0, T, s)) == N, i.e. the steps
+    0, s, 2s, ... (the last kept step is below T - 1 unless s divides T - 1).
+
     Args:
         num_timesteps: steps of the base process.
-        section_counts: "250", "10,15,20", an int, or a list of ints.
+        section_counts: "250", "10,15,20", "ddim50", an int, or a list of ints.
 
     Returns:
         the set of kept base indices.
     """
+    if isinstance(section_counts, str) and section_counts.startswith("ddim"):
+        desired = int(section_counts[len("ddim") :])
+        for stride in range(1, num_timesteps):
+            if len(range(0, num_timesteps, stride)) == desired:
+                return set(range(0, num_timesteps, stride))
+        raise ValueError(f"cannot take {desired} equally strided steps from {num_timesteps} (ddim spacing)")
     if isinstance(section_counts, str):
         counts = [int(c) for c in section_counts.split(",")]
     elif isinstance(section_counts, int):
@@ -68,38 +76,7 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
     return kept
 
 
-def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
-    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise, in nats."""
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
-
-
-def _approx_std_normal_cdf(x: Tensor) -> Tensor:
-    # the tanh approximation used by DDPM/iDDPM/DiT (kept for identical bits/dim)
-    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
-
-
-def discretized_gaussian_log_likelihood(x: Tensor, *, means: Tensor, log_scales: Tensor) -> Tensor:
-    """log-likelihood of data in [-1, 1] quantised to 256 bins under N(means, e^(2 log_scales)) (DDPM Eq. 13).
-
-    Returns:
-        elementwise log-probabilities (nats), same shape as x.
-    """
-    centered = x - means
-    inv_stdv = torch.exp(-log_scales)
-    cdf_plus = _approx_std_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
-    cdf_min = _approx_std_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
-    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
-    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
-    log_probs = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
-    log_probs = torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_probs))
-    return log_probs
-
-
-def _mean_flat(x: Tensor) -> Tensor:
-    return x.mean(dim=tuple(range(1, x.ndim)))
-
-
-class GaussianDiffusion:
+class GaussianDiffusion(DiffusionSampling):
     """Discrete forward process q(x_t | x) = N(sqrt(abar_t) x, (1 - abar_t) I) and its learned reverse process.
 
     Args:
@@ -188,6 +165,11 @@ class GaussianDiffusion:
             - self._extract(self.sqrt_recipm1_alphas_cumprod, timestep, x_t) * eps
         )
 
+    def predict_eps_from_x(self, x_t: Tensor, timestep: Tensor, pred_x: Tensor) -> Tensor:
+        """eps = (x_t / sqrt(abar_t) - x) / sqrt(1 / abar_t - 1), the inverse of `predict_x_from_eps`."""
+        scaled = self._extract(self.sqrt_recip_alphas_cumprod, timestep, x_t) * x_t
+        return (scaled - pred_x) / self._extract(self.sqrt_recipm1_alphas_cumprod, timestep, x_t)
+
     # ------------------------------------------------------------------------------------------ reverse
 
     def p_mean_variance(
@@ -229,9 +211,9 @@ class GaussianDiffusion:
         t > 0, the discretised decoder NLL -log p(x | x_0) at t = 0. Returns (B,)."""
         true_mean, _, true_log_var = self.q_posterior_mean_variance(x, x_t, timestep)
         out = self.p_mean_variance(model_output, x_t, timestep)
-        kl = _mean_flat(normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])) / math.log(2.0)
+        kl = mean_flat(normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])) / math.log(2.0)
         nll = -discretized_gaussian_log_likelihood(x, means=out["mean"], log_scales=0.5 * out["log_variance"])
-        nll = _mean_flat(nll) / math.log(2.0)
+        nll = mean_flat(nll) / math.log(2.0)
         return torch.where(timestep.to(kl.device) == 0, nll, kl)
 
     def training_losses(
@@ -253,7 +235,7 @@ class GaussianDiffusion:
         c = x.shape[1]
         model_output = model_output.float() if model_output.dtype != torch.float64 else model_output
         eps = model_output[:, :c]
-        mse = _mean_flat((noise - eps) ** 2)
+        mse = mean_flat((noise - eps) ** 2)
         if self.learn_sigma:
             frozen = torch.cat([eps.detach(), model_output[:, c:]], dim=1)
             vb = self.vb_terms_bpd(frozen, x.to(frozen.dtype), x_t.to(frozen.dtype), timestep) * self.vlb_scale
@@ -271,57 +253,6 @@ class GaussianDiffusion:
         """Map U(0, 1) draws to uniform integer timesteps floor(u T)."""
         return (u * self.num_timesteps).long().clamp(0, self.num_timesteps - 1)
 
-    def p_sample(
-        self, model_output: Tensor, x_t: Tensor, timestep: Tensor, noise: Tensor, clip_denoised: bool = False
-    ) -> Tensor:
-        """One ancestral step x_{t-1} = mean + exp(log_var / 2) noise (no noise at step 0)."""
-        out = self.p_mean_variance(model_output, x_t, timestep, clip_denoised)
-        nonzero = (timestep != 0).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
-        return out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
-
-    @torch.no_grad()
-    def p_sample_loop(
-        self,
-        fn: ModelFn,
-        noise: Tensor,
-        y: Tensor,
-        *,
-        clip_denoised: bool = False,
-        generator: torch.Generator | None = None,
-        eps: Sequence[Tensor] | Tensor | None = None,
-        progress: bool = False,
-    ) -> Tensor:
-        """Ancestral sampling from x_{T-1} = noise down to x (DDPM Alg. 2), over this (possibly respaced) process.
-
-        Args:
-            fn: `fn(x_t, t_model, y) -> (B, 2C, ...)` where t_model = `model_time(i)` (original index as float),
-                e.g. `ddpm_model_fn(model)` or `cfg_eps_fn(...)`.
-            noise: (B, C, ...) starting latents.
-            y: (B,) labels.
-            clip_denoised: clamp x predictions to [-1, 1].
-            generator: RNG for the per-step noise (global RNG when None); one `randn` per step except the last.
-            eps: optional injected per-step noises (T - 1 of them, in sampling order), replacing the draws.
-            progress: show a tqdm bar.
-
-        Returns:
-            samples, same shape and dtype as `noise`.
-        """
-        x = noise
-        b = x.shape[0]
-        steps = list(range(self.num_timesteps))[::-1]
-        for k, i in enumerate(tqdm(steps, disable=not progress, desc="ddpm")):
-            timestep = torch.full((b,), i, device=x.device, dtype=torch.long)
-            out = fn(x, self.model_time(timestep), y)
-            if i == 0:
-                z = torch.zeros_like(x)
-            elif eps is not None:
-                z = eps[k].to(device=x.device, dtype=x.dtype)
-            else:
-                g_dev = generator.device if generator is not None else x.device
-                z = torch.randn(x.shape, generator=generator, device=g_dev, dtype=x.dtype).to(x.device)
-            x = self.p_sample(out.to(x.dtype), x, timestep, z, clip_denoised)
-        return x
-
 
 def create_diffusion(
     timestep_respacing: str | int | Sequence[int] | None = None,
@@ -332,7 +263,8 @@ def create_diffusion(
     """DiT's `create_diffusion`: linear betas over `num_timesteps`, optionally respaced.
 
     Args:
-        timestep_respacing: None/"" = all steps (training), "250" / 250 / "10,20" = respaced (sampling).
+        timestep_respacing: None/"" = all steps (training), "250" / 250 / "10,20" = respaced (sampling),
+            "ddim50" = iDDPM's equally strided DDIM spacing.
         num_timesteps: base steps (1000).
         learn_sigma: learned-range variance (DiT: True).
 
