@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "repa"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("errors", "assets", "seeds", "fileio", "distributed", "transport", "models", "losses", "samplers", "encoders",
               "data", "config")),  # fmt: skip
-    ("checkpoint I/O + conversion", ("checkpoint", "convert", "loading")),
+    ("checkpoint I/O + conversion", ("checkpoint", "architecture", "convert", "loading")),
     ("generation", ("generate",)),
     ("training | evaluation | analysis", ("training", "evaluation", "analysis")),
     ("cli", ("cli", "__main__")),
@@ -148,5 +148,5 @@ def test_the_rule_catches_a_forbidden_import(tmp_path, where, statement, expecte
     try:
         found = violations(copy)
     finally:
-        LAYERS[1] = ("checkpoint I/O + conversion", ("checkpoint", "convert", "loading"))
+        LAYERS[1] = ("checkpoint I/O + conversion", ("checkpoint", "architecture", "convert", "loading"))
     assert any(expected in v for v in found), found

@@ -23,6 +23,8 @@ class ModelConfig:
     qk_norm: bool = False
     class_dropout_prob: float = 0.1
     grad_checkpointing: bool = False
+    projector: Literal["mlp", "conv"] = "mlp"  # iREPA: a convolution over the token grid instead of the MLP
+    projector_kernel: int = 3  # conv projector kernel (iREPA's README: 3)
 
 
 @dataclass
@@ -52,9 +54,26 @@ class RepaConfig:
     align_kind: Literal["cos", "ntxent"] = "cos"
     resample_tokens: bool = True  # resample encoder token grids to the model grid when they differ
     cache_targets: bool = True  # precompute encoder targets once instead of running the encoder every step
+    # the REPA family (docs/family.md); every option off = plain REPA, bit for bit
+    spatial_norm: bool = False  # iREPA: targets normalised over each image's token grid
+    spatial_norm_gamma: float = 0.6  # iREPA: coefficient on the spatial mean (official LDM default)
+    schedule: Literal["constant", "stop", "linear", "cosine"] = "constant"  # HASTE: lambda as a function of the step
+    schedule_start: int = 0  # linear/cosine: full weight up to this step
+    schedule_stop: int | None = None  # stop/linear/cosine: zero weight from this step (HASTE: 250000)
+    attention_align: bool = False  # HASTE: align model attention maps with the encoder's
+    attention_coeff: float = 0.5
+    attention_pairs: list[list[int]] = field(default_factory=lambda: [[5, 9], [6, 10], [7, 11], [8, 12]])
+    class_token: bool = False  # REG: the encoder's global token as one more noised input/output token
+    class_token_coeff: float = 0.03
+    self_align: bool = False  # SRA: an early block at t aligned to a later EMA block at a smaller t; no encoder
+    self_align_coeff: float = 0.5
+    self_align_blocks: list[int] = field(default_factory=lambda: [8, 20])  # (student, teacher), SiT-XL/2
+    self_align_gap: float = 0.2  # largest time gap t_max
+    self_align_kind: Literal["cos", "smooth_l1"] = "cos"
 
     @property
     def enabled(self) -> bool:
+        """External-encoder alignment is on (SRA's self-alignment needs no encoder: `self_align`)."""
         return bool(self.encoders) and self.align_coeff > 0
 
 

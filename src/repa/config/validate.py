@@ -62,6 +62,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"model.align_depth={cfg.model.align_depth} exceeds model.depth={cfg.model.depth}")
     _check_optim(cfg.optim)
     _check_model(cfg)
+    _check_family(cfg)
     _check_sample(cfg)
 
 
@@ -165,6 +166,37 @@ def _check_model(cfg: Config) -> None:
     if size is not None and size % patch:
         what = "Fashion-MNIST's 28 px" if d.kind == "fashion-mnist" else f"data.resolution={d.resolution}"
         raise ConfigError(f"{what} is not divisible by the patch size {patch} of model.name={m.name}")
+
+
+def _check_family(cfg: Config) -> None:
+    """The REPA family's options (docs/family.md): blocks inside the model, settings that need an encoder."""
+    m, r = cfg.model, cfg.repa
+    depth = m.depth if m.depth is not None else MODELS[m.name]["depth"]
+    if m.projector_kernel < 1 or m.projector_kernel % 2 == 0:
+        raise ConfigError(f"model.projector_kernel must be odd and >= 1 (a centred window), got {m.projector_kernel}")
+    if r.schedule != "constant":
+        stop, start = r.schedule_stop, r.schedule_start
+        if stop is None or stop < 0 or (r.schedule != "stop" and not 0 <= start < stop):
+            raise ConfigError(f"repa.schedule={r.schedule} needs repa.schedule_stop >= 0"
+                              + ("" if r.schedule == "stop" else " > repa.schedule_start >= 0"))  # fmt: skip
+    for key, coeff in (("attention_coeff", r.attention_coeff), ("class_token_coeff", r.class_token_coeff),
+                       ("self_align_coeff", r.self_align_coeff)):  # fmt: skip
+        if coeff < 0:
+            raise ConfigError(f"repa.{key} must be >= 0, got {coeff}")
+    if (r.attention_align or r.class_token) and not r.enabled:
+        what = "attention_align" if r.attention_align else "class_token"
+        raise ConfigError(f"repa.{what}=true needs a target encoder (repa.encoders and repa.align_coeff > 0)")
+    if r.attention_align:
+        bad = [p for p in r.attention_pairs if len(p) != 2 or not 1 <= p[0] <= depth or p[1] < 1]
+        if bad or not r.attention_pairs:
+            raise ConfigError(f"repa.attention_pairs {bad or r.attention_pairs}: each is [model block in 1..{depth}, "
+                              "encoder layer >= 1]")  # fmt: skip
+    if r.self_align:
+        blocks = r.self_align_blocks
+        if len(blocks) != 2 or not all(1 <= b <= depth for b in blocks):
+            raise ConfigError(f"repa.self_align_blocks={blocks}: two blocks (student, teacher) in 1..{depth}")
+        if not 0.0 <= r.self_align_gap <= 1.0:
+            raise ConfigError(f"repa.self_align_gap must be in [0, 1], got {r.self_align_gap}")
 
 
 def _check_sample(cfg: Config) -> None:

@@ -79,10 +79,14 @@ def step_draws(
     sample_shape: tuple[int, ...],
     label_dropout: float,
     posterior: bool = False,
+    teacher: bool = False,
+    class_token_dim: int = 0,
 ) -> dict[str, torch.Tensor]:
     """The random draws of one global micro-batch: t ~ U(0,1) (B,), noise (B, *sample_shape), the label drop
-    mask (B,) bool, and with `posterior` the VAE posterior draw eps (B, *sample_shape) (its own stream). The
-    caller slices its rank's rows, so every process count gives identical draws."""
+    mask (B,) bool, and with `posterior` the VAE posterior draw eps (B, *sample_shape). The REPA family adds its own
+    streams (the others stay as they are): SRA's `teacher_u` (B,) uniform time-gap draw with `teacher`, REG's
+    `noise_cls` (B, class_token_dim) with `class_token_dim`. The caller slices its rank's rows, so every process
+    count gives identical draws."""
     g = generator(seed, 2, step, micro)
     u = torch.rand(global_micro, generator=g)
     noise = torch.randn((global_micro, *sample_shape), generator=g)
@@ -90,4 +94,8 @@ def step_draws(
     out = {"u": u, "noise": noise, "drop": drop}
     if posterior:
         out["eps"] = torch.randn((global_micro, *sample_shape), generator=generator(seed, 5, step, micro))
+    if teacher:
+        out["teacher_u"] = torch.rand(global_micro, generator=generator(seed, 6, step, micro))
+    if class_token_dim:
+        out["noise_cls"] = torch.randn((global_micro, class_token_dim), generator=generator(seed, 7, step, micro))
     return out

@@ -113,6 +113,7 @@ def build_model(cfg: Config, data: TrainingData, targets: list[TargetSpec]) -> n
         projector_dim=m.projector_dim,
         qk_norm=m.qk_norm,
         **overrides,
+        **family_model_kwargs(cfg, targets),
     )
     if m.grad_checkpointing and hasattr(model, "grad_checkpointing"):
         model.grad_checkpointing = True
@@ -127,12 +128,30 @@ def build_model(cfg: Config, data: TrainingData, targets: list[TargetSpec]) -> n
     return model
 
 
+def family_model_kwargs(cfg: Config, targets: list[TargetSpec]) -> dict[str, object]:
+    """The model options of the REPA family that are on (none: the plain model, bit for bit)."""
+    m, r = cfg.model, cfg.repa
+    out: dict[str, object] = {}
+    if m.projector != "mlp":
+        out.update(projector=m.projector, projector_kernel=m.projector_kernel)
+    if r.class_token and targets:
+        out["class_token_dim"] = targets[0][1]  # REG: the first encoder's global token
+    if r.self_align:
+        out["self_align"] = True
+    return out
+
+
 def build_loss(cfg: Config) -> RepaLoss:
-    """The REPA loss of the run (the denoising term alone for vanilla training)."""
+    """The REPA loss of the run (the denoising term alone for vanilla training), with the family's options."""
     tp, r = cfg.transport, cfg.repa
     return RepaLoss(path=tp.path, prediction=tp.prediction, time_sampling=tp.time_sampling,
                     align_coeff=r.align_coeff if r.enabled else 0.0, align_kind=r.align_kind,
-                    resample=r.resample_tokens, diffusion=tp.diffusion)  # fmt: skip
+                    resample=r.resample_tokens, diffusion=tp.diffusion,
+                    spatial_norm_gamma=r.spatial_norm_gamma if r.spatial_norm else None,
+                    attn_coeff=r.attention_coeff, attn_pairs=[tuple(p) for p in r.attention_pairs],
+                    class_token_coeff=r.class_token_coeff, self_align_coeff=r.self_align_coeff,
+                    self_align_blocks=tuple(r.self_align_blocks), self_align_gap=r.self_align_gap,
+                    self_align_kind=r.self_align_kind)  # fmt: skip
 
 
 def loss_time(cfg: Config, u: torch.Tensor) -> torch.Tensor:
