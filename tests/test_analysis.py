@@ -225,3 +225,78 @@ def test_hidden_states_on_the_real_model():
     assert set(out) == {1, 3} and out[3].shape == (2, model.hidden_size)
     tokens = hidden_states(model, x, 0.5, [2], pool=None, generator=torch.Generator().manual_seed(0))
     assert tokens[2].shape[:2] == (2, 16) and np.isfinite(tokens[2].numpy()).all()
+
+
+# ----------------------------------------------------------------------------------------- outlier clamp setting
+
+
+def _with_outliers(n=60, d=16, seed=21):
+    """Paired features where a few huge coordinates dominate one side (what the 0.95-quantile clamp is for)."""
+    base = _feats(n, d, seed)
+    feats = base @ _feats(d, d, seed + 1) + 0.3 * _feats(n, d, seed + 2)
+    feats[:6, 3] = 400.0  # outliers in 6 rows of one coordinate
+    return feats, base
+
+
+def test_outlier_clamp_changes_values_on_data_with_an_outlier_and_can_be_turned_off():
+    feats, target = _with_outliers()
+    clamped = alignment(feats, target, "cknna", k=5)  # default: q = 0.95, as platonic-rep's pipeline
+    assert clamped == alignment(feats, target, "cknna", k=5, outlier_quantile=0.95)
+    off = alignment(feats, target, "cknna", k=5, outlier_quantile=None)
+    assert off == alignment(feats, target, "cknna", k=5, outlier_quantile=1.0)  # 1 = off, as the reference's
+    assert abs(clamped - off) > 0.02
+    rows = {q: alignment_table({(1, 0.0): feats}, target, ("cknna",), k=5, outlier_quantile=q) for q in (0.95, None)}
+    assert rows[0.95][0]["value"] == clamped and rows[None][0]["value"] == off
+    # without outliers the clamp changes little
+    plain = _feats(60, 16, 30)
+    assert alignment(plain, plain @ _feats(16, 16, 31), "cknna", k=5, outlier_quantile=None) == pytest.approx(
+        alignment(plain, plain @ _feats(16, 16, 31), "cknna", k=5), abs=0.1
+    )
+    with pytest.raises(ValueError, match="outlier_quantile"):
+        prepare_features(feats, 0.0)
+
+
+def test_run_align_records_and_applies_the_outlier_quantile(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    import repa.analysis.run as run_mod
+    from repa.cli.main import main as cli_main
+
+    feats, target = _with_outliers()
+    repa_cfg = SimpleNamespace(encoders=[], encoder_layer=None, encoder_weights=None, encoder_resolution=224)
+    loaded = SimpleNamespace(cfg=SimpleNamespace(repa=repa_cfg), is_repa=False, run_dir=None, path=tmp_path / "ckpt",
+                             info={"model_kwargs": {"depth": 2}, "step": 3, "ema": True})  # fmt: skip
+    n = len(feats)
+    inputs = SimpleNamespace(images=torch.zeros(n, 3, 8, 8, dtype=torch.uint8), x=torch.zeros(n, 4, 2, 2),
+                             labels=torch.zeros(n, dtype=torch.long))  # fmt: skip
+    monkeypatch.setattr(run_mod, "_as_loaded", lambda *a, **k: loaded)
+    monkeypatch.setattr(run_mod, "load_inputs", lambda *a, **k: inputs)
+    monkeypatch.setattr(run_mod, "encoder_features", lambda *a, **k: target)
+    monkeypatch.setattr(run_mod, "model_features", lambda *a, **k: {(1, 0.0): feats, (2, 0.0): 2 * feats})
+
+    def align(**kw):
+        return run_mod.run_align("ckpt", "enc", layers="1,2", times="0", num=n, k=5, out_dir=tmp_path / "a",
+                                 device=torch.device("cpu"), progress=False, **kw)  # fmt: skip
+
+    default, off = align(write=False), align(write=True, outlier_quantile=None)
+    assert default["meta"]["outlier_quantile"] == 0.95 and off["meta"]["outlier_quantile"] is None
+    assert default["rows"][0]["value"] == alignment(feats, target, "cknna", k=5)
+    assert off["rows"][0]["value"] == alignment(feats, target, "cknna", k=5, outlier_quantile=None)
+    assert json.loads((tmp_path / "a" / "align.json").read_text())["meta"]["outlier_quantile"] is None
+    assert align(write=False, outlier_quantile=1.0)["meta"]["outlier_quantile"] is None
+    with pytest.raises(ValueError, match="outlier quantile"):
+        align(write=False, outlier_quantile=1.5)
+
+    # encoder vs encoder, through the command line: --outlier-quantile 0.9 / none reach the driver and align.json
+    monkeypatch.setattr(run_mod, "source_batches", lambda *a, **k: ([torch.zeros(n, 3, 8, 8, dtype=torch.uint8)], n))
+    monkeypatch.setattr(run_mod, "encoder_features", lambda name, *a, **k: feats if name == "a" else target)
+    for flag, want in (([], 0.95), (["--outlier-quantile", "0.9"], 0.9), (["--outlier-quantile", "none"], None)):
+        out = tmp_path / f"enc{want}"
+        argv = ["align", "--encoder", "a", "--encoder-b", "b", "--num", str(n), "--k", "5", "--out", str(out),
+                "--no-progress", *flag]  # fmt: skip
+        assert cli_main(argv) == 0
+        result = json.loads((out / "align.json").read_text())
+        assert result["meta"]["outlier_quantile"] == want
+        assert result["rows"][0]["value"] == alignment(feats, target, "cknna", k=5, outlier_quantile=want)
+    with pytest.raises(SystemExit):  # argparse refuses it before any work
+        cli_main(["align", "--encoder", "a", "--encoder-b", "b", "--outlier-quantile", "2"])

@@ -306,3 +306,45 @@ def test_other_safetensors_file_is_not_called_damaged(tmp_path):
     with pytest.raises(TargetCacheMismatch, match="is not a repa target cache") as info:
         TargetCache.load(path)
     assert "damaged" not in str(info.value)
+
+
+def test_entries_named_like_images_that_are_no_regular_file_are_refused_without_opening(tmp_path):
+    """A broken symbolic link, a symbolic-link loop, a FIFO and a directory named like images are listed by
+    `find_images` and refused by `load_image` from `stat` alone (the FIFO is never opened: the alarm would fire);
+    `ImageFolder(on_error="skip")` counts them like corrupt files, and the directory's contents are still images."""
+    import os
+    import signal
+
+    from repa.data.folder import find_images, load_image
+
+    root = tmp_path / "root"
+    (root / "a").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "a" / "ok.png")
+    (root / "a" / "broken.png").symlink_to(tmp_path / "missing.png")
+    (root / "a" / "loop.jpg").symlink_to(root / "a" / "loop.jpg")
+    os.mkfifo(root / "a" / "pipe.png")
+    (root / "a" / "dir.png").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "a" / "dir.png" / "inside.png")
+    samples, classes = find_images(root)
+    names = [p.relative_to(root / "a").as_posix() for p, _ in samples]
+    assert classes == ["a"] and names == ["broken.png", "dir.png", "dir.png/inside.png", "loop.jpg", "ok.png",
+                                          "pipe.png"]  # fmt: skip
+    reasons = {"broken.png": "broken symbolic link", "loop.jpg": "cannot stat it", "pipe.png": "it is a FIFO",
+               "dir.png": "it is a directory"}  # fmt: skip
+
+    def boom(*_):
+        raise TimeoutError("blocked: the FIFO was opened")
+
+    old = signal.signal(signal.SIGALRM, boom)
+    signal.alarm(120)
+    try:
+        for name, why in reasons.items():
+            with pytest.raises(CorruptImageError, match=f"{name}: .*{why}"):
+                load_image(root / "a" / name, 8)
+        ds = ImageFolder(root, 8, on_error="skip")
+        items = [ds[i] for i in range(len(ds))]
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert ds.num_skipped == 4 and sorted(p.name for p in ds.skipped) == sorted(reasons)
+    assert sum(it is not None for it in items) == 2

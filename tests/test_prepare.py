@@ -4,7 +4,10 @@ resume after an interruption equals an uninterrupted run, ranks split shards, co
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -96,8 +99,12 @@ def test_prepare_end_to_end_and_reader(src, reference):
     b1 = data.batch(idx, flips, "cpu", torch.Generator().manual_seed(3))
     b2 = data.batch(idx, flips, "cpu", torch.Generator().manual_seed(3))
     eps = torch.randn(mean.shape, generator=torch.Generator().manual_seed(3))
-    torch.testing.assert_close(b1["x"], (mean + std * eps) * LATENT_SCALE)
+    assert torch.equal(b1["x"], (mean + std * eps) * LATENT_SCALE)  # bit-identical: SD-VAE's plain scale
     assert torch.equal(b1["x"], b2["x"]) and b1["y"].tolist() == [1, 0, 1, 0]
+    assert (
+        m["latent_norm"] == {"source": "vae", "scale": LATENT_SCALE, "shift": 0.0} and "latent_norm" not in m["config"]
+    )
+    assert data.scale == LATENT_SCALE and data.latent_norm.scalar_scale == LATENT_SCALE
     torch.testing.assert_close(data.batch(idx, flips, "cpu", eps=eps)["x"], b1["x"])
     assert [t.shape for t in b1["targets"]] == [(4, 4, 32)] and b1["x"].dtype == torch.float32
     data.check_encoders(["random-dinov2-vit-s"], 28, None)
@@ -200,3 +207,41 @@ def test_damaged_shards_give_clear_errors(reference, tmp_path):
     target.unlink()
     with pytest.raises(ShardError, match="missing"):
         LatentShards(out)
+
+
+@contextmanager
+def fails_instead_of_hanging(seconds: int):
+    """SIGALRM after `seconds`: a test that opened a FIFO fails with TimeoutError instead of blocking forever."""
+
+    def boom(*_):
+        raise TimeoutError(f"blocked for {seconds} s: something opened a FIFO")
+
+    old = signal.signal(signal.SIGALRM, boom)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_broken_links_fifos_and_image_named_directories_are_reported_like_corrupt_files(tmp_path, capsys):
+    """Entries named like images that are no regular file used to vanish from the file list; now they stop
+    `prepare` (on_error=raise) or are skipped, counted, printed and listed in manifest.json (on_error=skip), and the
+    FIFO is never opened (the alarm would fire)."""
+    src = make_folder(tmp_path / "src", per_class=2)
+    (src / "cat" / "zz_broken.png").symlink_to(tmp_path / "nowhere.png")
+    os.mkfifo(src / "dog" / "zz_fifo.jpg")
+    (src / "dog" / "zz_dir.png").mkdir()
+    Image.fromarray(np.full((40, 40, 3), 7, np.uint8)).save(src / "dog" / "zz_dir.png" / "inner.png")  # still read
+    (src / "dog" / "zz_notes.txt").write_text("not named like an image: not listed")
+    with fails_instead_of_hanging(300):
+        with pytest.raises(CorruptImageError, match=r"zz_broken\.png: broken symbolic link"):
+            run_api(src, tmp_path / "raise", flip=False)
+        m = run_api(src, tmp_path / "skip", flip=False, on_error="skip")
+    assert m["skipped"] == {"count": 3, "files": ["cat/zz_broken.png", "dog/zz_dir.png", "dog/zz_fifo.jpg"]}
+    assert m["num_items"] == 5 and m["source"]["num_files"] == 8  # 2 + 2 images, inner.png, the 3 entries
+    out = capsys.readouterr().out
+    assert "3 corrupt or unreadable files skipped, e.g. cat/zz_broken.png; listed in manifest.json" in out
+    data = LatentShards(tmp_path / "skip")
+    assert data.num_items == 5 and data.labels.tolist() == [0, 0, 1, 1, 1]

@@ -4,7 +4,8 @@ convergence benchmark all sample through here."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from repa.config import Config
+from repa.config.validate import check_sampler
 from repa.data.npz import save_samples
-from repa.data.vae import load_vae
-from repa.samplers import euler_maruyama_sampler, euler_sampler, model_velocity_fn
+from repa.data.shards import read_latent_norm
+from repa.data.vae import VAE, LatentNorm, load_vae
+from repa.samplers import (
+    dopri5_sampler,
+    euler_maruyama_sampler,
+    euler_sampler,
+    model_joint_velocity_fn,
+    model_velocity_fn,
+)
 from repa.seeds import generator
 from repa.transport.ddpm import cfg_eps_fn, create_diffusion, ddpm_model_fn
 
@@ -44,16 +53,30 @@ def generate(
     labels = labels.to(device)
     common = dict(cfg_scale=s.cfg_scale, guidance_low=s.guidance_low, guidance_high=s.guidance_high,
                   null_label=model.num_classes)  # fmt: skip
-    if cfg.transport.diffusion == "ddpm" or getattr(model, "learn_sigma", False):  # DiT: ancestral DDPM sampling
+    ddpm = cfg.transport.diffusion == "ddpm" or getattr(model, "learn_sigma", False)
+    check_sampler(cfg, ddpm)  # ddim for DDPM models only, dopri5 for flow models only (overrides come after load)
+    velocity_fn = model_velocity_fn(model)
+    if getattr(model, "class_token_dim", 0):  # REG: the class token is generated jointly and dropped at the end
+        if ddpm:
+            raise ValueError("a class-token (REG) model samples with the flow samplers (sample.sampler=ode|sde|dopri5)")
+        common["cls_noise"] = torch.randn((len(labels), model.class_token_dim), generator=generator(seed, 8)).to(device)
+        velocity_fn = model_joint_velocity_fn(model)
+    if ddpm:  # DiT: ancestral DDPM sampling (sampler ode/sde) or DDIM (ddim), over num_steps respaced steps
         eps_fn = ddpm_model_fn(model)
         if s.cfg_scale > 1:
             eps_fn = cfg_eps_fn(eps_fn, s.cfg_scale, model.num_classes, guidance_low=s.guidance_low,
                                 guidance_high=s.guidance_high)  # fmt: skip
-        x = create_diffusion(str(s.num_steps)).p_sample_loop(eps_fn, noise, labels, generator=generator(seed, 4))
+        diffusion = create_diffusion(str(s.num_steps))
+        if s.sampler == "ddim":
+            x = diffusion.ddim_sample_loop(eps_fn, noise, labels, eta=s.ddim_eta, generator=generator(seed, 4))
+        else:
+            x = diffusion.p_sample_loop(eps_fn, noise, labels, generator=generator(seed, 4))
     elif s.sampler == "ode":
-        x = euler_sampler(model_velocity_fn(model), noise, labels, num_steps=s.num_steps, heun=s.heun, **common)
+        x = euler_sampler(velocity_fn, noise, labels, num_steps=s.num_steps, heun=s.heun, **common)
+    elif s.sampler == "dopri5":
+        x = dopri5_sampler(velocity_fn, noise, labels, atol=s.atol, rtol=s.rtol, **common)
     else:
-        x = euler_maruyama_sampler(model_velocity_fn(model), noise, labels, num_steps=s.num_steps,
+        x = euler_maruyama_sampler(velocity_fn, noise, labels, num_steps=s.num_steps,
                                    path=cfg.transport.path, generator=generator(seed, 4), **common)  # fmt: skip
     model.train(was_training)
     return x.float()
@@ -96,17 +119,54 @@ def decode_pixels(x: torch.Tensor) -> torch.Tensor:
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-_VAE_DECODERS: dict[tuple[str, str], Decoder] = {}
+_VAES: dict[tuple[str, str], VAE] = {}
+_VAE_DECODERS: dict[tuple[str, str, LatentNorm | None], Decoder] = {}
+NormSpec = LatentNorm | Mapping[str, Any] | str | Path | None
 
 
-def decoder_for(vae: str | None, device: torch.device | str = "cpu") -> Decoder:
+def latent_norm_from(norm: NormSpec) -> LatentNorm | None:
+    """A `LatentNorm` from what a caller holds: itself, a manifest `latent_norm` entry (dict), or the folder (or
+    `manifest.json`) of `repa prepare` shards; None stays None (the VAE's own normalisation)."""
+    if norm is None or isinstance(norm, LatentNorm):
+        return norm
+    if isinstance(norm, Mapping):
+        return LatentNorm.from_json(norm)
+    return read_latent_norm(norm)
+
+
+def run_latent_norm(cfg: Config) -> LatentNorm | None:
+    """The normalisation a latent run's data was made with: the manifest's of `data.root` for `data.kind=latents`
+    when that folder is here, else None (decode with the VAE's own normalisation, which is the manifest's unless
+    the shards were prepared with `--latent-norm dataset`)."""
+    d = cfg.data
+    if d.space != "latent" or d.kind != "latents" or not d.root:
+        return None
+    manifest = Path(d.root) / "manifest.json"
+    return read_latent_norm(manifest) if manifest.is_file() else None
+
+
+def decoder_for(vae: str | None, device: torch.device | str = "cpu", norm: NormSpec = None) -> Decoder:
     """x (data space) -> uint8 images: pixels directly (`vae` None), latents through that VAE (`repa.data.vae.load_vae`
-    spec: hub id, folder, or `random:...`), loaded once per process."""
+    spec: hub id, folder, or `random:...`), loaded once per process.
+
+    Args:
+        vae: the VAE spec, or None for pixel-space models.
+        device: where the VAE runs.
+        norm: the latent normalisation x was made with, inverted before decoding: a `LatentNorm`, a manifest's
+            `latent_norm` entry, or a `repa prepare` folder (`LatentShards.latent_norm`, `run_latent_norm(cfg)`);
+            None = the VAE's own (SD-VAE: x / 0.18215, as before).
+    """
     if vae is None:
         return decode_pixels
-    key = (vae, str(device))
+    latent_norm = latent_norm_from(norm)
+    key = (vae, str(device), latent_norm)
     if key not in _VAE_DECODERS:
-        _VAE_DECODERS[key] = load_vae(vae, device).decode_to_uint8
+        if (vae, str(device)) not in _VAES:
+            _VAES[(vae, str(device))] = load_vae(vae, device)
+        model = _VAES[(vae, str(device))]
+        if latent_norm is not None:
+            latent_norm.check_channels(model.latent_channels, f"the latents decoded by {vae}")
+        _VAE_DECODERS[key] = partial(model.decode_to_uint8, norm=latent_norm)
     return _VAE_DECODERS[key]
 
 

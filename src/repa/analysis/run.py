@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,17 @@ from repa.data.sources import source_batches
 from repa.loading import LoadedModel, load_model
 
 METRICS = ("cknna", "cka", "unbiased_cka", "mutual_knn")
+OUTLIER_QUANTILE = 0.95  # platonic-rep's default `remove_outliers` clamp, applied by its alignment pipelines
+
+
+def check_outlier_quantile(q: float | None) -> float | None:
+    """The clamp setting of `repa align`: None (or 1, the reference's "off") -> None, else a q in (0, 1)."""
+    if q is None or float(q) == 1.0:
+        return None
+    q = float(q)
+    if not 0.0 < q < 1.0:
+        raise ValueError(f"the outlier quantile must be in (0, 1], or None to turn the clamp off; got {q}")
+    return q
 
 
 def parse_layers(spec: str | Sequence[int] | None, depth: int) -> list[int]:
@@ -251,6 +263,7 @@ def run_align(
     write: bool = True,
     num_heads: int | None = None,
     align_depth: int | None = None,
+    outlier_quantile: float | None = OUTLIER_QUANTILE,
 ) -> dict[str, Any]:
     """Similarity between pooled hidden states per (layer, t) and an encoder's mean patch tokens on the same images.
 
@@ -265,10 +278,14 @@ def run_align(
         split: Fashion-MNIST split.
         batch_size, seed, data_root, vae, device, progress, write, num_heads, align_depth: as in `run_probe`.
         out_dir: where `align.csv`, `align.json`, `align-<metric>.png` go.
+        outlier_quantile: before the metric, each feature set (every (layer, t) and the target, separately) is
+            clamped to this quantile of |x| (the mean of per-row quantiles) and L2-normalised, as platonic-rep's
+            alignment pipeline does by default (q = 0.95); None (or 1) skips the clamp. Recorded in the meta.
 
     Returns:
         {"rows": [{layer, t, target, metric, value}], "out_dir", "meta"}.
     """
+    outlier_quantile = check_outlier_quantile(outlier_quantile)
     device = device or default_device()
     loaded = _as_loaded(checkpoint, device, num_heads=num_heads, align_depth=align_depth)
     metric_list = _parse_metrics(metrics)
@@ -278,8 +295,10 @@ def run_align(
     target = encoder_features(name, inputs.images, resolution, layer, weights, device=device, progress=progress)
     feats = model_features(loaded, inputs.x, layer_list, parse_floats(times), batch_size, seed, progress)
     label = _encoder_label(name, layer, resolution)
-    rows = alignment_table(feats, {label: target}, tuple(metric_list), k=k)  # type: ignore[arg-type]
-    meta = {**_meta(loaded), "encoder": label, "num": len(inputs.labels), "k": k, "split": split}
+    rows = alignment_table(feats, {label: target}, tuple(metric_list), k=k,  # type: ignore[arg-type]
+                           outlier_quantile=outlier_quantile)  # fmt: skip
+    meta = {**_meta(loaded), "encoder": label, "num": len(inputs.labels), "k": k, "split": split,
+            "outlier_quantile": outlier_quantile}  # fmt: skip
     out = _out_dir(out_dir, loaded, "align")
     if write:
         _write_tables(out, "align", rows, meta, f"{loaded.path.name} vs {label}", metric_list, value="value")
@@ -301,6 +320,7 @@ def run_align_encoders(
     device: torch.device | None = None,
     progress: bool = True,
     write: bool = True,
+    outlier_quantile: float | None = OUTLIER_QUANTILE,
 ) -> dict[str, Any]:
     """Similarity between two encoders' mean patch tokens for every pair of layers (None = final layer).
 
@@ -310,11 +330,12 @@ def run_align_encoders(
         resolution_a, resolution_b: input sides.
         source: images: `fashion-mnist:<split>`, an image folder, or an ADM `.npz` (see `source_batches`).
         num: number of images.
-        metrics, k, out_dir, device, progress, write: as in `run_align`.
+        metrics, k, out_dir, device, progress, write, outlier_quantile: as in `run_align`.
 
     Returns:
         {"rows": [{a, b, layer_a, layer_b, metric, value}], "out_dir", "meta"}; layer labels are "L04" or "final".
     """
+    outlier_quantile = check_outlier_quantile(outlier_quantile)
     device = device or default_device()
     metric_list = _parse_metrics(metrics)
     batches, _ = source_batches(source, 250, num, resolution=max(resolution_a, resolution_b))
@@ -325,14 +346,15 @@ def run_align_encoders(
                                                                              progress=progress) for lay in layers}  # fmt: skip
 
     fa, fb = feats(encoder_a, layers_a, resolution_a), feats(encoder_b, layers_b, resolution_b)
+    measure = partial(alignment, k=k, outlier_quantile=outlier_quantile)
     rows = [
-        {"a": encoder_a, "b": encoder_b, "layer_a": la, "layer_b": lb, "metric": m, "value": alignment(xa, xb, m, k)}
+        {"a": encoder_a, "b": encoder_b, "layer_a": la, "layer_b": lb, "metric": m, "value": measure(xa, xb, m)}
         for m in metric_list
         for la, xa in fa.items()
         for lb, xb in fb.items()
     ]
     meta = {"a": f"{encoder_a}@{resolution_a}", "b": f"{encoder_b}@{resolution_b}", "source": str(source),
-            "num": len(images), "k": k}  # fmt: skip
+            "num": len(images), "k": k, "outlier_quantile": outlier_quantile}  # fmt: skip
     out = Path(out_dir) if out_dir else Path("analysis") / "align-encoders"
     if write:
         _write_tables(out, "align", rows, meta, f"{encoder_a} vs {encoder_b}", metric_list, value="value",

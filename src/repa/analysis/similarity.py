@@ -15,8 +15,11 @@ Definitions follow the reference implementation of "The Platonic Representation 
 - mutual k-NN = mean over points of |kNN_A(i) ∩ kNN_B(i)| / k, self excluded.
 
 The reference pipeline (`measure_alignment.py`) prepares features before any metric: it clamps outliers to the
-0.95 quantile of |x| (per-row quantiles averaged, their default non-"precise" mode) and L2-normalises each row.
-`prepare_features` does the same; `alignment` applies it and then the metric. Computations run in float64 here
+0.95 quantile of |x| (per-row quantiles averaged, their default non-"precise" mode) and L2-normalises each row; its
+`platonic.Alignment.score` API clamps at 0.95 too (exact quantile), while the bare metric functions of its
+`metrics.py` do not clamp. `prepare_features` does the same; `alignment` applies it and then the metric. The clamp
+is on by default (q = 0.95, as the reference); `outlier_quantile=None` turns it off (`repa align --outlier-quantile`,
+recorded in `align.json`). Here each feature set (one layer at one t, or the target) gets its own quantile. Computations run in float64 here
 (the reference runs float32 on GPU), so values agree up to float32 round-off.
 """
 
@@ -132,6 +135,8 @@ def prepare_features(
         (N, D) float32 features.
     """
     x = torch.as_tensor(feats).float()
+    if outlier_quantile is not None and not 0 < outlier_quantile <= 1:
+        raise ValueError(f"outlier_quantile must be in (0, 1] (1 or None: no clamp), got {outlier_quantile}")
     if outlier_quantile is not None and outlier_quantile < 1:
         if exact:
             flat = x.abs().flatten().sort().values

@@ -21,6 +21,19 @@ def _layers(spec: str | None) -> list[int | None]:
     return [None if v == "final" else int(v) for v in spec.split(",") if v.strip()]
 
 
+def _quantile(text: str) -> float | None:
+    """--outlier-quantile: a number in (0, 1], or none/off (1 is off too, as in the reference)."""
+    if text.strip().lower() in ("none", "off"):
+        return None
+    try:
+        q = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1] or 'none', got {text!r}") from None
+    if not 0.0 < q <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1] or 'none', got {text!r}")
+    return None if q == 1.0 else q
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", nargs="?", default=None, help="run folder, checkpoint, or official .pt")
     p.add_argument("--encoder", default=None, help="target encoder (default: the run's REPA encoder)")
@@ -35,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num", type=int, default=1000, help="number of images (class-balanced where labels exist)")
     p.add_argument("--metric", default="cknna", help="comma-separated: cknna, cka, unbiased_cka, mutual_knn")
     p.add_argument("--k", type=int, default=10, help="neighbours for CKNNA / mutual k-NN")
+    p.add_argument("--outlier-quantile", type=_quantile, default=0.95, metavar="Q",
+                   help="clamp each feature set to the Q-quantile of |x| before the metric, as the platonic-rep "
+                        "pipeline does (default 0.95); 'none' (or 1) = no clamp. Recorded in align.json")  # fmt: skip
     p.add_argument("--split", default="test", choices=["train", "test"], help="Fashion-MNIST split")
     add_data_arguments(p)
 
@@ -52,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
             args.encoder, args.encoder_b, _layers(args.encoder_layer), _layers(args.encoder_b_layer),
             args.encoder_resolution or 224, args.encoder_b_resolution or 224, args.data_root or args.source, args.num,
             args.metric, args.k, args.out, device, progress=not args.no_progress,
+            outlier_quantile=args.outlier_quantile,
         )  # fmt: skip
         for r in result["rows"]:
             print(f"[repa] {r['metric']} {r['a']}:{r['layer_a']} vs {r['b']}:{r['layer_b']} = {r['value']:.4f}")
@@ -62,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_align(
         args.checkpoint, args.encoder, args.encoder_layer, args.encoder_resolution, args.layers, args.times, args.num,
         args.metric, args.k, args.split, args.batch_size, args.seed, args.out, args.data_root, args.vae, device,
-        progress=not args.no_progress, **checkpoint_overrides(args),
+        progress=not args.no_progress, outlier_quantile=args.outlier_quantile, **checkpoint_overrides(args),
     )  # fmt: skip
     m = result["meta"]
     for metric in dict.fromkeys(r["metric"] for r in result["rows"]):

@@ -1,4 +1,4 @@
-"""`repa prepare SRC OUT`: an ImageNet-layout image folder -> SD-VAE latent + encoder-target shards.
+"""`repa prepare SRC OUT`: an ImageNet-layout image folder -> VAE latent + encoder-target shards.
 
 One process:            repa prepare data/imagenet/train data/imagenet256 --flip
 Several GPUs / nodes:   accelerate launch -m repa.cli.main prepare ...   (or torchrun; rank r takes the shards
@@ -28,7 +28,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoder-layer", type=int, default=None, help="encoder block (default: the last, after its norm)")
     p.add_argument("--encoder-weights", nargs="*", default=None, help="local weights, one per encoder")
     p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema",
-                   help="hub id or local folder; 'random[:tiny|small|sd|{json}]' = random init (tests)")  # fmt: skip
+                   help="hub id or local folder (any diffusers AutoencoderKL: SD-VAE, SD3 / FLUX.1 16-channel, "
+                        "REPA-E E2E-VAE); 'random[:tiny|small|sd|flux|flux-small|sd3|{json}]' = random init (tests)")  # fmt: skip
+    p.add_argument("--latent-norm", choices=["vae", "dataset"], default="vae",
+                   help="latent normalisation x = (z - shift) * scale: 'vae' = from the VAE's config (SD-VAE 0.18215, "
+                        "SD3/FLUX scale and shift, per-channel latents_mean/latents_std); 'dataset' = per-channel mean "
+                        "and std measured over the prepared latents (REPA-E's recipe), stored in manifest.json")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=64, help="images per VAE/encoder call")
     p.add_argument("--shard-size", type=int, default=1000, help="source images per shard")
     p.add_argument("--flip", action="store_true", help="also store latents and targets of the mirrored images")
@@ -37,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latent-dtype", choices=["float32", "float16"], default="float32")
     p.add_argument("--target-dtype", choices=["float16", "float32"], default="float16")
     p.add_argument("--on-error", choices=["raise", "skip"], default="raise",
-                   help="corrupt images: stop naming the file, or skip them (listed in manifest.json)")  # fmt: skip
+                   help="corrupt images and entries named like images that are no regular file (broken links, "
+                        "FIFOs, directories): stop naming the first, or skip them (listed in manifest.json)")  # fmt: skip
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image-decoding processes")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls/convolutions on Ampere+ GPUs")
@@ -82,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         args.source, args.out, vae=load_vae(args.vae, device), encoders=encoders, resolution=args.resolution,
         shard_size=args.shard_size, batch_size=args.batch_size, flip=args.flip, images=args.images,
         latent_dtype=args.latent_dtype, target_dtype=args.target_dtype, on_error=args.on_error,
+        latent_norm=args.latent_norm,
         num_workers=args.workers, rank=rank, world_size=world, device=device, progress=not args.no_progress,
     )  # fmt: skip
     return 0

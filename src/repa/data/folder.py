@@ -6,11 +6,15 @@ Colour handling (documented choice, as the official REPA/ADM pipelines do with `
 composited), matching the official preprocessing. Float ("F") and LAB images are refused (no known range / no
 colour conversion in PIL) rather than silently turned black or miscoloured.
 Unreadable files (zero bytes, truncated, not an image) raise `CorruptImageError` naming the file, or are skipped and
-counted with `on_error="skip"`.
+counted with `on_error="skip"`. So do entries that are named like images but are no regular file: broken symbolic
+links, FIFOs, sockets, devices and directories such as `x.png/` (`find_images` lists them, `load_image` refuses them
+from `stat` alone, so a FIFO is never opened and nothing blocks on it).
 """
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 from typing import Literal
 
@@ -19,12 +23,16 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from repa.errors import ReportedError
+
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 OnError = Literal["raise", "skip"]
 
 
-class CorruptImageError(ValueError):
+class CorruptImageError(ReportedError, ValueError):
     """An image file could not be decoded; `path` names it."""
+
+    exit_code = 7
 
     def __init__(self, path: str | Path, cause: BaseException | str) -> None:
         super().__init__(f"corrupt or unreadable image {path}: {cause}")
@@ -70,13 +78,34 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _not_a_file(path: Path) -> str | None:
+    """Why `path` is no regular file (following symbolic links), or None if it is one; never opens it."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        if path.is_symlink():
+            return f"broken symbolic link (its target {os.readlink(path)} does not exist)"
+        return "file does not exist (removed while listing?)"
+    except OSError as e:  # a symbolic-link loop, a permission error on the way
+        return f"cannot stat it: {type(e).__name__}: {e}"
+    if stat.S_ISREG(mode):
+        return None
+    kinds = {stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a FIFO (named pipe)", stat.S_ISSOCK: "a socket",
+             stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device"}  # fmt: skip
+    kind = next((name for test, name in kinds.items() if test(mode)), f"a special file (mode {oct(mode)})")
+    return f"not a regular file: it is {kind}{' (via a symbolic link)' if path.is_symlink() else ''}"
+
+
 def load_image(path: str | Path, image_size: int) -> np.ndarray:
     """Decode, convert to RGB and ADM-centre-crop one file -> uint8 (image_size, image_size, 3).
 
     Raises:
-        CorruptImageError: empty, truncated or undecodable file.
+        CorruptImageError: empty, truncated or undecodable file; or no regular file at all (broken symbolic link,
+            FIFO, directory, ...), refused before it is opened.
     """
     path = Path(path)
+    if (why := _not_a_file(path)) is not None:
+        raise CorruptImageError(path, why)
     try:
         if path.stat().st_size == 0:
             raise CorruptImageError(path, "file is empty (0 bytes)")
@@ -92,7 +121,10 @@ def load_image(path: str | Path, image_size: int) -> np.ndarray:
 def find_images(
     root: str | Path, extensions: tuple[str, ...] = IMG_EXTENSIONS
 ) -> tuple[list[tuple[Path, int]], list[str]]:
-    """(path, class index) for every image under `root/<class>/**`, classes sorted by folder name."""
+    """(path, class index) for every entry named like an image under `root/<class>/**` (sorted), classes sorted by
+    folder name. Entries that are no regular file (broken symbolic links, FIFOs, directories named `x.png`, ...) are
+    listed too, so that reading them fails (or is skipped and counted) like a corrupt file instead of vanishing
+    silently; the contents of such a directory are listed as usual."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
@@ -103,7 +135,7 @@ def find_images(
         (p, c)
         for c, name in enumerate(classes)
         for p in sorted((root / name).rglob("*"))
-        if p.is_file() and p.suffix.lower() in extensions
+        if p.suffix.lower() in extensions
     ]
     if not samples:
         raise FileNotFoundError(f"no images with extensions {extensions} under {root}")

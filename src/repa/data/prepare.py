@@ -40,6 +40,7 @@ def prepare_shards(
     latent_dtype: StorageDtype = "float32",
     target_dtype: StorageDtype = "float16",
     on_error: Literal["raise", "skip"] = "raise",
+    latent_norm: Literal["vae", "dataset"] = "vae",
     num_workers: int = 0,
     rank: int = 0,
     world_size: int = 1,
@@ -53,7 +54,7 @@ def prepare_shards(
     Args:
         source: folder of class subfolders.
         out: output folder (created); rerunning into it resumes and must use the same settings.
-        vae: a `repa.data.vae.VAE` (`encode_moments`, `scale`, `source`, `downsample`, `latent_channels`).
+        vae: a `repa.data.vae.VAE` (`encode_moments`, `norm`, `source`, `downsample`, `latent_channels`).
         encoders: frozen `repa.encoders.Encoder`s whose targets are stored (none: latents only).
         resolution: ADM centre-crop side.
         shard_size: source files per shard (K).
@@ -63,7 +64,12 @@ def prepare_shards(
         images: also store the uint8 centre crops (R x R x 3 bytes each; flipped on read), so encoders can run
             during training instead of (or besides) stored targets.
         latent_dtype, target_dtype: storage dtypes, "float32" or "float16".
-        on_error: "raise" (CorruptImageError naming the file) or "skip" (left out, listed in the manifest).
+        on_error: "raise" (CorruptImageError naming the file) or "skip" (left out, listed in the manifest); this
+            covers corrupt files and entries named like images that are no regular file (broken symbolic links,
+            FIFOs, directories named `x.png`), which are refused without being opened.
+        latent_norm: "vae" (the normalisation the VAE's config implies: SD-VAE 0.18215; SD3 / FLUX scale and
+            shift; per-channel `latents_mean` / `latents_std`) or "dataset" (per-channel mean and std measured
+            over the prepared latents when the manifest is written; stored in it).
         num_workers: DataLoader processes decoding images.
         rank, world_size: this process takes shards s with s % world_size == rank.
         device: where the VAE and encoders run (default: the VAE's device).
@@ -84,7 +90,7 @@ def prepare_shards(
     device = torch.device(device) if device is not None else next(vae.parameters()).device
     samples, classes = find_images(source)
     plan = shard_plan(source, samples, classes, run_config(vae, encoders, resolution, flip, latent_dtype,
-                                                           target_dtype, images), shard_size)  # fmt: skip
+                                                           target_dtype, images, latent_norm), shard_size)  # fmt: skip
     _agree_on_plan(out, plan, rank, barrier)
     mine = [s for s in range(plan["num_shards"]) if s % world_size == rank]
     todo = [s for s in mine if not shard_done(out, s, plan_hash(plan))]
@@ -96,9 +102,14 @@ def prepare_shards(
     if rank != 0:
         return None
     manifest = write_manifest(out)
-    n_skip = manifest["skipped"]["count"]
+    skipped = manifest["skipped"]
     print(f"[repa] prepare: {manifest['num_items']} items in {manifest['num_shards']} shards -> {out}"
-          + (f" ({n_skip} corrupt files skipped, listed in manifest.json)" if n_skip else ""), flush=True)  # fmt: skip
+          + (f" ({skipped['count']} corrupt or unreadable files skipped, e.g. {skipped['files'][0]}; listed in "
+             "manifest.json)" if skipped["count"] else ""), flush=True)  # fmt: skip
+    if manifest["latent_norm"]["source"] == "dataset":
+        norm = manifest["latent_norm"]
+        print(f"[repa] prepare: per-channel latent mean {[round(v, 4) for v in norm['mean']]}, "
+              f"std {[round(v, 4) for v in norm['std']]} (stored in manifest.json)", flush=True)  # fmt: skip
     return manifest
 
 

@@ -10,11 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from repa.assets import sha256_file
 from repa.data.shards import FORMAT, STORAGE_DTYPES, VERSION, ShardError
+from repa.data.vae import LatentNorm
+
+LATENT_NORMS = ("vae", "dataset")  # `repa prepare --latent-norm`
 
 
 def to_storage(x: torch.Tensor, dtype: str, what: str) -> torch.Tensor:
@@ -102,8 +106,16 @@ def run_config(
     latent_dtype: str,
     target_dtype: str,
     images: bool = False,
+    latent_norm: str = "vae",
 ) -> dict[str, Any]:
-    """The `config` entry of the plan and the manifest: what the stored numbers mean."""
+    """The `config` entry of the plan and the manifest: what the stored numbers mean.
+
+    `latent_scale` is the scalar scale of a plain `x = z * scale` normalisation (SD-VAE: 0.18215) and None
+    otherwise; `latent_norm` is added only when there is more to say: the VAE config's shift or per-channel values
+    (`latent_norm="vae"`), or {"source": "dataset"} (measured when the manifest is written). So preparations of a
+    plain-scale VAE keep the plan (and resume) of earlier versions."""
+    if latent_norm not in LATENT_NORMS:
+        raise ValueError(f"latent_norm must be one of {LATENT_NORMS}, got {latent_norm!r}")
     down = int(vae.downsample)
     if resolution % down:
         raise ValueError(f"resolution {resolution} is not a multiple of the VAE downsampling factor {down}")
@@ -113,13 +125,21 @@ def run_config(
     names = [e.name for e in encoders]
     if len(set(names)) != len(names):
         raise ValueError(f"encoders must be distinct, got {names}")
-    return {
-        "resolution": resolution, "vae": getattr(vae, "source", ""), "latent_scale": float(vae.scale),
+    norm = vae.norm if isinstance(getattr(vae, "norm", None), LatentNorm) else LatentNorm(scale=float(vae.scale))
+    norm.check_channels(int(vae.latent_channels), f"the VAE {getattr(vae, 'source', '')}")
+    scale = norm.scalar_scale if latent_norm == "vae" else None
+    config = {
+        "resolution": resolution, "vae": getattr(vae, "source", ""), "latent_scale": scale,
         "vae_downsample": down, "latent_shape": [int(vae.latent_channels), resolution // down, resolution // down],
         "latent_dtype": latent_dtype, "target_dtype": target_dtype,
         "flips": [False, True] if flip else [False], "encoders": [encoder_entry(e) for e in encoders],
         "images": bool(images),
     }  # fmt: skip
+    if latent_norm == "dataset":
+        config["latent_norm"] = {"source": "dataset"}
+    elif scale is None:
+        config["latent_norm"] = norm.to_json()
+    return config
 
 
 def plan_hash(plan: dict[str, Any]) -> str:
@@ -187,6 +207,13 @@ def write_manifest(out: str | Path) -> dict[str, Any]:
     records = [json.loads((out / record_file(s)).read_text(encoding="utf-8")) for s in range(plan["num_shards"])]
     skipped = [p for r in records for p in r["skipped"]]
     cfg = plan["config"]
+    entry = cfg.get("latent_norm")
+    if entry is not None and entry.get("source") == "dataset":
+        norm = dataset_latent_norm(out, plan, records)
+    elif entry is not None:
+        norm = LatentNorm.from_json(entry).to_json()
+    else:  # a plain scale (SD-VAE: 0.18215), from the VAE's config
+        norm = LatentNorm(scale=cfg["latent_scale"], source="vae").to_json()
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -197,12 +224,45 @@ def write_manifest(out: str | Path) -> dict[str, Any]:
         "num_shards": plan["num_shards"],
         "shard_size": plan["shard_size"],
         "skipped": {"count": len(skipped), "files": skipped},
+        "latent_norm": norm,
         "config": cfg,
         "source": plan["source"],
         "shards": [{k: r[k] for k in ("index", "num_items", "first_file", "files")} for r in records],
     }
     _write_json(out / "manifest.json", manifest)
     return manifest
+
+
+def dataset_latent_norm(out: Path, plan: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-channel mean and std of the latents the diffusion model is trained on, over every stored item and flip,
+    and the normalisation x = (z - mean) / std they give (the manifest's `latent_norm`, `source="dataset"`).
+
+    The statistics are those of the posterior samples z = mean + std * eps that training draws, computed exactly
+    from the stored moments (E[z] = E[mean], Var[z] = Var[mean] + E[std^2], all in float64), which is what REPA-E's
+    BatchNorm over sampled latents estimates; shard after shard in order, so the numbers do not depend on the
+    number of processes that prepared the shards."""
+    c = plan["config"]["latent_shape"][0]
+    s1, s2, var = (torch.zeros(c, dtype=torch.float64) for _ in range(3))
+    count = 0
+    for rec in records:
+        path = out / rec["files"]["latents"]["path"]
+        with safe_open(str(path), framework="pt") as f:
+            mean, std = f.get_tensor("mean").double(), f.get_tensor("std").double()
+        dims = [d for d in range(mean.ndim) if d != 2]  # (K, F, C, h, w): all but the channels
+        s1 += mean.sum(dims)
+        s2 += (mean * mean).sum(dims)
+        var += (std * std).sum(dims)
+        count += mean.numel() // c
+    if count == 0:
+        raise ShardError(f"{out}: no latents to measure per-channel statistics on (every image was skipped)")
+    mu = s1 / count
+    sigma = (s2 / count - mu * mu + var / count).clamp_min(0).sqrt()
+    if not bool(torch.isfinite(sigma).all() & (sigma > 0).all()):
+        raise ShardError(f"{out}: per-channel latent std {sigma.tolist()} is not positive and finite; "
+                         "use --latent-norm vae")  # fmt: skip
+    norm = LatentNorm.from_statistics(mu.tolist(), sigma.tolist())
+    return {**norm.to_json(), "mean": mu.tolist(), "std": sigma.tolist(), "num_values": count,
+            "over": "posterior samples z = mean + std * eps of every stored item and flip"}  # fmt: skip
 
 
 def check_plan(out: Path, plan: dict[str, Any], rank: int) -> None:

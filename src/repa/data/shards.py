@@ -1,4 +1,4 @@
-"""Latent shards: an image folder as SD-VAE posterior moments + encoder targets. The format and the `LatentShards`
+"""Latent shards: an image folder as VAE posterior moments + encoder targets. The format and the `LatentShards`
 reader; the writer primitives are in `repa.data.shard_writer`, the pipeline that fills a folder is
 `repa.data.prepare.prepare_shards` (`repa prepare`).
 
@@ -17,6 +17,11 @@ with `flip` (index 0: the image, 1: its mirror image; the latent and the targets
 mirrored latent) and 1 otherwise. Latent moments are float32 by default (float16 halves the size; both are
 read back as float32); targets are float16 by default (see `repa.data.features`). Every file is written to a
 temporary name and renamed; a shard counts as done when its `shard-*.json` exists, so a rerun skips it.
+
+The moments are those of the raw VAE latents z; training reads x = (z - shift) * scale with the manifest's
+`latent_norm` (`repa.data.vae.LatentNorm`: the VAE config's scale / shift / per-channel values, or per-channel
+statistics measured over these latents with `--latent-norm dataset`). Manifests without `latent_norm` (earlier
+versions) mean x = z * config.latent_scale.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ import numpy as np
 import torch
 
 from repa.assets import sha256_file
-from repa.data.vae import sample_latents
+from repa.data.vae import LatentNorm, sample_latents
+from repa.errors import ReportedError
 
 FORMAT = "repa-latent-shards"
 VERSION = 1
@@ -41,11 +47,37 @@ _DTYPES = STORAGE_DTYPES  # the reader's name
 _ST = {"F32": torch.float32, "F16": torch.float16, "I64": torch.int64, "BF16": torch.bfloat16, "U8": torch.uint8}
 
 
-class ShardError(ValueError):
+class ShardError(ReportedError, ValueError):
     """A shard file is missing, truncated, or its tensors disagree with the manifest; the message names it."""
+
+    exit_code = 6
 
 
 # ------------------------------------------------------------------------------------------------------ reading
+
+
+def manifest_latent_norm(manifest: dict[str, Any]) -> LatentNorm:
+    """The normalisation training applies to a manifest's latents: its `latent_norm`, else (a plan's config or an
+    earlier manifest) the config's `latent_norm` entry or its plain `latent_scale`."""
+    cfg = manifest.get("config", {})
+    entry = manifest.get("latent_norm") or cfg.get("latent_norm")
+    if entry is not None:
+        return LatentNorm.from_json(entry)
+    if cfg.get("latent_scale") is None:
+        raise ShardError("the manifest records neither a latent_norm nor a latent_scale")
+    return LatentNorm(scale=float(cfg["latent_scale"]), source="manifest")
+
+
+def read_latent_norm(path: str | Path) -> LatentNorm:
+    """The latent normalisation of a `repa prepare` folder (or of its `manifest.json`)."""
+    path = Path(path)
+    path = path / "manifest.json" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the latent normalisation is recorded in the shards' manifest")
+    try:
+        return manifest_latent_norm(json.loads(path.read_text(encoding="utf-8")))
+    except ValueError as err:
+        raise ShardError(f"{path}: {err}") from err
 
 
 def _map_safetensors(path: Path, expect: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, torch.Tensor]:
@@ -90,8 +122,9 @@ class LatentShards:
         verify: also check every file's sha256 against the manifest (reads everything once).
 
     Attributes:
-        num_items, num_classes, classes, sample_shape (C, r/8, r/8), flips, scale, encoders (manifest entries),
-        labels (N,) int64, manifest.
+        num_items, num_classes, classes, sample_shape (C, r/8, r/8), flips, latent_norm (the normalisation
+        `batch` applies and decoding inverts), scale (its scalar scale, None when it has a shift or per-channel
+        values), encoders (manifest entries), labels (N,) int64, manifest.
     """
 
     def __init__(self, root: str | Path, *, verify: bool = False) -> None:
@@ -112,7 +145,12 @@ class LatentShards:
         self.num_classes: int = m["num_classes"]
         self.sample_shape: tuple[int, int, int] = tuple(m["sample_shape"])  # type: ignore[assignment]
         self.flips: tuple[bool, ...] = tuple(cfg["flips"])
-        self.scale: float = float(cfg["latent_scale"])
+        try:
+            self.latent_norm: LatentNorm = manifest_latent_norm(m)
+            self.latent_norm.check_channels(self.sample_shape[0], str(path))
+        except ValueError as err:
+            raise ShardError(f"{path}: {err}") from err
+        self.scale: float | None = self.latent_norm.scalar_scale
         self.encoders: list[dict[str, Any]] = cfg["encoders"]
         self.has_images: bool = bool(cfg.get("images"))
         self.name = f"latents:{self.root}"
@@ -250,7 +288,8 @@ class LatentShards:
         *,
         eps: torch.Tensor | None = None,
     ) -> dict[str, Any]:
-        """A training batch: x = (mean + std * eps) * scale, a fresh posterior sample (REPA/DiT recipe).
+        """A training batch: x = (mean + std * eps - shift) * scale, a fresh posterior sample (REPA/DiT recipe)
+        normalised with `latent_norm` (SD-VAE: (mean + std * eps) * 0.18215).
 
         Args:
             idx: (B,) item indices.
@@ -268,11 +307,12 @@ class LatentShards:
         mean, std = self.moments(idx, flips)
         if eps is None:
             g_dev = generator.device if generator is not None else torch.device("cpu")
-            x = sample_latents(mean.to(g_dev), std.to(g_dev), generator, self.scale).to(device)
+            x = sample_latents(mean.to(g_dev), std.to(g_dev), generator, self.latent_norm).to(device)
         else:
             if tuple(eps.shape) != tuple(mean.shape):
                 raise ValueError(f"eps must have shape {tuple(mean.shape)}, got {tuple(eps.shape)}")
-            x = (mean.to(device) + std.to(device) * eps.to(device=device, dtype=torch.float32)) * self.scale
+            z = mean.to(device) + std.to(device) * eps.to(device=device, dtype=torch.float32)
+            x = self.latent_norm.normalize(z)
         out: dict[str, Any] = {"x": x, "y": self.labels[idx].to(device)}
         if self.encoders:
             out["targets"] = [t.to(device) for t in self.targets(idx, flips)]
