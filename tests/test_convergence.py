@@ -159,6 +159,7 @@ def test_bundle_offline_run_and_deferred_scoring_match_the_online_run(tmp_path, 
     monkeypatch.setattr(convergence.evaluate, "make_detector", lambda device: StandInDetector())
     focus = _fake_focus_weights(tmp_path / "focus.safetensors")
     monkeypatch.setattr(convergence.bundle, "encoder_source", lambda name: focus)
+    monkeypatch.setattr(convergence.bundle, "installed_names", lambda state: state)  # not a real Dinov2 state dict
     preset = convergence.Preset(steps=4, eval_every=2, batch_size=8, num_train=30, fid_samples=20, fid_reference=20,
                                 sample_steps=2, probe_train=20, probe_test=20, probe_epochs=2, seeds=(0, 1),
                                 workers=1, threads=1, device="cpu", eval_batch=10)  # fmt: skip
@@ -208,6 +209,24 @@ def test_bundle_offline_run_and_deferred_scoring_match_the_online_run(tmp_path, 
     with pytest.raises(ValueError, match="needs"):  # more images than the bundle holds
         convergence.bundle.run_from_bundle(bundle, dataclasses.replace(preset, num_train=40), out=tmp_path / "more")
 
+    # a run stopped by its time limit (SIGINT) still packs the evaluations that finished
+    real_run_job, calls = convergence.jobs.run_job, []
+
+    def stopped_after_one_job(job):
+        calls.append(job)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real_run_job(job)
+
+    monkeypatch.setattr(convergence.jobs, "run_job", stopped_after_one_job)
+    with pytest.raises(KeyboardInterrupt):
+        convergence.bundle.run_from_bundle(bundle, preset, out=tmp_path / "stopped")
+    stopped = json.loads((tmp_path / "stopped" / "deferred" / "deferred.json").read_text())
+    assert stopped["unfinished"] and [(r["arm"], r["seed"], r["step"]) for r in stopped["rows"]] == [
+        ("vanilla", 0, 2), ("vanilla", 0, 4)
+    ]  # fmt: skip
+    monkeypatch.setattr(convergence.jobs, "run_job", real_run_job)
+
     # scoring elsewhere (a machine with the Inception network and a repa cache)
     monkeypatch.setenv("REPA_CACHE", str(tmp_path / "cache"))
     scored = tmp_path / "scored"
@@ -231,18 +250,27 @@ def test_bundle_offline_run_and_deferred_scoring_match_the_online_run(tmp_path, 
 
 @pytest.mark.slow  # builds the 22M-parameter encoder once (transformers import and init: ~10-40 s on 2 cores)
 def test_bundled_encoder_weights_load_offline(tmp_path, monkeypatch):
-    """The real loader reads the restored float16 focus weights (blocks 1..8) from the private cache, offline."""
+    """The real loader reads the restored float16 focus weights (blocks 1..8) from the private cache, offline, also
+    when the bundle was built under the other transformers naming of the attention (query/key/value/output.dense
+    before ~5.2x, q/k/v/o_proj after): the GPU machine's transformers may differ from the builder's."""
     from safetensors.torch import save_file
 
     from repa.encoders import load_encoder
-    from repa.encoders.focus import build_focus_model
+    from repa.encoders.focus import _RENAME, build_focus_model
 
     with torch.device("meta"):  # the architecture's names and shapes; random values (a real init takes seconds)
         shapes = {k: v.shape for k, v in build_focus_model().state_dict().items()}
     g = torch.Generator().manual_seed(0)
     original = {k: torch.randn(shape, generator=g) * 0.02 for k, shape in shapes.items()}
+
+    def other_naming(key: str) -> str:
+        for old, new in _RENAME.items():
+            key = key.replace(f".{new}.", f".{old}.") if f".{new}." in key else key.replace(f".{old}.", f".{new}.")
+        return key
+
     src = tmp_path / "focus.safetensors"
-    save_file(original, str(src))
+    save_file({other_naming(k): v for k, v in original.items()}, str(src))
+    assert set(load_file(str(src))) != set(original)  # the bundle holds the other naming
     entry = convergence.bundle.pack_encoder(src, tmp_path / "packed.safetensors", layer=8)
     assert {k.split(".")[2] for k in entry["dropped"]} == {"8", "9", "10", "11"}
     assert (tmp_path / "packed.safetensors").stat().st_size < 0.36 * src.stat().st_size  # half precision, 8/12 blocks
@@ -253,7 +281,8 @@ def test_bundled_encoder_weights_load_offline(tmp_path, monkeypatch):
     monkeypatch.setattr("subprocess.run", lambda *a, **k: pytest.fail("pip run offline"))
     encoder = load_encoder("dinov2-vit-s-focus", 98, layer=8)  # strict load of the full-shape state dict
     loaded = encoder.model.state_dict()
-    assert len(encoder.model.encoder.layer) == 8 and set(loaded) == {k for k in original if k not in entry["dropped"]}
+    assert len(encoder.model.encoder.layer) == 8 and set(loaded) == {k for k in original if not k.startswith(
+        tuple(f"encoder.layer.{i}." for i in (8, 9, 10, 11)))}  # fmt: skip
     assert all(torch.equal(v, original[k].half().float()) for k, v in loaded.items())
     with torch.no_grad():
         tokens = encoder(torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8))

@@ -17,13 +17,17 @@ differ (vanilla: no encoder, lambda = 0). Checkpoints are written every `eval_ev
 Outputs in `--out`: `results.csv` (one row per arm, seed, evaluated step), `results.md`, `convergence.png` (metric
 vs steps, mean over seeds with a min-max band), `summary.json`; per-run folders under `runs/` hold checkpoints and
 `evals/step_*.json`, so rerunning the same command resumes and reuses finished evaluations.
+
+Offline (`bundle`, `deferred`): `--bundle DIR` packs what a preset needs (images, float16 encoder weights, config)
+into one folder; `--from-bundle DIR` runs from it alone with the FID deferred (samples packed into
+`<out>/deferred/`); `--score-samples DIR` scores them where the Inception network is and writes the same report.
 """
 
-from benchmarks.convergence import evaluate
+from benchmarks.convergence import bundle, deferred, evaluate
 from benchmarks.convergence.cli import add_arguments, main, run
 from benchmarks.convergence.jobs import run_benchmark
 from benchmarks.convergence.presets import PRESETS, Arm, Preset, parse_ablations
 from benchmarks.convergence.stats import iso_fid_speedups, speedup, steps_to_reach, verdict
 
-__all__ = ["PRESETS", "Arm", "Preset", "add_arguments", "evaluate", "iso_fid_speedups", "main", "parse_ablations",
-           "run", "run_benchmark", "speedup", "steps_to_reach", "verdict"]  # fmt: skip
+__all__ = ["PRESETS", "Arm", "Preset", "add_arguments", "bundle", "deferred", "evaluate", "iso_fid_speedups", "main",
+           "parse_ablations", "run", "run_benchmark", "speedup", "steps_to_reach", "verdict"]  # fmt: skip

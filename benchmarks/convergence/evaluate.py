@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from benchmarks.convergence.presets import CKNNA_K, FID_METHOD, PROBE_T, Preset, device_of
@@ -51,32 +53,55 @@ def cknna_targets(cfg: Config, images: torch.Tensor, device: torch.device) -> to
                             device=device, progress=False)  # fmt: skip
 
 
-def prepare_shared(out: Path, cfg: Config, preset: Preset, data_root: str | None) -> None:
-    """Once per output folder: FID reference statistics, probe images, CKNNA targets -> `<out>/shared.pt`."""
+def prepare_shared(out: Path, cfg: Config, preset: Preset, data_root: str | None, fid: bool = True) -> None:
+    """Once per output folder: FID reference statistics (unless `fid` is False: FID deferred, no Inception here),
+    probe images, CKNNA targets -> `<out>/shared.pt`."""
     path = out / "shared.pt"
     if path.is_file():
         return
     device = device_of(preset)
-    mu, sigma = fid_reference(make_detector(device), preset.fid_reference, data_root).stats["pool"]
+    shared: dict[str, torch.Tensor] = {}
+    if fid:
+        mu, sigma = fid_reference(make_detector(device), preset.fid_reference, data_root).stats["pool"]
+        shared.update(fid_mu=torch.from_numpy(mu), fid_sigma=torch.from_numpy(sigma))
     train_images, train_labels = fashion_mnist_images("train", preset.probe_train, data_root)
     test_images, test_labels = fashion_mnist_images("test", preset.probe_test, data_root)
     print(f"[convergence] CKNNA targets: encoder features of {len(test_images)} test images", flush=True)
-    shared = {
-        "fid_mu": torch.from_numpy(mu), "fid_sigma": torch.from_numpy(sigma),
+    shared.update({
         "probe_train_images": train_images, "probe_train_labels": train_labels,
         "probe_test_images": test_images, "probe_test_labels": test_labels,
         "align_targets": cknna_targets(cfg, test_images, device),
-    }  # fmt: skip
+    })  # fmt: skip
     tmp = path.with_suffix(".tmp")
     torch.save(shared, tmp)
     tmp.replace(path)
 
 
+def sample_fid(detector, batches: Iterable[torch.Tensor], num: int, mu: np.ndarray, sigma: np.ndarray) -> float:
+    """FID of uint8 sample batches (B, C, H, W) against reference statistics (mu, sigma). The deferred scoring
+    (`benchmarks.convergence.deferred`) feeds saved samples through this with the same batches, so its value equals
+    the one scoring during the run."""
+    acts = compute_activations(detector, batches, num, progress=False)
+    return float(frechet_distance(acts.stats["pool"].mean, acts.stats["pool"].cov, mu, sigma, method=FID_METHOD))
+
+
+def save_fid_samples(path: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """Write the FID samples of one checkpoint (uint8 (N, C, H, W) and labels) atomically, for deferred scoring."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, images=images.numpy(), labels=labels.numpy())
+    tmp.replace(path)
+
+
 def evaluate_checkpoint(
-    ckpt: Path, p: Preset, layers: tuple[int, ...], shared: dict[str, Any], detector
-) -> dict[str, Any]:
+    ckpt: Path, p: Preset, layers: tuple[int, ...], shared: dict[str, Any], detector,
+    samples_out: Path | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """FID, probe accuracy and CKNNA (per block in `layers`) of one checkpoint's EMA model (the probe trains, so no
-    global no_grad here; sampling and feature extraction run without gradients on their own)."""
+    global no_grad here; sampling and feature extraction run without gradients on their own).
+
+    With `detector=None` the FID is deferred: the uint8 samples are written to `samples_out` (`save_fid_samples`)
+    and the row's `fid` is None, to be filled by `--score-samples` on a machine with the Inception network."""
     device = device_of(p)
     t0, c0 = time.perf_counter(), time.process_time()
     loaded = load_model(ckpt, prefer_ema=True, device=device)
@@ -85,11 +110,13 @@ def evaluate_checkpoint(
     labels = balanced_labels(p.fid_samples, loaded.num_classes, seed=0)
     samples = generate_batches(model, cfg, labels, loaded.sample_shape, seed=FID_SEED, batch_size=p.eval_batch,
                                decode=decode_pixels)  # fmt: skip
-    acts = compute_activations(detector, samples, len(labels), progress=False)
-    mu, sigma = shared["fid_mu"].numpy(), shared["fid_sigma"].numpy()
-    row: dict[str, Any] = {
-        "fid": frechet_distance(acts.stats["pool"].mean, acts.stats["pool"].cov, mu, sigma, method=FID_METHOD)
-    }
+    row: dict[str, Any] = {"fid": None}
+    if detector is not None:
+        row["fid"] = sample_fid(detector, samples, len(labels), shared["fid_mu"].numpy(), shared["fid_sigma"].numpy())
+    else:
+        if samples_out is None:
+            raise ValueError("a deferred FID (detector=None) needs samples_out")
+        save_fid_samples(samples_out, torch.cat([b.cpu() for b in samples]), labels.cpu())
     feats = {}
     for split in ("train", "test"):
         x = shared[f"probe_{split}_images"].float() / 127.5 - 1.0  # the loop's pixel-space x

@@ -39,6 +39,7 @@ class Job:
     out: str
     data_root: str | None
     layers: tuple[int, ...]
+    defer_fid: bool = False  # save the FID samples instead of scoring them (no Inception network here)
 
     @property
     def run_dir(self) -> Path:
@@ -84,13 +85,20 @@ def run_job(job: Job) -> list[dict[str, Any]]:
         else:
             if step not in ckpts:
                 raise FileNotFoundError(f"{job.run_dir}: no checkpoint for step {step}")
-            detector = detector or evaluate.make_detector(device_of(job.preset))
+            if not job.defer_fid:
+                detector = detector or evaluate.make_detector(device_of(job.preset))
+            samples = job.run_dir / "fid-samples" / f"step_{step:08d}.npz" if job.defer_fid else None
             row = {"arm": job.arm.name, "seed": job.seed, "step": step,
-                   **evaluate.evaluate_checkpoint(ckpts[step], job.preset, job.layers, shared, detector)}  # fmt: skip
+                   **evaluate.evaluate_checkpoint(ckpts[step], job.preset, job.layers, shared, detector,
+                                                  samples_out=samples)}  # fmt: skip
             row.update(_logged(job.run_dir, step))
             out.parent.mkdir(exist_ok=True)
-            out.write_text(json.dumps(row, indent=1) + "\n")
-            print(f"[convergence] {job.run_dir.name} step {step}: FID {row['fid']:.2f}, "
+            tmp = out.with_suffix(".tmp")  # written after the samples: a finished evaluation has both
+            tmp.write_text(json.dumps(row, indent=1) + "\n")
+            tmp.replace(out)
+            fid = "deferred" if row["fid"] is None else f"{row['fid']:.2f}"
+            probe = ", ".join(f"block {k} {row[f'probe_acc_l{k}']:.3f}" for k in job.layers)
+            print(f"[convergence] {job.run_dir.name} step {step}: FID {fid}, probe {probe}, "
                   f"eval {row['eval_s']:.0f} s", flush=True)  # fmt: skip
         rows.append(row)
     return rows
@@ -117,11 +125,16 @@ def _check_out(out: Path, key: dict[str, Any]) -> None:
 
 
 def run_benchmark(preset: Preset, *, out: Path, config: str, overrides: Sequence[str] = (),
-                  ablations: Sequence[Arm] = (), data_root: str | None = None, command: str = "") -> dict[str, Any]:  # fmt: skip
+                  ablations: Sequence[Arm] = (), data_root: str | None = None, command: str = "",
+                  defer_fid: bool = False) -> dict[str, Any]:  # fmt: skip
     """Train and evaluate every (arm, seed), then write the CSV, markdown table, figure and summary.
 
+    With `defer_fid` no Inception network is used: every evaluation saves its FID samples, `<out>/deferred.json`
+    describes the benchmark, and `benchmarks.convergence.deferred.pack` / `score` finish the FID and the report
+    elsewhere (the offline GPU bundle's path).
+
     Returns:
-        The summary dict (also written to `<out>/summary.json`).
+        The summary dict (also written to `<out>/summary.json`); with `defer_fid`, the deferred description.
     """
     arms = [VANILLA, REPA, *ablations]
     probe = Job(REPA, preset.seeds[0], preset, config, tuple(overrides), str(out), data_root, ())
@@ -129,15 +142,27 @@ def run_benchmark(preset: Preset, *, out: Path, config: str, overrides: Sequence
     base_depth = depths["repa"]
     layers = tuple(sorted({base_depth, *(d for a, d in depths.items() if a != "vanilla")}))
     budget = {k: v for k, v in dataclasses.asdict(preset).items() if k not in ("seeds", "workers", "threads")}
-    _check_out(out, {"config": str(config), "overrides": list(overrides), "data_root": data_root, **budget})
-    jobs = [dataclasses.replace(probe, arm=arm, seed=seed, layers=layers) for seed in preset.seeds for arm in arms]
+    key = {"config": str(config), "overrides": list(overrides), "data_root": data_root, **budget}
+    _check_out(out, {**key, "fid": "deferred"} if defer_fid else key)  # never mix deferred and scored runs
+    jobs = [dataclasses.replace(probe, arm=arm, seed=seed, layers=layers, defer_fid=defer_fid)
+            for seed in preset.seeds for arm in arms]  # fmt: skip
     t0, threads = time.perf_counter(), torch.get_num_threads()
+    if defer_fid:
+        from benchmarks.convergence import deferred
+
+        deferred.write_description(out, preset=preset, arms=[a.name for a in arms], layers=layers,
+                                   base_depth=base_depth, depths=depths, command=command,
+                                   config=probe.train_config(), wall_s=None)  # fmt: skip
     try:
         torch.set_num_threads(max(1, preset.threads * preset.workers))
-        evaluate.prepare_shared(out, probe.train_config(), preset, data_root)
-        results = _run_jobs(jobs, preset)
+        evaluate.prepare_shared(out, probe.train_config(), preset, data_root, fid=not defer_fid)
+        results = _run_jobs(jobs, preset, after_job=(lambda: deferred.pack(out)) if defer_fid else None)
     finally:
         torch.set_num_threads(threads)
+    if defer_fid:
+        desc = deferred.finish_description(out, wall_s=time.perf_counter() - t0)
+        deferred.pack(out)
+        return desc
     rows = [{**r, "probe_acc": r[f"probe_acc_l{base_depth}"], "cknna": r[f"cknna_l{base_depth}"]}
             for res in results for r in res]  # fmt: skip
     meta = {"preset": preset, "layers": layers, "base_depth": base_depth, "depths": depths, "command": command,
@@ -145,10 +170,16 @@ def run_benchmark(preset: Preset, *, out: Path, config: str, overrides: Sequence
     return write_results(rows, [a.name for a in arms], out, meta)
 
 
-def _run_jobs(jobs: list[Job], preset: Preset) -> list[list[dict[str, Any]]]:
-    """Run the jobs in this process, or in `preset.workers` spawned processes after building the shared caches."""
+def _run_jobs(jobs: list[Job], preset: Preset, after_job=None) -> list[list[dict[str, Any]]]:
+    """Run the jobs in this process, or in `preset.workers` spawned processes after building the shared caches;
+    `after_job()` is called after each job run in this process."""
     if preset.workers <= 1:
-        return [run_job(job) for job in jobs]
+        results = []
+        for job in jobs:
+            results.append(run_job(job))
+            if after_job is not None:
+                after_job()
+        return results
     for cfg in {str(j.train_config().repa): j.train_config() for j in jobs if j.seed == preset.seeds[0]}.values():
         prepare_target_cache(cfg)
     blas = {k: str(preset.threads) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
