@@ -42,7 +42,7 @@ def _encode(vae: VAE, images: Tensor, batch_size: int, progress: bool) -> Tensor
     chunks = []
     for batch in tqdm(images.split(batch_size), desc="VAE encode", disable=not progress):
         mean, _ = vae.encode_moments(batch.float() / 127.5 - 1.0)
-        chunks.append((mean * vae.scale).cpu())
+        chunks.append(vae.normalize(mean).cpu())
     return torch.cat(chunks)
 
 

@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         decoder_for,
         generate_batches,
         grid_labels,
+        run_latent_norm,
         sample_stem,
         write_samples,
     )
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     check_sampler(loaded.cfg, loaded.cfg.transport.diffusion == "ddpm" or getattr(loaded.model, "learn_sigma", False))
     labels = grid_labels(args.num, loaded.num_classes)
     batches = generate_batches(loaded.model, loaded.cfg, labels, loaded.sample_shape, seed=args.seed,
-                               batch_size=args.batch_size, decode=decoder_for(loaded.vae(args.vae), device),
+                               batch_size=args.batch_size, decode=decoder_for(loaded.vae(args.vae), device, run_latent_norm(loaded.cfg)),
                                progress=True)  # fmt: skip
     images = torch.cat([b.cpu() for b in batches])
     out = Path(args.out) if args.out else (loaded.run_dir / "samples" if loaded.run_dir else Path("samples"))

@@ -186,6 +186,10 @@ def _check_family(cfg: Config) -> None:
     if (r.attention_align or r.class_token) and not r.enabled:
         what = "attention_align" if r.attention_align else "class_token"
         raise ConfigError(f"repa.{what}=true needs a target encoder (repa.encoders and repa.align_coeff > 0)")
+    if (r.attention_align or r.class_token) and r.cache_targets:
+        what = "attention_align" if r.attention_align else "class_token"
+        raise ConfigError(f"repa.{what}=true runs the encoder every step (its attention maps / global token are not "
+                          "in the target cache): set repa.cache_targets=false")  # fmt: skip
     if r.attention_align:
         bad = [p for p in r.attention_pairs if len(p) != 2 or not 1 <= p[0] <= depth or p[1] < 1]
         if bad or not r.attention_pairs:

@@ -28,6 +28,7 @@ from repa.generate import (
     apply_sample_overrides,
     decoder_for,
     generate_batches,
+    run_latent_norm,
     sample_settings,
     sample_stem,
     to_adm_nhwc,
@@ -149,7 +150,7 @@ def generate_and_score(
 
     labels = balanced_labels(num, loaded.num_classes, seed, rank, world)
     first = rank_slice(num, rank, world).start
-    decode = decoder_for(loaded.vae(vae), device)
+    decode = decoder_for(loaded.vae(vae), device, run_latent_norm(loaded.cfg))
     images = generate_batches(loaded.model, loaded.cfg, labels, loaded.sample_shape, seed=seed,
                               batch_size=batch_size, decode=decode, first_index=first)  # fmt: skip
     acts = compute_activations(detector, _shard_writer(images, shard, len(labels)), len(labels),

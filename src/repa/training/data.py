@@ -39,6 +39,10 @@ class TrainingData(Protocol):
     def vae(self) -> str | None:
         """The VAE that decodes x to images (a `repa.data.vae.load_vae` spec); None when x is pixels."""
 
+    @property
+    def latent_norm(self) -> object | None:
+        """The latent normalisation x was made with (`repa.data.vae.LatentNorm`); None: pixels or the VAE's own."""
+
     def batch(
         self, idx: torch.Tensor, flips: torch.Tensor, device: torch.device, *, eps: torch.Tensor | None = None
     ) -> dict[str, Any]:
@@ -58,6 +62,7 @@ class InMemoryImages:
     stores_targets: ClassVar[bool] = False
     has_images: ClassVar[bool] = True
     vae: ClassVar[None] = None
+    latent_norm: ClassVar[None] = None
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:

@@ -3,6 +3,9 @@ model, the loss and its time draw, compilation, and the periodic sample grid."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +19,7 @@ from repa.config import Config
 from repa.data.features import TargetCache, build_target_cache
 from repa.encoders import load_encoder
 from repa.generate import decoder_for, generate, grid_labels, save_grid
-from repa.losses import RepaLoss
+from repa.losses import RepaLoss, align_weight
 from repa.models import build_model as build_backbone
 from repa.training.data import InMemoryImages, TargetSpec, TrainingData
 from repa.transport import time_from_uniform
@@ -154,6 +157,51 @@ def build_loss(cfg: Config) -> RepaLoss:
                     self_align_kind=r.self_align_kind)  # fmt: skip
 
 
+def family_step(
+    cfg: Config,
+    step: int,
+    draws: dict[str, torch.Tensor],
+    rows: slice,
+    images: torch.Tensor | None,
+    online_encoders: list[nn.Module],
+    teacher: nn.Module,
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
+) -> tuple[list[torch.Tensor] | None, dict[str, object]]:
+    """This step's online encoder targets (None: the batch's stored/cached ones) and the REPA family's extra loss
+    arguments: HASTE's schedule weight (a function of the step only, so resume replays it), REG's global token and
+    its noise, HASTE's encoder attention maps, SRA's EMA teacher and time-gap draws. Nothing when every option is
+    off (the plain REPA call)."""
+    r = cfg.repa
+    extra: dict[str, object] = {}
+    if r.schedule != "constant":
+        extra["align_weight"] = align_weight(step, r.schedule, stop_step=r.schedule_stop, start_step=r.schedule_start)
+    targets = None
+    if online_encoders:
+        layers = sorted({enc_layer for _, enc_layer in r.attention_pairs}) if r.attention_align else []
+        with torch.no_grad(), autocast():
+            if r.class_token or r.attention_align:  # one forward: tokens, global token, attention maps of encoder 0
+                first = online_encoders[0].encode(images, global_token=r.class_token, attention_layers=layers)
+                targets = [first.tokens] + [enc(images) for enc in online_encoders[1:]]
+                if r.class_token:
+                    extra["class_tokens"] = first.global_token
+                if r.attention_align:
+                    extra["attn_targets"] = first.attentions
+            else:
+                targets = [enc(images) for enc in online_encoders]
+    if r.class_token:
+        extra["noise_cls"] = draws["noise_cls"][rows].to(device)
+    if r.self_align:
+        extra.update(teacher=teacher, teacher_u=draws["teacher_u"][rows].to(device))
+    return targets, extra
+
+
+def family_draws(cfg: Config, targets: TargetPlan) -> dict[str, object]:
+    """The extra per-step draws the family options need (`step_draws` keyword arguments; none when off)."""
+    r = cfg.repa
+    return {"teacher": r.self_align, "class_token_dim": targets.specs[0][1] if r.class_token and targets.specs else 0}
+
+
 def loss_time(cfg: Config, u: torch.Tensor) -> torch.Tensor:
     """The loss's time from the step's pre-drawn uniform u: flow models draw t from `transport.time_sampling`;
     DDPM maps u in [0, 1) to timestep floor(u * T) inside the loss."""
@@ -175,4 +223,4 @@ def sample_grid(cfg: Config, model: nn.Module, data: TrainingData, path: Path) -
     labels = grid_labels(n, data.num_classes)
     x = generate(model, cfg, labels, data.sample_shape, cfg.sample.seed)
     device = next(model.parameters()).device
-    save_grid(decoder_for(data.vae, device)(x.to(device)).cpu(), path, nrow=min(data.num_classes, n, 10))
+    save_grid(decoder_for(data.vae, device, data.latent_norm)(x.to(device)).cpu(), path, nrow=min(data.num_classes, n, 10))
