@@ -145,6 +145,44 @@ def test_torch_save_on_a_full_disk_is_reported_as_such(tmp_path, monkeypatch):
     assert sorted(p.name for p in root.iterdir()) == ["step_00000001"]
 
 
+def test_full_disk_is_reported_although_deleting_the_partial_checkpoint_frees_space(tmp_path, monkeypatch):
+    """The free space is measured while the partial folder still fills the disk: once it is deleted, a realistic
+    checkpoint leaves far more than the 1 MiB the reason checks for."""
+    root = tmp_path / "ckpt"
+    _save(root, 1)
+
+    def full(*a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    def usage(path):  # full while the partial folder exists; 100 MB free once it is gone
+        partial = any(p.name.startswith(".tmp_step_") for p in root.iterdir())
+        return shutil._ntuple_diskusage(10**9, 10**9, 0 if partial else 10**8)
+
+    monkeypatch.setattr(C.torch, "save", full)
+    monkeypatch.setattr(C.shutil, "disk_usage", usage)
+    with pytest.raises(CheckpointError, match=r"step_00000002: no space left on device \(0 bytes free; RuntimeError: "
+                       r".*unexpected pos.*\); the previous checkpoint .*step_00000001 is intact"):  # fmt: skip
+        _save(root, 2)
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000001"]
+
+
+def test_full_disk_on_a_real_file_system_with_a_realistic_checkpoint(tmp_path):
+    """A real ENOSPC in torch.save (a bare `unexpected pos` RuntimeError) on a 3.5 MiB tmpfs: the weights (2 MiB) fit,
+    the optimizer state (2 MiB) does not; deleting the partial folder frees 2+ MiB."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    code = (f"import sys, torch; sys.path.insert(0, {str(ROOT)!r}); from repa.checkpoint import save_checkpoint; "
+            "w = lambda: {'w': torch.randn(2**18)}; "
+            f"save_checkpoint({str(mnt / 'ckpt')!r}, 1, model=w(), ema=w(), optimizer={{'m': torch.randn(2**19)}}, "
+            "meta={})")  # fmt: skip
+    prefix = _private_mounts(f'mount -t tmpfs -o size=3584k tmpfs "{mnt}" || exit 77; "$@"')
+    res = subprocess.run([*prefix, sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    if res.returncode == 77:
+        pytest.skip("tmpfs mount refused")
+    last = res.stderr.strip().splitlines()[-1]
+    assert "CheckpointError: could not write checkpoint" in last and "step_00000001: no space left on device" in last
+
+
 def test_damaged_newest_checkpoint_stops_resume_with_clear_error(tmp_path):
     root = tmp_path / "ckpt"
     for step in (1, 2):
@@ -460,6 +498,130 @@ def test_too_many_nonfinite_steps_stop_with_a_usable_checkpoint(tmp_path, fmnist
     monkeypatch.setattr("repa.training.setup.build_encoders", lambda cfg, device: [PatchEncoder(98)])
     out = train(load_config(TINY, over))
     assert out["step"] == 6 and metrics(run)[-1]["nonfinite_steps"] == 0
+
+
+def _same_step_state(a: dict, b: dict) -> bool:
+    """Two loaded checkpoints hold bit-identical weights, EMA, optimizer and scheduler state."""
+    same = all(torch.equal(a[k][n], b[k][n]) for k in ("model", "ema") for n in a[k])
+    sa, sb = a["optimizer"]["optimizer"]["state"], b["optimizer"]["optimizer"]["state"]
+    same &= sa.keys() == sb.keys() and all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
+    return same and a["optimizer"]["scheduler"] == b["optimizer"]["scheduler"]
+
+
+@pytest.mark.parametrize("setting, value", [("eps", 0.0), ("lr", 1e39)], ids=["eps=0", "lr=1e39"])
+def test_update_that_makes_weights_nonfinite_is_undone_and_stops_cleanly(tmp_path, fmnist_root, test_encoder,
+                                                                          monkeypatch, setting, value):  # fmt: skip
+    """optim.eps=0 divides 0 by 0 where a gradient is 0; lr=1e39 overflows float32: finite loss and gradients, NaN/inf
+    weights after the update. Config validation refuses both, so they come in past it (a Config built or changed in
+    code); every such update is undone and counted, the run stops as for NaN losses, and nothing non-finite is kept."""
+    monkeypatch.setattr("repa.training.loop.validate", lambda cfg, world_size=1: None)
+    run = tmp_path / "run"
+    over = tiny_overrides(run, fmnist_root, "train.max_nonfinite_steps=2", "train.checkpoint_every=1")
+    cfg = load_config(TINY, over)
+    setattr(cfg.optim, setting, value)
+    with pytest.raises(NonFiniteError, match=r"3 steps had non-finite loss, gradients or updates.*stopped at step 3"):
+        train(cfg)
+    assert [r["nonfinite_steps"] for r in metrics(run)] == [1, 2, 3]
+    ck = load_checkpoint(run / "checkpoints" / "step_00000003")
+    assert C.nonfinite_tensors(ck) == [] and ck["state"]["nonfinite_steps"] == 3
+    assert all(torch.equal(ck["model"][n], ck["ema"][n]) for n in ck["ema"])  # never updated: still the initial weights
+    assert ck["optimizer"]["optimizer"]["state"] == {} and ck["optimizer"]["scheduler"]["last_epoch"] == 0
+    out = train(load_config(TINY, over), allow_config_change=True)  # fixed: resumes from finite weights and trains
+    assert [(r["key"], r["old"]) for r in map(json.loads, (run / "config_changes.jsonl").open())] == [
+        (f"optim.{setting}", value)
+    ]
+    ck = load_checkpoint(run / "checkpoints" / "step_00000006")
+    assert out["step"] == 6 and C.nonfinite_tensors(ck) == [] and metrics(run)[-1]["nonfinite_steps"] == 0
+    assert not torch.equal(ck["model"]["final_layer.linear.weight"], ck["ema"]["final_layer.linear.weight"])
+
+
+def test_inf_in_the_optimizer_state_is_undone_for_that_step_only(tmp_path, fmnist_root, test_encoder, monkeypatch):
+    """An inf moment (memory corruption, a bug) makes the update inf: that step is undone (weights, EMA, optimizer
+    state and schedule as after the step before) and counted; the run goes on from finite state."""
+    calls = []
+
+    class PoisonedAdamW(torch.optim.AdamW):
+        def step(self, closure=None):
+            calls.append(1)
+            if len(calls) == 3:  # the update of step 3 (after repa copied the state it would restore)
+                next(iter(self.state.values()))["exp_avg"].fill_(float("inf"))
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "AdamW", PoisonedAdamW)
+    run = tmp_path / "run"
+    train(load_config(TINY, tiny_overrides(run, fmnist_root, "train.checkpoint_every=1", "train.keep_checkpoints=0")))
+    ck = {s: load_checkpoint(run / "checkpoints" / f"step_{s:08d}") for s in range(1, 7)}
+    assert all(C.nonfinite_tensors(c) == [] for c in ck.values())
+    assert _same_step_state(ck[3], ck[2]) and not _same_step_state(ck[4], ck[3])
+    assert [r["nonfinite_steps"] for r in metrics(run)] == [0, 0, 1, 1, 1, 1]
+    assert metrics(run)[2]["total"] == 0.0 and metrics(run)[3]["total"] > 0  # the undone step is not averaged
+
+
+def test_update_guard_restores_weights_and_optimizer_state_bit_for_bit():
+    from repa.training.guard import UpdateGuard
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 3)
+    params = list(lin.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, eps=0.0, fused=True)
+    guard = UpdateGuard(opt, params)
+
+    def grads(zero_at: int | None = None) -> None:
+        for p in params:
+            p.grad = torch.randn_like(p)
+        if zero_at is not None:
+            lin.weight.grad[0, zero_at] = 0.0  # 0 / (sqrt(0) + eps=0) = NaN
+
+    before = [p.detach().clone() for p in params]
+    grads(zero_at=1)
+    assert not guard.step()  # the first step: its lazily created state is removed again
+    assert all(torch.equal(a, b) for a, b in zip(before, params)) and len(opt.state) == 0
+    opt.param_groups[0]["eps"] = 1e-8
+    for _ in range(2):
+        grads()
+        assert guard.step() and not torch.equal(before[0], params[0])
+    saved = [p.detach().clone() for p in params]
+    state = {p: {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+    grads()
+
+    def poison(optimizer, args, kwargs):  # after the guard's copy, inside the step
+        optimizer.state[lin.bias]["exp_avg"][1] = float("nan")
+
+    handle = opt.register_step_pre_hook(poison)
+    assert not guard.step()
+    handle.remove()
+    assert all(torch.equal(a, b) for a, b in zip(saved, params))
+    assert all(torch.equal(state[p][k], opt.state[p][k]) for p in state for k in state[p])
+    assert guard.step() and all(torch.isfinite(p).all() for p in params)
+    guard.keep_buffers = False  # the CUDA way (copies allocated per step): the same
+    opt.param_groups[0]["lr"] = 1e39
+    saved = [p.detach().clone() for p in params]
+    assert not guard.step() and all(torch.equal(a, b) for a, b in zip(saved, params))
+
+
+def test_checkpoints_never_hold_nonfinite_values(tmp_path, fmnist_root, test_encoder):
+    """A checkpoint with NaN weights (written before repa refused such updates) is not resumed from: the error names
+    it and the checkpoint before; and none is ever written with NaN/inf."""
+    from safetensors.torch import save_file
+
+    run = tmp_path / "run"
+    train(load_config(TINY, tiny_overrides(run, fmnist_root)))
+    path = run / "checkpoints" / "step_00000006"
+    weights = load_checkpoint(path)["model"]
+    save_file({**weights, "pos_embed": weights["pos_embed"] * float("nan")}, str(path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"step_00000006 holds NaN/inf values in 1 tensors \(e.g. model.pos_embed"
+                       r"\).*Move .*step_00000006 out .*step_00000003"):  # fmt: skip
+        train(load_config(TINY, tiny_overrides(run, fmnist_root, "train.max_steps=9")))
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    with torch.no_grad():
+        model.bias[0] = float("inf")
+    with pytest.raises(CheckpointError, match=r"refusing to write checkpoint step 7: NaN/inf in 2 tensors \(e.g. "
+                       r"model.bias\); the previous checkpoint .*step_00000006 is intact"):  # fmt: skip
+        C.save_training_checkpoint(run / "checkpoints", 7, model=model, ema=model, optimizer=opt, scheduler=sched,
+                                   meta={})  # fmt: skip
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000003", "step_00000006"]
 
 
 # ------------------------------------------------------------------------------------- mixed precision

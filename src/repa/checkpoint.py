@@ -19,7 +19,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from repa.errors import ReportedError
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _OLD_DIR = re.compile(r"^\.old_step_(\d{8})_\d+$")
@@ -28,8 +31,10 @@ _OLD_DIR = re.compile(r"^\.old_step_(\d{8})_\d+$")
 FAULT_POINTS = ("model.safetensors", "ema.safetensors", "optimizer.pt", "state.json", "fsync", "old", "rename", "prune")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ReportedError, RuntimeError):
     """A checkpoint could not be written or read; the message says which file and why."""
+
+    exit_code = 4
 
 
 def _fsync_dir(path: Path) -> None:
@@ -143,10 +148,11 @@ def save_checkpoint(
         _fsync_dir(root)
         _fault_point("rename", step)
     except Exception as err:  # noqa: BLE001 - safetensors and torch.save wrap a full disk in their own errors
+        reason = write_error_reason(err, root)  # before the partial files go: deleting them frees the full disk
         shutil.rmtree(tmp, ignore_errors=True)
         prev = latest_checkpoint(root)
         kept = f"; the previous checkpoint {prev} is intact" if prev else ""
-        raise CheckpointError(f"could not write checkpoint {final}: {write_error_reason(err, root)}{kept}") from err
+        raise CheckpointError(f"could not write checkpoint {final}: {reason}{kept}") from err
     prune_checkpoints(root, keep, step=step)
     return final
 
@@ -176,25 +182,55 @@ def load_latest_checkpoint(ckpt_root: str | Path) -> tuple[Path | None, dict[str
     """(path, contents) of the newest checkpoint, with model, EMA and optimizer state; (None, None) if there is none.
 
     Raises:
-        CheckpointError: the newest checkpoint cannot be read (damaged outside repa: writes are atomic). Training
-            does not silently fall back to an older one (with `keep` small, its new checkpoints would be pruned
-            in favour of the damaged newer step); the message names the previous checkpoint to resume from.
+        CheckpointError: the newest checkpoint cannot be read (damaged outside repa: writes are atomic) or holds
+            NaN/inf (written before repa refused non-finite updates). Training does not silently fall back to an
+            older one (with `keep` small, its new checkpoints would be pruned in favour of the damaged newer step);
+            the message names the previous checkpoint to resume from.
     """
+    return _newest(ckpt_root, _load_for_training)
+
+
+def latest_checkpoint_state(ckpt_root: str | Path) -> tuple[Path | None, dict[str, Any] | None]:
+    """(path, state.json metadata) of the newest checkpoint, reading nothing else; (None, None) if there is none.
+
+    Raises:
+        CheckpointError: as `load_latest_checkpoint`, for the metadata.
+    """
+    return _newest(ckpt_root, read_checkpoint_state)
+
+
+def _newest(ckpt_root: str | Path, read: Any) -> tuple[Path | None, Any]:
     found = list_checkpoints(ckpt_root)
     if not found:
         return None, None
     path = found[-1]
     try:
-        ckpt = load_checkpoint(path)
-        missing = [k for k in ("ema", "optimizer") if ckpt[k] is None]
-        if missing:
-            raise CheckpointError(f"{path} has no {' / '.join(missing)} state to resume training from")
+        return path, read(path)
     except CheckpointError as err:
         prev = f"the previous one is {found[-2]}" if len(found) > 1 else "there is no older one"
         raise CheckpointError(
             f"{err}. Move {path} out of {path.parent} to resume from an older checkpoint ({prev})"
         ) from err
-    return path, ckpt
+
+
+def _load_for_training(path: Path) -> dict[str, Any]:
+    ckpt = load_checkpoint(path)
+    missing = [k for k in ("ema", "optimizer") if ckpt[k] is None]
+    if missing:
+        raise CheckpointError(f"{path} has no {' / '.join(missing)} state to resume training from")
+    bad = nonfinite_tensors({"model": ckpt["model"], "ema": ckpt["ema"], "optimizer": ckpt["optimizer"]})
+    if bad:
+        raise CheckpointError(f"{path} holds NaN/inf values in {len(bad)} tensors (e.g. {bad[0]}); resuming from it "
+                              "would train on non-finite weights")  # fmt: skip
+    return ckpt
+
+
+def nonfinite_tensors(tree: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the floating-point tensors holding NaN/inf in a nest of dicts/lists (state dicts)."""
+    if isinstance(tree, torch.Tensor):
+        return [prefix] if tree.is_floating_point() and not bool(torch.isfinite(tree).all()) else []
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    return [name for k, v in items for name in nonfinite_tensors(v, f"{prefix}.{k}" if prefix else str(k))]
 
 
 def prune_checkpoints(ckpt_root: str | Path, keep: int, *, step: int = -1) -> None:
@@ -269,6 +305,37 @@ def trim_metrics(path: str | Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+def read_checkpoint_state(path: str | Path) -> dict[str, Any]:
+    """The JSON metadata (`state.json`) of a checkpoint folder: step, config, counters.
+
+    Raises:
+        CheckpointError: missing, not JSON, or a `step` that is not the folder's.
+    """
+    path = Path(path)
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        _check_state(path, state)
+    except Exception as err:  # noqa: BLE001 - OSError, JSON errors, the checks' ValueError
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise CheckpointError(f"could not read checkpoint {path}: {type(err).__name__}: {first}") from err
+    return state
+
+
+def model_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every tensor of a checkpoint's `model.safetensors`, from its header alone.
+
+    Raises:
+        CheckpointError: the file is missing or not safetensors.
+    """
+    file = Path(path) / "model.safetensors"
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as err:  # noqa: BLE001 - OSError, SafetensorError
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise CheckpointError(f"could not read checkpoint {file}: {type(err).__name__}: {first}") from err
+
+
 def load_checkpoint(path: str | Path, *, optimizer: bool = True) -> dict[str, Any]:
     """Read a checkpoint folder written by `save_checkpoint` without unpickling anything.
 
@@ -323,12 +390,23 @@ def save_training_checkpoint(
     meta: dict[str, Any],
     keep: int = 2,
 ) -> Path:
-    """A training checkpoint (`save_checkpoint`): model and EMA weights, optimizer + scheduler (+ fp16 scaler) state."""
+    """A training checkpoint (`save_checkpoint`): model and EMA weights, optimizer + scheduler (+ fp16 scaler) state.
+
+    Raises:
+        CheckpointError: a tensor holds NaN/inf (nothing is written; the previous checkpoints stay). Training refuses
+            non-finite updates, so this is a last line of defence.
+    """
     opt_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
     if scaler is not None:
         opt_state["scaler"] = scaler.state_dict()
-    return save_checkpoint(ckpt_root, step, model=model.state_dict(), ema=ema.state_dict(), optimizer=opt_state,
-                           meta=meta, keep=keep)  # fmt: skip
+    weights, averaged = model.state_dict(), ema.state_dict()
+    bad = nonfinite_tensors({"model": weights, "ema": averaged, "optimizer": opt_state})
+    if bad:
+        prev = latest_checkpoint(ckpt_root)
+        kept = f"; the previous checkpoint {prev} is intact" if prev else ""
+        raise CheckpointError(f"refusing to write checkpoint step {step}: NaN/inf in {len(bad)} tensors (e.g. "
+                              f"{bad[0]}){kept}")  # fmt: skip
+    return save_checkpoint(ckpt_root, step, model=weights, ema=averaged, optimizer=opt_state, meta=meta, keep=keep)
 
 
 def restore_training_checkpoint(

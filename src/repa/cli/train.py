@@ -10,6 +10,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML preset, e.g. configs/tiny.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=200 repa.align_coeff=0")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even though the config changes the model or the training maths (e.g. optim.lr); "
+                        "every change is recorded in <run_dir>/config_changes.jsonl. Harmless changes (max_steps, "
+                        "log/sample/checkpoint intervals, threads) need no flag; the model's shape can never change")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from repa.training import train
 
-    summary = train(cfg)
+    summary = train(cfg, allow_config_change=True) if args.allow_config_change else train(cfg)
     from repa import distributed as D
 
     D.print0(f"[repa] done: {json.dumps(summary['metrics'])}")
