@@ -535,29 +535,35 @@ def test_update_that_makes_weights_nonfinite_is_undone_and_stops_cleanly(tmp_pat
     assert not torch.equal(ck["model"]["final_layer.linear.weight"], ck["ema"]["final_layer.linear.weight"])
 
 
-def test_inf_in_the_optimizer_state_is_undone_for_that_step_only(tmp_path, fmnist_root, test_encoder, monkeypatch):
-    """An inf moment (memory corruption, a bug) makes the update inf: that step is undone (weights, EMA, optimizer
-    state and schedule as after the step before) and counted; the run goes on from finite state."""
+def test_inf_in_the_optimizer_state_stops_the_run_before_anything_is_saved(tmp_path, fmnist_root, test_encoder,
+                                                                          monkeypatch):  # fmt: skip
+    """An inf moment (a bug, memory corruption) makes an update that cannot overflow inf; it cannot be undone (no
+    copies are taken for such updates, and copies taken before the step would hold the inf too): the run stops at
+    once, the checkpoints are finite, and rerunning resumes from the newest."""
     calls = []
 
     class PoisonedAdamW(torch.optim.AdamW):
         def step(self, closure=None):
             calls.append(1)
-            if len(calls) == 3:  # the update of step 3 (after repa copied the state it would restore)
+            if len(calls) == 3:  # the update of step 3
                 next(iter(self.state.values()))["exp_avg"].fill_(float("inf"))
             return super().step(closure)
 
-    monkeypatch.setattr(torch.optim, "AdamW", PoisonedAdamW)
     run = tmp_path / "run"
-    train(load_config(TINY, tiny_overrides(run, fmnist_root, "train.checkpoint_every=1", "train.keep_checkpoints=0")))
-    ck = {s: load_checkpoint(run / "checkpoints" / f"step_{s:08d}") for s in range(1, 7)}
-    assert all(C.nonfinite_tensors(c) == [] for c in ck.values())
-    assert _same_step_state(ck[3], ck[2]) and not _same_step_state(ck[4], ck[3])
-    assert [r["nonfinite_steps"] for r in metrics(run)] == [0, 0, 1, 1, 1, 1]
-    assert metrics(run)[2]["total"] == 0.0 and metrics(run)[3]["total"] > 0  # the undone step is not averaged
+    over = tiny_overrides(run, fmnist_root, "train.checkpoint_every=1", "train.keep_checkpoints=0")
+    with monkeypatch.context() as m:
+        m.setattr(torch.optim, "AdamW", PoisonedAdamW)
+        with pytest.raises(NonFiniteError, match="the optimizer state holds NaN/inf .*Nothing was saved since the "
+                           "newest checkpoint; rerun the same command"):  # fmt: skip
+            train(load_config(TINY, over))
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_00000001", "step_00000002"]
+    assert all(C.nonfinite_tensors(load_checkpoint(p)) == [] for p in list_checkpoints(run / "checkpoints"))
+    assert [r["step"] for r in metrics(run)] == [1, 2]
+    assert train(load_config(TINY, over))["step"] == 6
+    assert [r["nonfinite_steps"] for r in metrics(run)] == [0] * 6
 
 
-def test_update_guard_restores_weights_and_optimizer_state_bit_for_bit():
+def test_update_guard_undoes_nonfinite_updates_bit_for_bit():
     from repa.training.guard import UpdateGuard
 
     torch.manual_seed(0)
@@ -566,37 +572,41 @@ def test_update_guard_restores_weights_and_optimizer_state_bit_for_bit():
     opt = torch.optim.AdamW(params, lr=1e-3, eps=0.0, fused=True)
     guard = UpdateGuard(opt, params)
 
-    def grads(zero_at: int | None = None) -> None:
+    def grads(zero_at: int | None = None) -> float:
         for p in params:
             p.grad = torch.randn_like(p)
         if zero_at is not None:
             lin.weight.grad[0, zero_at] = 0.0  # 0 / (sqrt(0) + eps=0) = NaN
+        return float(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in params])))
 
-    before = [p.detach().clone() for p in params]
-    grads(zero_at=1)
-    assert not guard.step()  # the first step: its lazily created state is removed again
-    assert all(torch.equal(a, b) for a, b in zip(before, params)) and len(opt.state) == 0
+    def snapshot() -> tuple[list[torch.Tensor], dict]:
+        state = {p: {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+        return [p.detach().clone() for p in params], state
+
+    def unchanged(snap) -> bool:
+        weights, state = snap
+        same = all(torch.equal(a, b) for a, b in zip(weights, params)) and state.keys() == opt.state.keys()
+        return same and all(torch.equal(state[p][k], opt.state[p][k]) for p in state for k in state[p])
+
+    before = snapshot()
+    assert not guard.step(grads(zero_at=1)) and unchanged(before) and len(opt.state) == 0  # first step's state removed
     opt.param_groups[0]["eps"] = 1e-8
-    for _ in range(2):
-        grads()
-        assert guard.step() and not torch.equal(before[0], params[0])
-    saved = [p.detach().clone() for p in params]
-    state = {p: {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
-    grads()
+    assert guard.step(grads()) and guard.step(grads())
+    assert len(guard._buffers) == len(params)  # the eps=0 step's copies: updates that cannot overflow are not copied
+    for keep_buffers in (True, False):  # CPU: copies in buffers kept between steps; CUDA: copies allocated per step
+        guard.keep_buffers = keep_buffers
+        opt.param_groups[0]["lr"] = 1e39  # overflows float32
+        before = snapshot()
+        assert not guard.step(grads()) and unchanged(before)
+        opt.param_groups[0]["lr"] = 1e-3
+        assert guard.step(grads()) and all(torch.isfinite(p).all() for p in params)
 
-    def poison(optimizer, args, kwargs):  # after the guard's copy, inside the step
+    def poison(optimizer, args, kwargs):
         optimizer.state[lin.bias]["exp_avg"][1] = float("nan")
 
-    handle = opt.register_step_pre_hook(poison)
-    assert not guard.step()
-    handle.remove()
-    assert all(torch.equal(a, b) for a, b in zip(saved, params))
-    assert all(torch.equal(state[p][k], opt.state[p][k]) for p in state for k in state[p])
-    assert guard.step() and all(torch.isfinite(p).all() for p in params)
-    guard.keep_buffers = False  # the CUDA way (copies allocated per step): the same
-    opt.param_groups[0]["lr"] = 1e39
-    saved = [p.detach().clone() for p in params]
-    assert not guard.step() and all(torch.equal(a, b) for a, b in zip(saved, params))
+    opt.register_step_pre_hook(poison)
+    with pytest.raises(NonFiniteError, match="the optimizer state holds NaN/inf"):
+        guard.step(grads())
 
 
 def test_checkpoints_never_hold_nonfinite_values(tmp_path, fmnist_root, test_encoder):

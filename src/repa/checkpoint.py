@@ -9,7 +9,6 @@ is a test hook: the process SIGKILLs itself at that point of a checkpoint write 
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -23,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from repa.errors import ReportedError
+from repa.fileio import write_error_reason
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _OLD_DIR = re.compile(r"^\.old_step_(\d{8})_\d+$")
@@ -63,31 +63,6 @@ def _fault_point(point: str, step: int) -> None:
     name, _, at = spec.partition("@")
     if name == point and (not at or int(at) == step):
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-_REASONS = {
-    errno.ENOSPC: "no space left on device",
-    errno.EROFS: "read-only file system",
-    errno.EACCES: "permission denied",
-    errno.EDQUOT: "disk quota exceeded",
-}
-
-
-def write_error_reason(err: BaseException, root: Path) -> str:
-    """A short reason for a failed write. safetensors reports `... (os error 28)` and torch.save a bare
-    `unexpected pos` RuntimeError on a full disk, so the free space is checked as well."""
-    code = getattr(err, "errno", None)
-    if code is None:
-        m = re.search(r"os error (\d+)", str(err))
-        code = int(m.group(1)) if m else None
-    if code in _REASONS:
-        return _REASONS[code]
-    text = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-    try:
-        free = shutil.disk_usage(root).free
-    except OSError:
-        return text
-    return f"no space left on device ({free} bytes free; {text})" if free < 1 << 20 else text
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -284,25 +259,6 @@ def check_writable(directory: str | Path) -> None:
             probe.unlink()
         except OSError:
             pass
-
-
-def trim_metrics(path: str | Path, step: int) -> None:
-    """On resume from `step`: keep only the complete records of steps <= `step` in the metrics JSON-lines file, so
-    the replayed steps are not logged twice and a line torn by a kill is dropped. Rewritten atomically."""
-    path = Path(path)
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a kill
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
-            kept.append(line + "\n")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def read_checkpoint_state(path: str | Path) -> dict[str, Any]:

@@ -1,9 +1,12 @@
-"""Small file writers shared by evaluation, analysis and benchmarks: JSON written whole or not at all."""
+"""Small file helpers shared across the package: JSON written whole or not at all, and the reason a write failed."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,3 +18,28 @@ def write_json(obj: Any, path: str | Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+_REASONS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EDQUOT: "disk quota exceeded",
+}
+
+
+def write_error_reason(err: BaseException, root: Path) -> str:
+    """A short reason for a failed write. safetensors reports `... (os error 28)` and torch.save a bare
+    `unexpected pos` RuntimeError on a full disk, so the free space is checked as well."""
+    code = getattr(err, "errno", None)
+    if code is None:
+        m = re.search(r"os error (\d+)", str(err))
+        code = int(m.group(1)) if m else None
+    if code in _REASONS:
+        return _REASONS[code]
+    text = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        return text
+    return f"no space left on device ({free} bytes free; {text})" if free < 1 << 20 else text

@@ -19,25 +19,17 @@ from repa.checkpoint import (
     load_latest_checkpoint,
     restore_training_checkpoint,
     save_training_checkpoint,
-    trim_metrics,
-    write_error_reason,
 )
 from repa.config import Config, dump_config, to_dict, validate
-from repa.errors import ReportedError
+from repa.fileio import write_error_reason
 from repa.losses import RepaLoss
 from repa.training import setup
 from repa.training.batches import GlobalOrder, MicroBatchPlan, step_draws
 from repa.training.data import TrainingData, load_train_images
 from repa.training.ema import EMA
-from repa.training.guard import UpdateGuard
+from repa.training.guard import NonFiniteError, UpdateGuard
 from repa.training.resume import CHANGES_LOG, apply_optim_config, check_model_fits, plan_resume, write_changes_log
-from repa.training.rundir import RunDirLock, describe_holder
-
-
-class NonFiniteError(ReportedError, RuntimeError):
-    """Too many steps with NaN/inf loss, gradients or updates."""
-
-    exit_code = 5
+from repa.training.rundir import RunDirLock, describe_holder, trim_metrics
 
 
 def _peak_memory_gb(device: torch.device) -> float:
@@ -201,7 +193,7 @@ def train(cfg: Config, *, allow_config_change: bool = False) -> dict[str, Any]:
             loss_finite = all(bool(torch.isfinite(v)) for v in terms.values())
             grads_finite = loss_finite and bool(torch.isfinite(grad_norm))
             # a finite gradient can still give a NaN/inf update (optim.eps=0, an overflowing lr): undone if so
-            updated = grads_finite and guard.step()
+            updated = grads_finite and guard.step(float(grad_norm))
             if updated:
                 sched.step()
                 ema.update(raw_model, step)

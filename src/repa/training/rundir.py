@@ -176,3 +176,22 @@ class RunDirLock:
         return (f"run directory {self.path.parent} is in use: {who} {what} ({self.path}). Two trainings in one run "
                 "directory would delete each other's checkpoints; wait for it to finish, stop it, or choose another "
                 f"train.run_dir (if that process is surely gone, delete {self.path})")  # fmt: skip
+
+
+def trim_metrics(path: str | Path, step: int) -> None:
+    """On resume from `step`: keep only the complete records of steps <= `step` in the metrics JSON-lines file, so
+    the replayed steps are not logged twice and a line torn by a kill is dropped. Rewritten atomically."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)

@@ -223,4 +223,6 @@ def sample_grid(cfg: Config, model: nn.Module, data: TrainingData, path: Path) -
     labels = grid_labels(n, data.num_classes)
     x = generate(model, cfg, labels, data.sample_shape, cfg.sample.seed)
     device = next(model.parameters()).device
-    save_grid(decoder_for(data.vae, device, data.latent_norm)(x.to(device)).cpu(), path, nrow=min(data.num_classes, n, 10))
+    save_grid(
+        decoder_for(data.vae, device, data.latent_norm)(x.to(device)).cpu(), path, nrow=min(data.num_classes, n, 10)
+    )
