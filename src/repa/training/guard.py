@@ -10,7 +10,7 @@ import torch
 
 from repa.errors import ReportedError
 
-SAFE_BOUND = 1e30  # far inside float32's range (3.4e38): rounding cannot carry a bounded update past it
+SAFE_MARGIN = 1e-8  # a bounded update stays below this share of the dtype's largest value: rounding cannot matter
 
 
 class NonFiniteError(ReportedError, RuntimeError):
@@ -36,16 +36,17 @@ class UpdateGuard:
 
     A finite loss and gradient norm do not make the update finite: AdamW with eps = 0 divides 0 by 0 where a
     gradient is 0, an overflowing learning rate sends weights to inf. Every step ends with one read of the
-    parameters (a fused norm). Undoing needs copies of the parameters and the optimizer state from before the step,
-    and copying them every step would cost about as much as the update itself (a full read and write of three
-    times the weights: ~1% of a configs/tiny.yaml step, 3x the weights' memory). It is not needed when the update
-    provably cannot overflow: AdamW moves a weight by at most lr / (1 - beta1) * max|m| / eps (the bias-corrected
-    step size times the first moment over a denominator >= eps), with max|m| <= max(its previous bound, the
-    gradient norm). So the copies are taken only when that bound plus the largest weight is not far inside float32's
-    range (eps <= 0, beta >= 1, an absurd lr, another optimizer, fp16 loss scaling); then a refused update puts back
-    the parameters, the optimizer state (removing what the step created) and the GradScaler's state, like a skipped
-    step. An update within the bound that still produces NaN/inf means the optimizer state itself was NaN/inf (a bug,
-    memory corruption): it cannot be undone, and `NonFiniteError` stops the run before anything is saved.
+    parameters (a fused norm, ~0.2% of a configs/tiny.yaml step). Undoing needs copies of the parameters and the
+    optimizer state from before the step; taking them every step would cost about as much again as the update
+    itself (a read and a write of three times the weights: ~1% of that step, and 3x the weights' memory). They are
+    not needed when the update provably cannot overflow: AdamW moves a weight by at most
+    lr / (1 - beta1) * max|m| / eps (the bias-corrected step size times the first moment over a denominator >= eps),
+    and max|m| <= max(its previous bound, the gradient norm). So the copies are taken only when that bound plus the
+    largest weight is not far inside the weights' dtype range (eps <= 0, beta >= 1, an absurd lr, another optimizer,
+    fp16 loss scaling); a refused update then puts back the parameters, the optimizer state (removing what a first
+    step created) and the GradScaler's state, like a skipped step. An update within the bound that still produces
+    NaN/inf means the optimizer state itself was NaN/inf (a bug, memory corruption): it cannot be undone, and
+    `NonFiniteError` stops the run before anything is saved.
 
     Args:
         optimizer: the torch optimizer (or Accelerate's wrapper of it).
@@ -62,6 +63,7 @@ class UpdateGuard:
         self._buffers: list[torch.Tensor] = []
         self._weights: float | None = None  # bound on |parameter| (largest tensor 2-norm)
         self._moment = 0.0  # bound on |first moment|
+        self._limit = min((torch.finfo(p.dtype).max for p in self.params), default=0.0) * SAFE_MARGIN
 
     @torch.no_grad()
     def step(self, grad_norm: float) -> bool:
@@ -115,7 +117,7 @@ class UpdateGuard:
             if not (eps > 0 and 0 <= beta1 < 1 and 0 <= beta2 < 1 and 0 <= lr and 0 <= decay):
                 return False
             bound = self._weights * max(1.0, abs(1 - lr * decay)) + lr / (1 - beta1) * self._moment / eps
-            if not bound < SAFE_BOUND:  # also false for NaN/inf
+            if not bound < self._limit:  # also false for NaN/inf
                 return False
         return True
 
