@@ -204,6 +204,9 @@ class _HalvingVAE:
         mean = torch.cat([pooled, pooled.mean(1, keepdim=True)], dim=1)
         return mean, torch.ones_like(mean)
 
+    def normalize(self, z):  # the VAE interface: latents -> the model's x (SD-VAE: z * 0.18215)
+        return z * self.scale
+
 
 def test_latent_checkpoint_needs_a_folder_and_vae(env, tmp_path, capsys, monkeypatch):
     from safetensors.torch import save_file
