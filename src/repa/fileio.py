@@ -11,13 +11,18 @@ from pathlib import Path
 from typing import Any
 
 
-def write_json(obj: Any, path: str | Path) -> None:
-    """Write any JSON-serialisable object (rows, metrics dicts) with indentation, atomically (temp file + rename)."""
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a whole text file (UTF-8) or nothing: a temporary file beside it, then a rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_json(obj: Any, path: str | Path, indent: int = 2) -> None:
+    """Write any JSON-serialisable object (rows, metrics dicts) with indentation, atomically (temp file + rename)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(obj, indent=indent) + "\n")
 
 
 _REASONS = {

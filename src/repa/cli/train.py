@@ -28,8 +28,8 @@ def run(args: argparse.Namespace) -> int:
     from repa.training import train
 
     summary = train(cfg, allow_config_change=True) if args.allow_config_change else train(cfg)
-    from repa import distributed as D
+    from repa.distributed import print0
 
-    D.print0(f"[repa] done: {json.dumps(summary['metrics'])}")
-    D.print0(f"[repa] run directory: {summary['run_dir']} (samples/, metrics.jsonl, checkpoints/, config.yaml)")
+    print0(f"[repa] done: {json.dumps(summary['metrics'])}")
+    print0(f"[repa] run directory: {summary['run_dir']} (samples/, metrics.jsonl, checkpoints/, config.yaml)")
     return 0

@@ -15,6 +15,7 @@ import yaml
 
 from repa.config.schema import Config
 from repa.config.validate import ConfigError
+from repa.fileio import write_text_atomic
 
 
 def _type_name(tp: Any) -> str:
@@ -214,7 +215,4 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
 
 def dump_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (safe dump: plain types only), atomically (temporary file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

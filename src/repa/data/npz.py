@@ -10,10 +10,11 @@ an object array is reported as `NpzError` naming the file (a ValueError, as call
 
 from __future__ import annotations
 
+import os
 import struct
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -190,12 +191,25 @@ def num_images(path: str | Path) -> int:
         return len(arr)
 
 
-def save_samples(path: str | Path, images: np.ndarray, labels: np.ndarray | None = None) -> None:
-    """Write an ADM-layout sample batch: `arr_0` uint8 NHWC, optional `arr_1` labels (int64)."""
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise ValueError(f"images must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
-    arrays = {"arr_0": images}
-    if labels is not None:
-        arrays["arr_1"] = np.asarray(labels, dtype=np.int64)
-    np.savez(path, **arrays)
+def save_samples(path: str | Path, images: np.ndarray | Sequence[np.ndarray], labels: np.ndarray | None = None) -> None:
+    """Write an ADM-layout sample file, whole or not at all: `arr_0` uint8 NHWC, optional `arr_1` labels (int64).
+
+    `images` may be one array or several parts of the same layout (memory-mapped shards, for example), written in
+    order and streamed 1,024 images at a time, so the whole batch never has to be in memory."""
+    parts = [np.asarray(images)] if isinstance(images, np.ndarray) else [np.asarray(p) for p in images]
+    for part in parts:
+        if part.dtype != np.uint8 or part.ndim != 4 or part.shape[1:] != parts[0].shape[1:]:
+            raise ValueError(f"images must be uint8 (N, H, W, C) of one shape, got {part.dtype} {part.shape}")
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+            shape = (sum(len(p) for p in parts), *parts[0].shape[1:])
+            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+            for part in parts:
+                for start in range(0, len(part), 1024):
+                    f.write(np.ascontiguousarray(part[start : start + 1024]).tobytes())
+        if labels is not None:
+            with zf.open("arr_1.npy", "w") as f:
+                np.lib.format.write_array(f, np.asarray(labels, dtype=np.int64), allow_pickle=False)
+    os.replace(tmp, path)

@@ -17,6 +17,7 @@ from torch import nn
 from repa.assets import sha256_file
 from repa.data.shards import FORMAT, STORAGE_DTYPES, VERSION, ShardError
 from repa.data.vae import LatentNorm
+from repa.fileio import write_json
 
 LATENT_NORMS = ("vae", "dataset")  # `repa prepare --latent-norm`
 
@@ -44,12 +45,6 @@ def images_file(shard: int) -> str:
 
 def record_file(shard: int) -> str:
     return f"shard-{shard:05d}.json"
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _save_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> dict[str, Any]:
@@ -192,7 +187,7 @@ def write_shard(
     files["latents"] = _save_atomic(out / latents_file(shard), latents, {**meta, "kind": "latents"})
     record = {"index": shard, "num_items": len(latents["labels"]), "first_file": shard * plan["shard_size"],
               "skipped": skipped, "files": files, "plan": plan_hash(plan)}  # fmt: skip
-    _write_json(out / record_file(shard), record)  # last: the shard now counts as done
+    write_json(record, out / record_file(shard), indent=1)  # last: the shard now counts as done
     return record
 
 
@@ -229,7 +224,7 @@ def write_manifest(out: str | Path) -> dict[str, Any]:
         "source": plan["source"],
         "shards": [{k: r[k] for k in ("index", "num_items", "first_file", "files")} for r in records],
     }
-    _write_json(out / "manifest.json", manifest)
+    write_json(manifest, out / "manifest.json", indent=1)
     return manifest
 
 
@@ -283,7 +278,7 @@ def check_plan(out: Path, plan: dict[str, Any], rank: int) -> None:
     elif rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "manifest.json").unlink(missing_ok=True)
-        _write_json(path, plan)
+        write_json(plan, path, indent=1)
     else:
         raise FileNotFoundError(f"{path} is missing after the barrier: is {out} on a file system shared by all ranks?")
 

@@ -7,7 +7,6 @@ so multi-node runs need it on a shared filesystem (or `save=False`)."""
 from __future__ import annotations
 
 import os
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from repa import distributed
+from repa.data.npz import save_samples
 from repa.data.sources import check_source
 from repa.evaluation.detectors import Detector, make_detector
 from repa.evaluation.inception_weights import inception_path
@@ -34,24 +34,6 @@ from repa.generate import (
     to_adm_nhwc,
 )
 from repa.loading import load_model
-
-
-def _join_shards(shards: list[Path], labels: np.ndarray, path: Path) -> None:
-    """Concatenate per-rank .npy image shards into one ADM `.npz` (`arr_0`, `arr_1`) without loading them whole."""
-    parts = [np.load(s, mmap_mode="r") for s in shards]
-    shape = (sum(len(p) for p in parts), *parts[0].shape[1:])
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
-            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape}
-            np.lib.format.write_array_header_1_0(f, header)
-            for part in parts:
-                for start in range(0, len(part), 1024):
-                    f.write(np.ascontiguousarray(part[start : start + 1024]).tobytes())
-        with zf.open("arr_1.npy", "w") as f:
-            np.lib.format.write_array(f, labels.astype(np.int64), allow_pickle=False)
-    del parts
-    tmp.replace(path)
 
 
 def _gather_rows(local: torch.Tensor, num: int, device: torch.device) -> torch.Tensor:
@@ -124,24 +106,24 @@ def generate_and_score(
     Returns:
         Metrics (with `checkpoint`, `step`, `sample`, `samples`, `world_size`) on rank 0; {} on the other ranks.
     """
-    D = distributed
     if isinstance(reference, (str, Path)):
         check_source(reference)
-    if D.world_size() > 1 and not torch.distributed.is_initialized():
-        device = D.make_accelerator().device  # the process group (gloo on CPU, NCCL on GPUs) and this rank's device
-    elif D.world_size() > 1 or device is None:
+    if distributed.world_size() > 1 and not torch.distributed.is_initialized():
+        # the process group (gloo on CPU, NCCL on GPUs) and this rank's device
+        device = distributed.make_accelerator().device
+    elif distributed.world_size() > 1 or device is None:
         cuda = torch.cuda.is_available()
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     device = torch.device(device)
-    rank, world = D.rank(), D.world_size()
+    rank, world = distributed.rank(), distributed.world_size()
     if num < world:
         raise ValueError(f"--num {num} is smaller than the number of processes ({world})")
     loaded = load_model(checkpoint, prefer_ema, device, num_heads=num_heads, align_depth=align_depth)
     apply_sample_overrides(loaded.cfg, sample or {})
     if isinstance(detector, str):
-        if detector == "inception" and D.is_main():
+        if detector == "inception" and distributed.is_main():
             inception_path(inception)  # rank 0 fetches on first use while the others wait
-        D.barrier()
+        distributed.barrier()
         detector = make_detector(detector, device, inception, classifier)
     out = Path(out_dir) if out_dir else (loaded.run_dir / "eval" if loaded.run_dir else Path("eval"))
     stem = sample_stem(loaded.path.name, loaded.cfg, num, seed)
@@ -154,27 +136,31 @@ def generate_and_score(
     images = generate_batches(loaded.model, loaded.cfg, labels, loaded.sample_shape, seed=seed,
                               batch_size=batch_size, decode=decode, first_index=first)  # fmt: skip
     acts = compute_activations(detector, _shard_writer(images, shard, len(labels)), len(labels),
-                               progress and D.is_main(), desc="generate+detect")  # fmt: skip
+                               progress and distributed.is_main(), desc="generate+detect")  # fmt: skip
     stats = {  # Fréchet statistics: sums over ranks
-        key: FeatureStats.unpacked(D.all_reduce_sum(acts.stats[key].packed().to(device)), acts.stats[key].dim)
+        key: FeatureStats.unpacked(distributed.all_reduce_sum(acts.stats[key].packed().to(device)), acts.stats[key].dim)
         for key in sorted(acts.stats)
     }
     pool = _gather_rows(torch.from_numpy(acts.pool), num, device).numpy()
     logit = _gather_rows(torch.from_numpy(acts.logits), num, device).numpy() if acts.logits is not None else None
-    D.barrier()  # every shard is complete
-    if not D.is_main():
+    distributed.barrier()  # every shard is complete
+    if not distributed.is_main():
         return {}
     samples_path = None
     if save:
         samples_path = out / f"{stem}.npz"
         shards = [out / f"{stem}.rank{r:03d}.npy" for r in range(world)]
-        _join_shards(shards, balanced_labels(num, loaded.num_classes, seed).numpy(), samples_path)
+        parts = [np.load(sh, mmap_mode="r") for sh in shards]
+        save_samples(samples_path, parts, balanced_labels(num, loaded.num_classes, seed).numpy())
+        del parts
         for sh in shards:
             sh.unlink()
     ref = reference if isinstance(reference, ReferenceStats) else reference_stats(
         reference, detector, limit=ref_limit, progress=progress
     )  # fmt: skip
-    metrics: dict[str, Any] = score_activations(Activations(pool, logit, stats, is_missing_reason=acts.is_missing_reason), ref)
+    metrics: dict[str, Any] = score_activations(
+        Activations(pool, logit, stats, is_missing_reason=acts.is_missing_reason), ref
+    )
     metrics.update(
         detector=detector.name,
         checkpoint=str(loaded.path),

@@ -284,9 +284,7 @@ def reference_stats(
         path = cache_dir() / "eval" / f"fashion-mnist-{split}-{'all' if limit is None else limit}.npz"
         images, labels = fashion_mnist_images(split, limit)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-        save_samples(tmp, images.permute(0, 2, 3, 1).numpy(), labels.numpy())
-        tmp.replace(path)
+        save_samples(path, images.permute(0, 2, 3, 1).numpy(), labels.numpy())
         return reference_statistics(path, detector, batch_size, progress=progress)
     if Path(text).is_file() and limit is None:
         return reference_statistics(text, detector, batch_size, progress=progress)

@@ -5,7 +5,6 @@ with `--allow-config-change`, accepted); every change is recorded in the run (`c
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import torch
 from repa.checkpoint import latest_checkpoint_state, model_shapes
 from repa.config import Config, from_dict, to_dict
 from repa.errors import ReportedError
+from repa.fileio import write_text_atomic
 
 CHANGES_LOG = "config_changes.jsonl"
 # what may change between two runs of one training: when and how often it logs, samples, checkpoints and stops,
@@ -133,9 +133,7 @@ def write_changes_log(run_dir: Path, history: list[dict[str, Any]]) -> None:
     if not history:
         path.unlink(missing_ok=True)
         return
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in history), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in history))
 
 
 def apply_optim_config(optimizer: Any, scheduler: Any, cfg: Config) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from repa.errors import ReportedError
+from repa.fileio import write_text_atomic
 
 LOCK_NAME = "train.lock"
 HEARTBEAT_S = 30.0
@@ -192,6 +193,4 @@ def trim_metrics(path: str | Path, step: int) -> None:
             continue  # a line cut short by a kill
         if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
             kept.append(line + "\n")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(kept))
