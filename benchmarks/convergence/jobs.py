@@ -54,7 +54,7 @@ class Job:
             f"train.keep_checkpoints={evals + 1}", f"train.sample_every={p.steps}", "train.progress=false",
             f"train.num_threads={p.threads}", f"data.num_train={'null' if p.num_train is None else p.num_train}",
             "sample.num_images=20", *([f"data.root={self.data_root}"] if self.data_root else []),
-            *self.overrides, *self.arm.overrides,
+            *self.overrides, *(o.replace("{half}", str(p.steps // 2)) for o in self.arm.overrides),
         ])  # fmt: skip
 
 

@@ -65,6 +65,20 @@ ABLATIONS = {  # --ablate KEY=V1,V2: one extra REPA arm per value
     "encoder": ("repa.encoders", "repa-{}"),
 }
 ABLATE_ALL = ("depth=1,4", "lambda=0.25,1.0", "kind=ntxent", "encoder=random-dinov2-vit-s")
+# --ablate method=NAME: the REPA family on the embedded default (docs/family.md has each paper's settings). The
+# tiny model has 6 blocks and its target is block 8 of the focus DINOv2-S, so the papers' SiT-XL/2 block choices are
+# scaled: HASTE's attention pairs (model 5-8 of 28 with encoder 9-12 of 12) become (1, 7), (2, 8), i.e. the two
+# blocks up to align_depth with the last two encoder blocks in use; SRA's (8, 20) of 28 becomes (2, 4). HASTE's
+# stop point (250k steps in its runs) becomes half the budget: `{half}` is the preset's steps // 2.
+METHODS = {
+    "irepa": ("model.projector=conv", "repa.spatial_norm=true", "repa.align_coeff=1.0"),  # official LDM irepa.yaml
+    "haste": ("repa.schedule=stop", "repa.schedule_stop={half}", "repa.attention_align=true",
+              "repa.attention_pairs=[[1,7],[2,8]]", "repa.cache_targets=false"),  # attention maps run online
+    "reg": ("repa.class_token=true",),
+    "sra": ("repa.encoders=[]", "repa.self_align=true", "repa.self_align_blocks=[2,4]"),
+}
+# --ablate leaderboard: every method, with NT-Xent and alignment at block 4 (the two best ablations so far)
+LEADERBOARD = ("method=irepa,haste,reg,sra", "kind=ntxent", "depth=4")
 
 
 @dataclass(frozen=True)
@@ -80,12 +94,21 @@ REPA = Arm("repa")
 
 
 def parse_ablations(specs: Sequence[str]) -> list[Arm]:
-    """`["depth=1,4", "kind=ntxent"]` (or `["all"]`) -> extra REPA arms, one setting changed each."""
+    """`["depth=1,4", "kind=ntxent", "method=irepa"]` (or `["all"]`, `["leaderboard"]`) -> extra arms: REPA with one
+    setting changed each, or a REPA-family method (`METHODS`)."""
+    shortcuts = {"all": ABLATE_ALL, "leaderboard": LEADERBOARD}
     arms = []
-    for spec in [s for item in specs for s in (ABLATE_ALL if item == "all" else (item,))]:
+    for spec in [s for item in specs for s in shortcuts.get(item, (item,))]:
         key, _, values = spec.partition("=")
-        if key not in ABLATIONS or not values:
-            raise ValueError(f"--ablate {spec!r}: expected KEY=V1[,V2] with KEY in {sorted(ABLATIONS)}, or 'all'")
+        if key not in (*ABLATIONS, "method") or not values:
+            raise ValueError(f"--ablate {spec!r}: expected KEY=V1[,V2] with KEY in {sorted(ABLATIONS)} or "
+                             f"method={','.join(METHODS)}, or 'all' / 'leaderboard'")  # fmt: skip
+        if key == "method":
+            for v in values.split(","):
+                if v not in METHODS:
+                    raise ValueError(f"--ablate method={v}: unknown method; choose from {', '.join(METHODS)}")
+                arms.append(Arm(v, METHODS[v]))
+            continue
         field, name = ABLATIONS[key]
         for v in values.split(","):
             value = f"[{v}]" if key == "encoder" else v
