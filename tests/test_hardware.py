@@ -1,0 +1,52 @@
+"""CPU bf16 detection from /proc/cpuinfo text and the start-up precision line."""
+
+from __future__ import annotations
+
+import pytest
+
+from repa import hardware
+
+ZEN3 = """processor\t: 0
+model name\t: AMD EPYC 7B13
+flags\t\t: fpu sse sse2 avx avx2 fma f16c vaes
+processor\t: 1
+model name\t: AMD EPYC 7B13
+flags\t\t: fpu sse sse2 avx avx2 fma f16c vaes
+"""
+ZEN4 = "model name\t: AMD EPYC 9B14\nflags\t\t: avx2 avx512f avx512bw avx512_bf16 avx512_vnni\n"
+SAPPHIRE = "model name\t: Intel(R) Xeon(R) Platinum 8481C\nflags\t\t: avx512f avx512_bf16 amx_bf16 amx_tile\n"
+GRAVITON3 = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes sha3 sve bf16 i8mm\nCPU part\t: 0xd40\n"
+GRAVITON2 = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes crc32 atomics\n"
+
+
+@pytest.mark.parametrize(
+    "text, native, features, cpu",
+    [
+        (ZEN3, False, (), "AMD EPYC 7B13"),
+        (ZEN4, True, ("AVX-512 BF16",), "AMD EPYC 9B14"),
+        (SAPPHIRE, True, ("AVX-512 BF16", "AMX-BF16"), "Intel(R) Xeon(R) Platinum 8481C"),
+        (GRAVITON3, True, ("Arm BF16",), ""),
+        (GRAVITON2, False, (), ""),
+        ("", False, (), ""),
+    ],
+)
+def test_parse_cpuinfo(text, native, features, cpu):
+    info = hardware.parse_cpuinfo(text)
+    assert (info.native, info.features, info.cpu) == (native, features, cpu)
+
+
+def test_precision_line_says_what_runs_and_why(monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_bf16", lambda: hardware.parse_cpuinfo(ZEN3))
+    line = hardware.precision_line("bf16", "cpu")
+    assert "bf16 autocast" in line and "emulated" in line and "train.mixed_precision=no runs faster" in line
+    assert hardware.precision_line("no", "cpu").startswith("precision: fp32 (AMD EPYC 7B13 has no bf16")
+    monkeypatch.setattr(hardware, "cpu_bf16", lambda: hardware.parse_cpuinfo(SAPPHIRE))
+    assert "run natively" in hardware.precision_line("bf16", "cpu")
+    assert "train.mixed_precision=bf16 is faster" in hardware.precision_line("no", "cpu")
+    assert hardware.precision_line("bf16", "cuda") == "precision: bf16 autocast on cuda"
+    assert hardware.precision_line("no", "cuda") == "precision: fp32 on cuda"
+
+
+def test_this_machine_is_described():
+    info = hardware.cpu_bf16()
+    assert isinstance(info.native, bool) and info.describe()
