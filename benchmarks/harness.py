@@ -54,6 +54,8 @@ class Mode:
             min-cut partitioner saves; lower = recompute more in the backward, cheapest ops, i.e. pointwise, first).
         trim: `malloc_trim(0)` after the encoder and at the end of every step: glibc hands the free pages of its
             heaps back to the OS, so the holes left by freed activations do not stay resident.
+        precision: "fp32" / "bf16" for this mode (`+fp32`, `+bf16`); None: the run's `BenchConfig.precision`. The
+            GEMM rate and MFU of the mode are measured at its own precision.
     """
 
     name: str
@@ -70,6 +72,7 @@ class Mode:
     thp: bool = False
     memory_budget: float | None = None
     trim: bool = False
+    precision: Literal["fp32", "bf16"] | None = None
 
     def environment(self) -> dict[str, str]:
         """Environment variables the mode's worker process must start with (read at process start-up)."""
@@ -114,6 +117,8 @@ MODIFIERS: dict[str, dict[str, Any]] = {
     "mmap64k": dict(mmap_threshold=1 << 16),
     "thp": dict(thp=True),
     "trim": dict(trim=True),
+    "fp32": dict(precision="fp32"),
+    "bf16": dict(precision="bf16"),
     **{f"budget{p}": dict(memory_budget=p / 100) for p in (10, 20, 30, 50, 70)},
 }
 
@@ -358,7 +363,9 @@ class StepRunner:
         from repa.training.ema import EMA
         from repa.training.setup import compile_model
 
-        self.cfg, self.mode = cfg, mode
+        self.cfg = dataclasses.replace(cfg, precision=mode.precision) if mode.precision else cfg
+        self.mode = mode
+        cfg = self.cfg
         self.device = device = torch.device(cfg.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)

@@ -27,6 +27,7 @@ from typing import Any
 
 from benchmarks.common import temporary_environ
 from benchmarks.harness import PHASE_HELP, PHASES, BenchConfig, median_phases, parse_mode
+from repa.hardware import cpu_bf16
 
 DEFAULT_MODES = "official-like,ours-online,ours-cached,vanilla"
 TINY = dict(
@@ -49,7 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=2, help="unmeasured steps per mode first (compilation, caches)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in each worker")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--precision", default="fp32",
+                   help="fp32, bf16 (autocast) or fp32,bf16: every mode in each precision, interleaved in one run "
+                        "(speed-ups against official-like of the same precision)")  # fmt: skip
     p.add_argument("--encoder", default="dinov2-vit-b", help="ENCODERS name (random weights of the architecture)")
     p.add_argument("--encoder-resolution", type=int, default=224)
     p.add_argument("--schedule", choices=["auto", "interleaved", "sequential"], default="auto",
@@ -65,12 +68,17 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.warmup < 0 or args.batch < 1:
         raise ValueError("--steps and --batch must be >= 1 and --warmup >= 0")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    precisions = [p.strip() for p in str(args.precision).split(",") if p.strip()]
+    if not precisions or any(p not in ("fp32", "bf16") for p in precisions):
+        raise ValueError(f"--precision {args.precision!r}: expected fp32, bf16 or fp32,bf16")
+    if len(precisions) > 1:  # the first precision is the run's; the others become +<precision> modes
+        modes = [m if p == precisions[0] else f"{m}+{p}" for p in precisions for m in modes]
     for m in modes:
         parse_mode(m)  # fail fast on typos
     record: dict[str, Any] = {"meta": _meta(args), "results": {}}
     for model in [m.strip() for m in args.models.split(",") if m.strip()]:
         kwargs = dict(encoder=args.encoder, encoder_resolution=args.encoder_resolution) | (TINY if args.tiny else {})
-        cfg = BenchConfig(model=model, batch=args.batch, device=args.device, precision=args.precision,
+        cfg = BenchConfig(model=model, batch=args.batch, device=args.device, precision=precisions[0],  # type: ignore[arg-type]
                           threads=args.threads, **kwargs)  # fmt: skip
         schedule = _choose_schedule(args.schedule, cfg, modes)
         print(f"[bench] {model}: batch {cfg.batch}, {cfg.precision}, {args.threads} threads, {len(modes)} modes, "
@@ -207,9 +215,11 @@ def summarize(name: str, raw: dict[str, Any], batch: int) -> dict[str, Any]:
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Images/s (median and best) and peak memory relative to the official-like mode (or the first mode)."""
-    ref = next((r for r in rows if r["mode"] == "official-like"), rows[0])
+    """Images/s (median and best) and peak memory relative to the official-like mode of the same precision (or the
+    first mode of that precision)."""
     for r in rows:
+        same = [q for q in rows if q["settings"].get("precision") == r["settings"].get("precision")]
+        ref = next((q for q in same if q["mode"].split("+")[0] == "official-like"), same[0])
         r["reference"] = ref["mode"]
         r["memory_vs_reference"] = r["peak_memory_bytes"] / ref["peak_memory_bytes"]
         for clock in ("wall", "cpu"):
@@ -315,6 +325,7 @@ def _meta(args: argparse.Namespace) -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpu": cpu,
+        "cpu_bf16": cpu_bf16().describe(),
         "cpu_count": os.cpu_count(),
         "loadavg_start": _loadavg(),
         "mem_available_gb": round(_mem_available() / 1e9, 1),

@@ -151,3 +151,23 @@ def test_micro_benchmarks_print_one_row_per_implementation(capsys):
     names = {name.strip() for name, _ in rows}
     assert {"adamw-loop", "adamw-foreach", "adamw-fused", "ema-loop", "ema-foreach", "sdpa-flash", "sdpa-math"} <= names
     assert all(_positive_finite(float(value)) for _, value in rows)
+
+
+def test_step_suite_both_precisions_in_one_run(tmp_path, capsys):
+    """`--precision fp32,bf16`: every mode in both precisions, each compared with official-like of its own."""
+    assert parse_mode("ours-cached+bf16").precision == "bf16" and parse_mode("ours-cached").precision is None
+    assert StepRunner(TINY, parse_mode("vanilla+eager+bf16")).cfg.precision == "bf16"
+    out = tmp_path / "bench.json"
+    rc = cli_main(["bench", "step", "--tiny", "--models", "SiT-T/2", "--modes", "official-like,vanilla+eager",
+                   "--precision", "fp32,bf16", "--steps", "1", "--warmup", "0", "--batch", "2", "--gemm-reps", "1",
+                   "--json", str(out)])  # fmt: skip
+    assert rc == 0
+    record = json.loads(out.read_text())
+    assert record["meta"]["cpu_bf16"]
+    rows = record["results"]["SiT-T/2"]["modes"]
+    assert [r["mode"] for r in rows] == ["official-like", "vanilla+eager", "official-like+bf16", "vanilla+eager+bf16"]
+    assert [r["reference"] for r in rows] == ["official-like"] * 2 + ["official-like+bf16"] * 2
+    assert rows[0]["wall"]["speedup_vs_reference"] == 1.0 == rows[2]["wall"]["speedup_vs_reference"]
+    assert [r["settings"]["precision"] for r in rows] == [None, None, "bf16", "bf16"]
+    assert cli_main(["bench", "step", "--tiny", "--precision", "fp16", "--json", ""]) != 0
+    assert "--precision 'fp16': expected fp32, bf16 or fp32,bf16" in capsys.readouterr().err
