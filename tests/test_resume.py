@@ -182,3 +182,34 @@ def test_metrics_of_a_killed_run_equal_an_uninterrupted_one(tmp_path, fmnist_roo
     assert [r["step"] for r in metrics(killed)] == [r["step"] for r in metrics(full)]
     assert_same_training_state(full, killed)
     assert torch.isfinite(torch.tensor([r["total"] for r in metrics(killed)])).all()
+
+
+# --------------------------------------------------------------------------------- lr schedules across a resume
+
+
+def test_a_cosine_lr_schedule_resumes_exactly_and_its_end_cannot_move(tmp_path, fmnist_root, test_encoder, monkeypatch):
+    """optim.lr_schedule=cosine with warm-up: a run killed mid-checkpoint and rerun equals an uninterrupted one bit for
+    bit (the lr is a function of the update count, which the checkpoint holds); the decay ends at train.max_steps,
+    so changing it on resume changes the maths and is refused like any such change."""
+    extra = ("optim.lr_schedule=cosine", "optim.warmup_steps=2", "optim.final_lr=0.00001", "train.max_steps=9")
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    train(load_config(TINY, tiny_overrides(full, fmnist_root, *extra)))
+
+    class Killed(BaseException):
+        pass
+
+    def die(pid, sig):
+        raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(C.os, "kill", die)
+        m.setenv("REPA_FAULT_AFTER_FILE", "model.safetensors@6")  # steps 4-6 logged, then killed: resume from 3
+        with pytest.raises(Killed):
+            train(load_config(TINY, tiny_overrides(killed, fmnist_root, *extra)))
+    with pytest.raises(ConfigChangeError, match=r"train.max_steps 9 -> 12 \(these change"):
+        train(load_config(TINY, tiny_overrides(killed, fmnist_root, *extra, "train.max_steps=12")))
+    train(load_config(TINY, tiny_overrides(killed, fmnist_root, *extra)))
+    assert_same_training_state(full, killed)
+    lrs = [r["lr"] for r in metrics(killed)]
+    assert lrs[:2] == pytest.approx([3e-4, 3e-4]) and lrs[-1] == pytest.approx(1e-5)  # warmed up; the final lr
+    assert lrs == sorted(lrs, reverse=True)

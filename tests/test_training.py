@@ -33,7 +33,7 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_vanilla_runs_no_encoder(tmp_path, fmnist_root, monkeypatch):
+def test_vanilla_runs_no_encoder(tmp_path, fmnist_root, monkeypatch, capsys):
     def boom(*a, **k):
         raise AssertionError("vanilla training must not load an encoder")
 
@@ -47,6 +47,9 @@ def test_vanilla_runs_no_encoder(tmp_path, fmnist_root, monkeypatch):
     assert not any(k.startswith("projectors") for k in ck["model"])  # no projector without an encoder
     assert (tmp_path / "run" / "samples" / "step_00000006.png").exists()
     assert (tmp_path / "run" / "config.yaml").exists()
+    from repa.hardware import precision_line
+
+    assert f"[repa] {precision_line('no', 'cpu')}" in capsys.readouterr().out  # the start-up line says the precision
 
 
 def test_repa_step_reduces_both_losses(tmp_path, fmnist_root, test_encoder):

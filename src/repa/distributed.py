@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -10,12 +11,19 @@ import torch
 import torch.distributed as dist
 
 
-def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None) -> Any:
+def make_accelerator(
+    mixed_precision: str = "no",
+    cpu: bool | None = None,
+    *,
+    trackers: Sequence[str] = (),
+    project_dir: str | os.PathLike[str] | None = None,
+) -> Any:
     """Create the Accelerator for this run (its first creation in a process sets up the process group).
 
     One process, `torchrun`/`accelerate launch` multi-process, and multi-node launches all come through here;
     on CPU the process group uses gloo. Gradient accumulation is done by the loop (it needs exact control
-    of which micro-batch each rank sees), so Accelerate is told 1.
+    of which micro-batch each rank sees), so Accelerate is told 1. `trackers` (`train.trackers`: "tensorboard",
+    "wandb") become Accelerate's `log_with`, writing under `project_dir`; none = no tracker (Accelerate's default).
     """
     from accelerate import Accelerator  # imported on use: loading it costs every `repa` command start-up time
     from accelerate.utils import DistributedDataParallelKwargs
@@ -28,6 +36,8 @@ def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None) -> An
         cpu=cpu,
         kwargs_handlers=[ddp_kwargs],
         step_scheduler_with_optimizer=False,
+        log_with=list(trackers) or None,
+        project_dir=None if not trackers or project_dir is None else str(project_dir),
     )
 
 

@@ -8,7 +8,10 @@ import json
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML preset, e.g. configs/tiny.yaml")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=200 repa.align_coeff=0")
+    p.add_argument("overrides", nargs="*",
+                   help="dotted overrides, e.g. train.max_steps=200 repa.align_coeff=0; fine-tune with "
+                        "model.init_from=last.pt, decay the lr with optim.lr_schedule=cosine optim.final_lr=1e-6, "
+                        "track with train.trackers=[tensorboard,wandb]")  # fmt: skip
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume even though the config changes the model or the training maths (e.g. optim.lr); "

@@ -25,6 +25,9 @@ class ModelConfig:
     grad_checkpointing: bool = False
     projector: Literal["mlp", "conv"] = "mlp"  # iREPA: a convolution over the token grid instead of the MLP
     projector_kernel: int = 3  # conv projector kernel (iREPA's README: 3)
+    # fine-tuning: the backbone's initial weights from an official REPA `last.pt`, a SiT/DiT checkpoint or a repa
+    # run/checkpoint (`repa.loading.load_for_finetuning`; EMA weights where present); fresh starts only
+    init_from: str | None = None
 
 
 @dataclass
@@ -96,6 +99,8 @@ class OptimConfig:
     weight_decay: float = 0.0
     eps: float = 1e-8
     warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"  # after the warm-up (repa.training.schedule)
+    final_lr: float = 0.0  # cosine/linear: the lr reached at train.max_steps
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
     ema_warmup: bool = False  # decay = min(ema_decay, (1 + step) / (10 + step)); useful for short runs
@@ -147,6 +152,7 @@ class TrainConfig:
     max_nonfinite_steps: int = 10  # stop after this many skipped steps with NaN/inf loss or gradients
     num_threads: int | None = None  # CPU threads (None = torch default)
     progress: bool = True
+    trackers: list[str] = field(default_factory=list)  # tensorboard and/or wandb; [] = metrics.jsonl only
 
 
 @dataclass

@@ -22,24 +22,24 @@ from repa.checkpoint import (
 )
 from repa.config import Config, dump_config, to_dict, validate
 from repa.fileio import write_error_reason
+from repa.hardware import precision_line
 from repa.losses import RepaLoss
 from repa.training import setup
 from repa.training.batches import GlobalOrder, MicroBatchPlan, step_draws
 from repa.training.data import TrainingData, load_train_images
 from repa.training.ema import EMA
+from repa.training.finetune import initialise_from, resolve_init_from
 from repa.training.guard import NonFiniteError, UpdateGuard
 from repa.training.resume import CHANGES_LOG, apply_optim_config, check_model_fits, plan_resume, write_changes_log
 from repa.training.rundir import RunDirLock, describe_holder, trim_metrics
+from repa.training.schedule import lr_lambda
+from repa.training.tracking import Trackers, check_installed, tracker_dir
 
 
 def _peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def _lr_lambda(warmup: int):
-    return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
 
 
 class MetricWindow:
@@ -94,7 +94,9 @@ def train(cfg: Config, *, allow_config_change: bool = False) -> dict[str, Any]:
         NonFiniteError: more than `train.max_nonfinite_steps` steps were skipped (NaN/inf loss, gradient or update).
     """
     tc = cfg.train
-    acc = distributed.make_accelerator(tc.mixed_precision)
+    run_dir = Path(tc.run_dir)
+    check_installed(tc.trackers)  # Accelerate would silently drop a tracker whose package is missing
+    acc = distributed.make_accelerator(tc.mixed_precision, trackers=tc.trackers, project_dir=tracker_dir(run_dir))
     world, rank, device = acc.num_processes, acc.process_index, acc.device
     validate(cfg, world_size=world)
     if tc.mixed_precision == "fp16" and device.type == "cpu":  # Accelerate would silently run fp32, no loss scaling
@@ -104,11 +106,13 @@ def train(cfg: Config, *, allow_config_change: bool = False) -> dict[str, Any]:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = tc.allow_tf32
         torch.backends.cudnn.allow_tf32 = tc.allow_tf32
-    run_dir = Path(tc.run_dir)
     if acc.is_main_process:
         check_writable(run_dir)  # a read-only or full disk fails here, before any work
     # one training process per run directory: a second one is refused here, a killed holder's lock is taken over
-    with RunDirLock(run_dir) if acc.is_main_process else contextlib.nullcontext() as lock:
+    with (
+        RunDirLock(run_dir) if acc.is_main_process else contextlib.nullcontext() as lock,
+        contextlib.ExitStack() as on_exit,
+    ):
         if lock is not None and lock.took_over:
             distributed.print0(
                 f"[repa] taking over {lock.path} from {describe_holder(lock.took_over)}: no longer running"
@@ -117,6 +121,10 @@ def train(cfg: Config, *, allow_config_change: bool = False) -> dict[str, Any]:
             (run_dir / "samples").mkdir(exist_ok=True)
         acc.wait_for_everyone()
         resume = plan_resume(cfg, run_dir, allow_config_change)  # config changes are judged before any work
+        init_from = resolve_init_from(cfg) if resume.path is None else None  # a missing file: before any work
+        if resume.path is not None and cfg.model.init_from is not None:
+            distributed.print0(f"[repa] model.init_from not read: the run resumes from its checkpoint (step "
+                               f"{resume.step}), whose weights win")  # fmt: skip
 
         # ---- data, encoders, targets, model, loss
         data = load_train_images(cfg)
@@ -125,6 +133,8 @@ def train(cfg: Config, *, allow_config_change: bool = False) -> dict[str, Any]:
         # checks align depth / token grids before any target is computed
         model = setup.build_model(cfg, data, targets.specs).to(device)
         check_model_fits(model, resume)  # a resume with another model shape: one line, before the targets are computed
+        if init_from is not None:  # fine-tuning: the backbone from public weights (a fresh start only)
+            initialise_from(cfg, model, init_from, run_dir)
         if targets.cache:
             setup.prepare_targets(cfg, data, targets.encoders)  # fills data.targets (computed once, cached on disk)
         loss_fn = setup.build_loss(cfg)
@@ -136,7 +146,7 @@ def train(cfg: Config, *, allow_config_change: bool = False) -> dict[str, Any]:
             model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
             weight_decay=cfg.optim.weight_decay, fused=fused, foreach=None if fused else True,
         )  # fmt: skip
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.optim.warmup_steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))  # optim.lr_schedule after the warm-up
 
         # ---- resume: rerunning the same command continues from the newest complete checkpoint
         start_step, nonfinite, overflow, window = resume.step, 0, 0, MetricWindow()
@@ -161,6 +171,8 @@ def train(cfg: Config, *, allow_config_change: bool = False) -> dict[str, Any]:
             dump_config(cfg, run_dir / "config.yaml")
             write_changes_log(run_dir, resume.history)
             trim_metrics(run_dir / "metrics.jsonl", start_step)  # replayed steps are logged again; drop torn lines
+        trackers = Trackers(acc, cfg, run_dir, start_step)  # train.trackers (none: metrics.jsonl alone)
+        on_exit.callback(trackers.close)
 
         model, opt = acc.prepare(model, opt)
         raw_model = acc.unwrap_model(model)
@@ -175,6 +187,7 @@ def train(cfg: Config, *, allow_config_change: bool = False) -> dict[str, Any]:
             n_params = sum(p.numel() for p in raw_model.parameters())
             distributed.print0(f"[repa] {cfg.model.name}: {n_params / 1e6:.2f}M parameters, {data.num_items} training items, "
                      f"global batch {tc.global_batch_size} on {world} process(es), REPA {'on' if cfg.repa.enabled else 'off'}")  # fmt: skip
+        distributed.print0(f"[repa] {precision_line(tc.mixed_precision, acc.device.type)}")
 
         def save(step: int) -> None:
             meta = {"nonfinite_steps": nonfinite, "fp16_overflow_steps": overflow, "config": to_dict(cfg),
@@ -220,6 +233,7 @@ def train(cfg: Config, *, allow_config_change: bool = False) -> dict[str, Any]:
                         open(metrics_file, "a", encoding="utf-8") as f,
                     ):
                         f.write(json.dumps(record) + "\n")
+                    trackers.log(record, done)
                     bar.set_postfix({k: f"{record[k]:.4f}" for k in ("denoise", "align") if k in record})
                 last, window = record, MetricWindow()
             if nonfinite > tc.max_nonfinite_steps:
@@ -235,10 +249,12 @@ def train(cfg: Config, *, allow_config_change: bool = False) -> dict[str, Any]:
                     grid = run_dir / "samples" / f"step_{done:08d}.png"
                     with _reported_write(grid, "the sample grid", run_dir):
                         setup.sample_grid(cfg, ema.model, data, grid)
+                    trackers.log_grid(grid, done)
                 acc.wait_for_everyone()
             if done % tc.checkpoint_every == 0 or done == tc.max_steps:
                 save(done)
         bar.close()
+        trackers.end()
         acc.wait_for_everyone()
     return {"run_dir": str(run_dir), "step": max(start_step, tc.max_steps), "metrics": last}
 

@@ -24,7 +24,11 @@ HARMLESS = frozenset({
     "train.max_steps", "train.log_every", "train.sample_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.max_nonfinite_steps", "train.num_threads", "train.progress", "train.compile",
     "train.compile_memory_budget", "model.grad_checkpointing", "data.num_workers", "repa.cache_targets",
+    "train.trackers",  # where the scalars are also sent
+    "model.init_from",  # read on a fresh start only: on resume the checkpoint's weights win
 })  # fmt: skip
+# harmless unless the lr decays over them: a cosine/linear schedule ends at train.max_steps
+SCHEDULE_KEYS = frozenset({"train.max_steps"})
 HARMLESS_SECTIONS = ("sample.",)
 IGNORED = frozenset({"train.run_dir"})  # where the run is (it may be moved), not what it is
 
@@ -112,7 +116,8 @@ def plan_resume(cfg: Config, run_dir: Path, allow_config_change: bool) -> Resume
     step = int(state["step"])
     stored = state.get("config")
     changes = diff_configs(stored, to_dict(cfg)) if isinstance(stored, dict) else []
-    refused = [c for c in changes if not c.harmless]
+    decays = cfg.optim.lr_schedule != "constant"  # (a change of the schedule itself is refused on its own)
+    refused = [c for c in changes if not c.harmless or (decays and c.key in SCHEDULE_KEYS)]
     if refused and not allow_config_change:
         raise ConfigChangeError(
             f"cannot resume {run_dir} from {path.name} with another config: {'; '.join(map(str, refused))} (these "
