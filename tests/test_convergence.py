@@ -78,6 +78,29 @@ def test_parse_ablations():
     assert len(convergence.parse_ablations(["all"])) == 6
     with pytest.raises(ValueError):
         convergence.parse_ablations(["width=3"])
+    with pytest.raises(ValueError, match="unknown method"):
+        convergence.parse_ablations(["method=repa-x"])
+    board = convergence.parse_ablations(["leaderboard"])
+    assert [a.name for a in board] == ["irepa", "haste", "reg", "sra", "repa-ntxent", "repa-depth4"]
+
+
+def test_method_arms_resolve_to_valid_configs(tmp_path):
+    """Every REPA-family arm gives a config that loads and validates; HASTE stops at half the preset's budget."""
+    from benchmarks.convergence.jobs import Job
+
+    preset = convergence.PRESETS["cpu"]
+    for arm in convergence.parse_ablations(["method=irepa,haste,reg,sra"]):
+        job = Job(arm, 0, preset, str(ROOT / "configs/tiny.yaml"), (), str(tmp_path), None, (2,))
+        cfg = job.train_config()
+        if arm.name == "haste":
+            assert cfg.repa.schedule == "stop" and cfg.repa.schedule_stop == preset.steps // 2
+            assert cfg.repa.attention_align and cfg.repa.attention_pairs == [[1, 7], [2, 8]]
+        if arm.name == "irepa":
+            assert cfg.model.projector == "conv" and cfg.repa.spatial_norm and cfg.repa.align_coeff == 1.0
+        if arm.name == "sra":
+            assert cfg.repa.encoders == [] and cfg.repa.self_align
+        if arm.name == "reg":
+            assert cfg.repa.class_token
 
 
 class StandInDetector:

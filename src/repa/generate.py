@@ -29,6 +29,7 @@ from repa.samplers import (
 )
 from repa.seeds import generator
 from repa.transport.ddpm import cfg_eps_fn, create_diffusion, ddpm_model_fn
+from repa.transport.ddpm_joint import cfg_joint_eps_fn, ddpm_joint_model_fn
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]
 SAMPLE_KEYS = ("sampler", "num_steps", "heun", "cfg_scale", "guidance_low", "guidance_high")
@@ -56,21 +57,22 @@ def generate(
     ddpm = cfg.transport.diffusion == "ddpm" or getattr(model, "learn_sigma", False)
     check_sampler(cfg, ddpm)  # ddim for DDPM models only, dopri5 for flow models only (overrides come after load)
     velocity_fn = model_velocity_fn(model)
-    if getattr(model, "class_token_dim", 0):  # REG: the class token is generated jointly and dropped at the end
-        if ddpm:
-            raise ValueError("a class-token (REG) model samples with the flow samplers (sample.sampler=ode|sde|dopri5)")
+    joint = bool(getattr(model, "class_token_dim", 0))  # REG: the class token is generated jointly, dropped at the end
+    if joint:
         common["cls_noise"] = torch.randn((len(labels), model.class_token_dim), generator=generator(seed, 8)).to(device)
         velocity_fn = model_joint_velocity_fn(model)
     if ddpm:  # DiT: ancestral DDPM sampling (sampler ode/sde) or DDIM (ddim), over num_steps respaced steps
-        eps_fn = ddpm_model_fn(model)
+        eps_fn = ddpm_joint_model_fn(model) if joint else ddpm_model_fn(model)
         if s.cfg_scale > 1:
-            eps_fn = cfg_eps_fn(eps_fn, s.cfg_scale, model.num_classes, guidance_low=s.guidance_low,
-                                guidance_high=s.guidance_high)  # fmt: skip
+            guide = cfg_joint_eps_fn if joint else cfg_eps_fn
+            eps_fn = guide(eps_fn, s.cfg_scale, model.num_classes, guidance_low=s.guidance_low,  # type: ignore[operator]
+                           guidance_high=s.guidance_high)  # fmt: skip
         diffusion = create_diffusion(str(s.num_steps))
+        extra = {"cls_noise": common["cls_noise"]} if joint else {}
         if s.sampler == "ddim":
-            x = diffusion.ddim_sample_loop(eps_fn, noise, labels, eta=s.ddim_eta, generator=generator(seed, 4))
+            x = diffusion.ddim_sample_loop(eps_fn, noise, labels, eta=s.ddim_eta, generator=generator(seed, 4), **extra)
         else:
-            x = diffusion.p_sample_loop(eps_fn, noise, labels, generator=generator(seed, 4))
+            x = diffusion.p_sample_loop(eps_fn, noise, labels, generator=generator(seed, 4), **extra)
     elif s.sampler == "ode":
         x = euler_sampler(velocity_fn, noise, labels, num_steps=s.num_steps, heun=s.heun, **common)
     elif s.sampler == "dopri5":

@@ -8,7 +8,7 @@ Following the REPA authors, probing uses the null label so class information can
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
 import torch
@@ -88,6 +88,7 @@ def collect_hidden_states(
     path: str = "linear",
     seed: int = 0,
     device: str | torch.device | None = None,
+    on_tokens: Callable[[int, float, Tensor], None] | None = None,
 ) -> dict[tuple[int, float], Tensor]:
     """Pooled hidden states over a dataset for every (layer, t): the input of `probe_layers` and alignment tables.
 
@@ -103,6 +104,8 @@ def collect_hidden_states(
         path: interpolation path name.
         seed: noise seed.
         device: where to run (default: the model's device).
+        on_tokens: called as `on_tokens(layer, t, tokens (B, N, D) float32)` with each batch's unpooled tokens
+            before pooling (e.g. the spatial-structure scores of `repa align --spatial`).
 
     Returns:
         {(layer, t): (N, D) float32 CPU tensor}.
@@ -115,7 +118,11 @@ def collect_hidden_states(
         g = torch.Generator().manual_seed(int(seed) * 1_000_003 + b)
         noise = torch.randn(x.shape, generator=g).to(x)
         for t in times:
-            hidden = hidden_states(model, x, float(t), layers, pool=pool, path=path, noise=noise)
+            unpooled = on_tokens is not None and pool == "mean"
+            hidden = hidden_states(model, x, float(t), layers, pool=None if unpooled else pool, path=path, noise=noise)
             for layer in layers:
-                out[(layer, float(t))].append(hidden[layer].cpu())
+                tokens = hidden[layer]
+                if on_tokens is not None:
+                    on_tokens(layer, float(t), tokens)
+                out[(layer, float(t))].append((tokens.mean(dim=1) if unpooled else tokens).cpu())
     return {key: torch.cat(chunks) for key, chunks in out.items()}

@@ -90,3 +90,18 @@ def heatmap(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+def write_tables(
+    out: Path, name: str, rows: list[dict[str, Any]], meta: dict[str, Any], title: str,
+    metrics: Sequence[str] | None = None, extra: dict[str, Any] | None = None, **layout: Any,
+) -> None:  # fmt: skip
+    """`<name>.csv`, `<name>.json` ({meta, rows, **extra}) and the heat map `<name>.png`, or with `metrics` one
+    `<name>-<metric>.png` per metric (`layout`: `heatmap`'s value/row_key/col_key)."""
+    write_csv(rows, out / f"{name}.csv")
+    write_json({"meta": meta, "rows": rows, **(extra or {})}, out / f"{name}.json")
+    if metrics is None:
+        heatmap(rows, out / f"{name}.png", title=title, **layout)
+    for metric in metrics or ():
+        heatmap([r for r in rows if r["metric"] == metric], out / f"{name}-{metric}.png", title=f"{metric}: {title}",
+                **layout)  # fmt: skip

@@ -15,12 +15,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from repa import encoders
 from repa.analysis.hooks import collect_hidden_states
 from repa.analysis.inputs import default_device, load_inputs
 from repa.analysis.probe import probe_layers, split_indices
-from repa.analysis.report import heatmap, write_csv, write_json
+from repa.analysis.report import write_csv, write_tables
 from repa.analysis.similarity import alignment, alignment_table
+from repa.analysis.structure import SPATIAL, SpatialMean, encoder_features, long_rows, ranked
 from repa.convert import DDPMAnalysisView
 from repa.data.sources import source_batches
 from repa.loading import LoadedModel, load_model
@@ -84,33 +84,18 @@ def model_features(
     batch_size: int = 250,
     seed: int = 0,
     progress: bool = True,
+    spatial: dict[tuple[int, float], SpatialMean] | None = None,
 ) -> dict[tuple[int, float], Tensor]:
-    """Mean-pooled hidden states {(layer, t): (N, D)} with the null label (see `collect_hidden_states`)."""
+    """Mean-pooled hidden states {(layer, t): (N, D)} with the null label (see `collect_hidden_states`); a
+    `spatial` dict is filled with the spatial-structure scores of the unpooled tokens per (layer, t), same pass."""
     batches = tqdm(x.split(batch_size), desc="hidden states", disable=not progress)
     device = next(loaded.model.parameters()).device
+
+    def on_tokens(layer: int, t: float, tokens: Tensor) -> None:
+        spatial.setdefault((layer, t), SpatialMean()).add(tokens)  # type: ignore[union-attr]
+
     return collect_hidden_states(loaded.model, batches, layers, times, path=loaded.cfg.transport.path, seed=seed,
-                                 device=device)  # fmt: skip
-
-
-@torch.no_grad()
-def encoder_features(
-    name: str,
-    images: Tensor,
-    resolution: int = 224,
-    layer: int | None = None,
-    weights: str | None = None,
-    batch_size: int = 125,
-    device: torch.device | None = None,
-    progress: bool = True,
-) -> Tensor:
-    """Mean patch tokens (N, D) of a `repa.encoders` encoder on uint8 images (N, 1|3, H, W)."""
-    device = device or default_device()
-    encoder = encoders.load_encoder(name, resolution, weights=weights, layer=layer, device=device)  # patchable
-    out = [
-        encoder(batch.to(device)).float().mean(dim=1).cpu()
-        for batch in tqdm(images.split(batch_size), desc=f"{name} features", disable=not progress)
-    ]
-    return torch.cat(out)
+                                 device=device, on_tokens=None if spatial is None else on_tokens)  # fmt: skip
 
 
 def _out_dir(out_dir: str | Path | None, loaded: LoadedModel | None, name: str) -> Path:
@@ -131,21 +116,6 @@ def _parse_metrics(metrics: str | Sequence[str]) -> list[str]:
     if bad := [m for m in metric_list if m not in METRICS]:
         raise ValueError(f"unknown metrics {bad}; choose from {', '.join(METRICS)}")
     return metric_list
-
-
-def _write_tables(
-    out: Path, name: str, rows: list[dict[str, Any]], meta: dict[str, Any], title: str,
-    metrics: Sequence[str] | None = None, **layout: Any,
-) -> None:  # fmt: skip
-    """`<name>.csv`, `<name>.json` ({meta, rows}) and the heat map `<name>.png`, or with `metrics` one
-    `<name>-<metric>.png` per metric (`layout`: `heatmap`'s value/row_key/col_key)."""
-    write_csv(rows, out / f"{name}.csv")
-    write_json({"meta": meta, "rows": rows}, out / f"{name}.json")
-    if metrics is None:
-        heatmap(rows, out / f"{name}.png", title=title, **layout)
-    for metric in metrics or ():
-        heatmap([r for r in rows if r["metric"] == metric], out / f"{name}-{metric}.png", title=f"{metric}: {title}",
-                **layout)  # fmt: skip
 
 
 def run_probe(
@@ -213,7 +183,7 @@ def run_probe(
             "label": "null", "path": loaded.cfg.transport.path}  # fmt: skip
     out = _out_dir(out_dir, loaded, "probe")
     if write:
-        _write_tables(out, "probe", rows, meta, f"linear probe test accuracy ({loaded.path.name})", value="test_acc")
+        write_tables(out, "probe", rows, meta, f"linear probe test accuracy ({loaded.path.name})", value="test_acc")
     return {"rows": rows, "out_dir": str(out), "meta": meta}
 
 
@@ -264,6 +234,7 @@ def run_align(
     num_heads: int | None = None,
     align_depth: int | None = None,
     outlier_quantile: float | None = OUTLIER_QUANTILE,
+    spatial: bool = False,
 ) -> dict[str, Any]:
     """Similarity between pooled hidden states per (layer, t) and an encoder's mean patch tokens on the same images.
 
@@ -281,6 +252,9 @@ def run_align(
         outlier_quantile: before the metric, each feature set (every (layer, t) and the target, separately) is
             clamped to this quantile of |x| (the mean of per-row quantiles) and L2-normalised, as platonic-rep's
             alignment pipeline does by default (q = 0.95); None (or 1) skips the clamp. Recorded in the meta.
+        spatial: also iREPA's spatial-structure scores (`repa.analysis.structure`) of each layer's unpooled tokens
+            at each t, as rows with metric "lds" / "cds" / "rmsc" and target "self" (heat maps included), and of the
+            encoder's tokens as meta["target_spatial"]; computed in the same passes.
 
     Returns:
         {"rows": [{layer, t, target, metric, value}], "out_dir", "meta"}.
@@ -292,17 +266,43 @@ def run_align(
     name, layer, resolution, weights = default_encoder(loaded, encoder, encoder_layer, encoder_resolution)
     layer_list = parse_layers(layers, loaded.info["model_kwargs"]["depth"])
     inputs = load_inputs(loaded, split, num, data_root, vae, progress=progress)
-    target = encoder_features(name, inputs.images, resolution, layer, weights, device=device, progress=progress)
-    feats = model_features(loaded, inputs.x, layer_list, parse_floats(times), batch_size, seed, progress)
+    target_spatial, layer_spatial = (SpatialMean(), {}) if spatial else (None, None)
+    target = encoder_features(name, inputs.images, resolution, layer, weights, device=device, progress=progress,
+                              spatial=target_spatial)  # fmt: skip
+    feats = model_features(loaded, inputs.x, layer_list, parse_floats(times), batch_size, seed, progress,
+                           spatial=layer_spatial)  # fmt: skip
     label = _encoder_label(name, layer, resolution)
     rows = alignment_table(feats, {label: target}, tuple(metric_list), k=k,  # type: ignore[arg-type]
                            outlier_quantile=outlier_quantile)  # fmt: skip
     meta = {**_meta(loaded), "encoder": label, "num": len(inputs.labels), "k": k, "split": split,
             "outlier_quantile": outlier_quantile}  # fmt: skip
+    if spatial:
+        rows += long_rows(layer_spatial)  # type: ignore[arg-type]
+        meta["target_spatial"], metric_list = target_spatial.result(), [*metric_list, *SPATIAL]  # type: ignore[union-attr]
     out = _out_dir(out_dir, loaded, "align")
     if write:
-        _write_tables(out, "align", rows, meta, f"{loaded.path.name} vs {label}", metric_list, value="value")
+        write_tables(out, "align", rows, meta, f"{loaded.path.name} vs {label}", metric_list, value="value")
     return {"rows": rows, "out_dir": str(out), "meta": meta}
+
+
+def _source_images(source: str | Path, num: int, resolution: int) -> Tensor:
+    batches, _ = source_batches(source, 250, num, resolution=resolution)
+    return torch.cat([b if isinstance(b, Tensor) else torch.from_numpy(b).permute(0, 3, 1, 2) for b in batches])
+
+
+def _encoder_layers(
+    name: str, images: Tensor, layers: Sequence[int | None], res: int, device: torch.device, progress: bool,
+    spatial_rows: list[dict[str, Any]] | None = None,
+) -> dict[str, Tensor]:  # fmt: skip
+    """{"L04" | "final": mean patch tokens} of an encoder's layers; with `spatial_rows`, one row
+    {encoder, resolution, layer, lds, cds, rmsc} per layer is appended (same pass)."""
+    out = {}
+    for lay in layers:
+        key, acc = "final" if lay is None else f"L{lay:02d}", SpatialMean() if spatial_rows is not None else None
+        out[key] = encoder_features(name, images, res, lay, device=device, progress=progress, spatial=acc)
+        if acc is not None:
+            spatial_rows.append({"encoder": name, "resolution": res, "layer": key, **acc.result()})  # type: ignore[union-attr]
+    return out
 
 
 def run_align_encoders(
@@ -321,6 +321,7 @@ def run_align_encoders(
     progress: bool = True,
     write: bool = True,
     outlier_quantile: float | None = OUTLIER_QUANTILE,
+    spatial: bool = False,
 ) -> dict[str, Any]:
     """Similarity between two encoders' mean patch tokens for every pair of layers (None = final layer).
 
@@ -331,21 +332,20 @@ def run_align_encoders(
         source: images: `fashion-mnist:<split>`, an image folder, or an ADM `.npz` (see `source_batches`).
         num: number of images.
         metrics, k, out_dir, device, progress, write, outlier_quantile: as in `run_align`.
+        spatial: also each layer's spatial-structure scores (`run_rank_encoders`'s rows, highest LDS first) as
+            result["spatial"], in `align.json` ("spatial") and `spatial.csv`.
 
     Returns:
-        {"rows": [{a, b, layer_a, layer_b, metric, value}], "out_dir", "meta"}; layer labels are "L04" or "final".
+        {"rows": [{a, b, layer_a, layer_b, metric, value}], "out_dir", "meta"} (+ "spatial"); layer labels are
+        "L04" or "final".
     """
     outlier_quantile = check_outlier_quantile(outlier_quantile)
     device = device or default_device()
     metric_list = _parse_metrics(metrics)
-    batches, _ = source_batches(source, 250, num, resolution=max(resolution_a, resolution_b))
-    images = torch.cat([b if isinstance(b, Tensor) else torch.from_numpy(b).permute(0, 3, 1, 2) for b in batches])
-
-    def feats(name: str, layers: Sequence[int | None], res: int) -> dict[str, Tensor]:
-        return {("final" if lay is None else f"L{lay:02d}"): encoder_features(name, images, res, lay, device=device,
-                                                                             progress=progress) for lay in layers}  # fmt: skip
-
-    fa, fb = feats(encoder_a, layers_a, resolution_a), feats(encoder_b, layers_b, resolution_b)
+    images = _source_images(source, num, max(resolution_a, resolution_b))
+    spatial_rows: list[dict[str, Any]] | None = [] if spatial else None
+    fa = _encoder_layers(encoder_a, images, layers_a, resolution_a, device, progress, spatial_rows)
+    fb = _encoder_layers(encoder_b, images, layers_b, resolution_b, device, progress, spatial_rows)
     measure = partial(alignment, k=k, outlier_quantile=outlier_quantile)
     rows = [
         {"a": encoder_a, "b": encoder_b, "layer_a": la, "layer_b": lb, "metric": m, "value": measure(xa, xb, m)}
@@ -356,7 +356,10 @@ def run_align_encoders(
     meta = {"a": f"{encoder_a}@{resolution_a}", "b": f"{encoder_b}@{resolution_b}", "source": str(source),
             "num": len(images), "k": k, "outlier_quantile": outlier_quantile}  # fmt: skip
     out = Path(out_dir) if out_dir else Path("analysis") / "align-encoders"
+    extra = {} if spatial_rows is None else {"spatial": ranked(spatial_rows)}
     if write:
-        _write_tables(out, "align", rows, meta, f"{encoder_a} vs {encoder_b}", metric_list, value="value",
-                      row_key="layer_a", col_key="layer_b")  # fmt: skip
-    return {"rows": rows, "out_dir": str(out), "meta": meta}
+        write_tables(out, "align", rows, meta, f"{encoder_a} vs {encoder_b}", metric_list, extra, value="value",
+                     row_key="layer_a", col_key="layer_b")  # fmt: skip
+        if extra:
+            write_csv(extra["spatial"], out / "spatial.csv")
+    return {"rows": rows, "out_dir": str(out), "meta": meta, **extra}

@@ -1,10 +1,13 @@
-"""`repa align`: CKNNA/CKA/mutual-kNN between a model's pooled hidden states and an encoder, or two encoders.
+"""`repa align`: CKNNA/CKA/mutual-kNN between a model's pooled hidden states and an encoder, or two encoders; with
+`--spatial` also iREPA's spatial-structure scores (LDS, CDS, RMSC) of every layer and encoder.
 
     repa align runs/tiny                                   # the run's REPA encoder, every layer x t
     repa align runs/tiny-vanilla --encoder dinov2-vit-s-focus --encoder-layer 8 --encoder-resolution 98
     repa align --encoder dinov2-vit-s-focus --encoder-layer 4,8,12 --encoder-b mobilenetv2-imagenet --num 500
+    repa align --encoder dinov2-vit-b,mobilenetv2-imagenet --spatial   # rank target encoders, no model needed
 
-Writes `align.csv`, `align.json` and one heat map per metric `align-<metric>.png` (layer x t, or layer x layer).
+Writes `align.csv`, `align.json` and one heat map per metric `align-<metric>.png` (layer x t, or layer x layer);
+the encoder ranking writes `spatial.csv` and `spatial.json`.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ def _quantile(text: str) -> float | None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", nargs="?", default=None, help="run folder, checkpoint, or official .pt")
-    p.add_argument("--encoder", default=None, help="target encoder (default: the run's REPA encoder)")
+    p.add_argument("--encoder", default=None,
+                   help="target encoder (default: the run's REPA encoder); with --spatial alone: A,B,... to rank")  # fmt: skip
     p.add_argument("--encoder-layer", default=None,
                    help="1-indexed block or 'final' (default: the run's, else final); encoder-vs-encoder: a list")  # fmt: skip
     p.add_argument("--encoder-resolution", type=int, default=None, help="default: the run's, else 224")
@@ -51,6 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--outlier-quantile", type=_quantile, default=0.95, metavar="Q",
                    help="clamp each feature set to the Q-quantile of |x| before the metric, as the platonic-rep "
                         "pipeline does (default 0.95); 'none' (or 1) = no clamp. Recorded in align.json")  # fmt: skip
+    p.add_argument("--spatial", action="store_true",
+                   help="also iREPA's spatial-structure scores (LDS, CDS, RMSC) of each layer x t and of the encoder(s); "
+                        "with --encoder A[,B,...] alone (no checkpoint, no --encoder-b): rank encoders by them")  # fmt: skip
     p.add_argument("--split", default="test", choices=["train", "test"], help="Fashion-MNIST split")
     add_data_arguments(p)
 
@@ -59,8 +66,19 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from repa.analysis.run import run_align, run_align_encoders
+    from repa.analysis.structure import run_rank_encoders
 
     device = torch.device(args.device) if args.device else None
+    if args.spatial and args.checkpoint is None and args.encoder_b is None and args.encoder is not None:
+        names = [n.strip() for n in args.encoder.split(",") if n.strip()]
+        result = run_rank_encoders(names, _layers(args.encoder_layer), args.encoder_resolution or 224,
+                                   args.data_root or args.source, args.num, args.out, device,
+                                   progress=not args.no_progress)  # fmt: skip
+        for rank, r in enumerate(result["rows"], 1):
+            print(f"[repa] {rank}. {r['encoder']}@{r['resolution']}:{r['layer']}  "
+                  f"lds {r['lds']:.4f}  cds {r['cds']:.4f}  rmsc {r['rmsc']:.4f}")  # fmt: skip
+        print(f"[repa] ({result['meta']['num']} images, ranked by LDS) -> {result['out_dir']}/spatial.{{csv,json}}")
+        return 0
     if args.encoder_b is not None:
         if args.checkpoint is not None or args.encoder is None:
             raise ValueError("encoder vs encoder: give --encoder A --encoder-b B and no checkpoint")
@@ -68,10 +86,13 @@ def run(args: argparse.Namespace) -> int:
             args.encoder, args.encoder_b, _layers(args.encoder_layer), _layers(args.encoder_b_layer),
             args.encoder_resolution or 224, args.encoder_b_resolution or 224, args.data_root or args.source, args.num,
             args.metric, args.k, args.out, device, progress=not args.no_progress,
-            outlier_quantile=args.outlier_quantile,
+            outlier_quantile=args.outlier_quantile, spatial=args.spatial,
         )  # fmt: skip
         for r in result["rows"]:
             print(f"[repa] {r['metric']} {r['a']}:{r['layer_a']} vs {r['b']}:{r['layer_b']} = {r['value']:.4f}")
+        for r in result.get("spatial", []):
+            print(f"[repa] spatial {r['encoder']}:{r['layer']}  lds {r['lds']:.4f}  cds {r['cds']:.4f}  "
+                  f"rmsc {r['rmsc']:.4f}")  # fmt: skip
         print(f"[repa] -> {result['out_dir']}/align.{{csv,json}} and heat maps")
         return 0
     if args.checkpoint is None:
@@ -79,11 +100,16 @@ def run(args: argparse.Namespace) -> int:
     result = run_align(
         args.checkpoint, args.encoder, args.encoder_layer, args.encoder_resolution, args.layers, args.times, args.num,
         args.metric, args.k, args.split, args.batch_size, args.seed, args.out, args.data_root, args.vae, device,
-        progress=not args.no_progress, outlier_quantile=args.outlier_quantile, **checkpoint_overrides(args),
+        progress=not args.no_progress, outlier_quantile=args.outlier_quantile, spatial=args.spatial,
+        **checkpoint_overrides(args),
     )  # fmt: skip
     m = result["meta"]
     for metric in dict.fromkeys(r["metric"] for r in result["rows"]):
-        best = max((r for r in result["rows"] if r["metric"] == metric), key=lambda r: r["value"])
-        print(f"[repa] {metric} vs {m['encoder']}: max {best['value']:.4f} at layer {best['layer']}, t={best['t']:g}")
+        rows = [r for r in result["rows"] if r["metric"] == metric and r["value"] == r["value"]]  # NaN: grid too small
+        best = max(rows, key=lambda r: r["value"], default=None)
+        of = f"vs {m['encoder']}" if metric not in m.get("target_spatial", {}) else "of the layers"
+        where = f"max {best['value']:.4f} at layer {best['layer']}, t={best['t']:g}" if best else "n/a (grid too small)"
+        ref = f" ({m['encoder']}: {m['target_spatial'][metric]:.4f})" if metric in m.get("target_spatial", {}) else ""
+        print(f"[repa] {metric} {of}: {where}{ref}")
     print(f"[repa] ({m['num']} images) -> {result['out_dir']}/align.{{csv,json}} and heat maps")
     return 0

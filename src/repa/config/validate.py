@@ -61,6 +61,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if cfg.model.align_depth is not None and cfg.model.depth is not None and cfg.model.align_depth > cfg.model.depth:
         raise ConfigError(f"model.align_depth={cfg.model.align_depth} exceeds model.depth={cfg.model.depth}")
     _check_optim(cfg.optim)
+    _check_lr_schedule(cfg)
+    _check_trackers(cfg.train.trackers)
+    if cfg.model.init_from is not None and not cfg.model.init_from.strip():
+        raise ConfigError("model.init_from must name a checkpoint file or folder (or be null)")
     _check_model(cfg)
     _check_family(cfg)
     _check_sample(cfg)
@@ -141,6 +145,43 @@ def _check_optim(o: OptimConfig) -> None:
                           "every weight by 1 - lr x weight_decay each step)")  # fmt: skip
 
 
+LR_SCHEDULES = ("constant", "cosine", "linear")  # repa.training.schedule
+TRACKERS = ("tensorboard", "wandb")  # Accelerate's trackers repa offers (repa.training.tracking)
+
+
+def _check_lr_schedule(cfg: Config) -> None:
+    """The lr schedule: a known kind; a final lr in [0, lr] for the decays, none for constant; room for the decay."""
+    o, steps = cfg.optim, cfg.train.max_steps
+    if o.lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(f"optim.lr_schedule={o.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
+    if o.final_lr < 0:
+        raise ConfigError(f"optim.final_lr must be >= 0, got {o.final_lr}")
+    if o.lr_schedule == "constant":
+        if o.final_lr != 0:
+            raise ConfigError(f"optim.final_lr={o.final_lr} applies only to optim.lr_schedule=cosine or linear "
+                              "(the lr is constant after the warm-up)")  # fmt: skip
+        return
+    if o.final_lr > o.lr:
+        raise ConfigError(f"optim.final_lr={o.final_lr} must be <= optim.lr={o.lr}: optim.lr_schedule="
+                          f"{o.lr_schedule} decays from optim.lr to optim.final_lr (a rise is optim.warmup_steps' "
+                          "job)")  # fmt: skip
+    if 0 < steps <= o.warmup_steps:
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} leaves no step for the {o.lr_schedule} decay, which "
+                          f"ends at train.max_steps={steps}: use fewer warm-up steps or optim.lr_schedule="
+                          "constant")  # fmt: skip
+
+
+def _check_trackers(trackers: list[str]) -> None:
+    """Known tracker names, each once (whether its package is installed is checked when training starts)."""
+    for name in trackers:
+        if name not in TRACKERS:
+            close = difflib.get_close_matches(str(name), TRACKERS, n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]}?" if close else f"valid: {', '.join(TRACKERS)}"
+            raise ConfigError(f"train.trackers: {name!r} is not a tracker ({hint}); [] logs to metrics.jsonl only")
+    if len(set(trackers)) != len(trackers):
+        raise ConfigError(f"train.trackers lists a tracker twice: {trackers}")
+
+
 def _check_model(cfg: Config) -> None:
     """The model name and the depth the projectors read, with the registry's values where the config has none."""
     m = cfg.model
@@ -186,10 +227,9 @@ def _check_family(cfg: Config) -> None:
     if (r.attention_align or r.class_token) and not r.enabled:
         what = "attention_align" if r.attention_align else "class_token"
         raise ConfigError(f"repa.{what}=true needs a target encoder (repa.encoders and repa.align_coeff > 0)")
-    if (r.attention_align or r.class_token) and r.cache_targets:
-        what = "attention_align" if r.attention_align else "class_token"
-        raise ConfigError(f"repa.{what}=true runs the encoder every step (its attention maps / global token are not "
-                          "in the target cache): set repa.cache_targets=false")  # fmt: skip
+    if r.attention_align and r.cache_targets:  # REG's global token is cached beside the patch tokens; maps are not
+        raise ConfigError("repa.attention_align=true runs the encoder every step (its attention maps are not in the "
+                          "target cache): set repa.cache_targets=false")  # fmt: skip
     if r.attention_align:
         bad = [p for p in r.attention_pairs if len(p) != 2 or not 1 <= p[0] <= depth or p[1] < 1]
         if bad or not r.attention_pairs:

@@ -1,9 +1,12 @@
 """Encoder-target cache: each training image's frozen-encoder patch tokens, computed once, stored as safetensors.
 
 File layout: one safetensors tensor `targets` of shape (num_flips, num_images, N, D) (float16 by default: a relative
-error ~1e-3, far below anything REPA's cosine loss can see; the loss normalises in float32) and a JSON header
-entry `repa` recording encoder name, weights source, resolution, layer, token grid, N, D, image count, dataset
-fingerprint and flips. The file is written in place into `<path>.partial` (memory-mapped, batch by batch, with a
+error ~1e-3, far below anything REPA's cosine loss can see; the loss normalises in float32), beside it
+`global_tokens` (num_flips, num_images, D), the encoder's global token (REG's class token: the CLS token, or the mean
+patch token for encoders without one, `Encoder.encode`), and a JSON header entry `repa` recording encoder name,
+weights source, resolution, layer, token grid, N, D, image count, dataset fingerprint, flips and `global_token`.
+Caches written before the global token was stored (no `global_tokens`) still serve plain REPA; REG asks for a
+rebuild. The file is written in place into `<path>.partial` (memory-mapped, batch by batch, with a
 progress note), so an interrupted build resumes where it stopped; it appears at `path` only when complete
 (`os.replace`). Loading memory-maps the tensor.
 """
@@ -73,13 +76,16 @@ def cache_metadata(encoder: torch.nn.Module, images: torch.Tensor, flips: tuple[
     }
 
 
-def _header(meta: dict, shape: tuple[int, ...]) -> bytes:
+def _header(meta: dict, shape: tuple[int, ...], global_shape: tuple[int, ...] | None = None) -> bytes:
     st, np_dtype = next(v for v in _ST_DTYPES.values() if v[0] == meta["dtype"])
     nbytes = int(np.prod(shape)) * np.dtype(np_dtype).itemsize
     head = {
         "__metadata__": {"repa": json.dumps(meta)},
         "targets": {"dtype": st, "shape": list(shape), "data_offsets": [0, nbytes]},
     }
+    if global_shape is not None:  # right after the patch tokens
+        gbytes = int(np.prod(global_shape)) * np.dtype(np_dtype).itemsize
+        head["global_tokens"] = {"dtype": st, "shape": list(global_shape), "data_offsets": [nbytes, nbytes + gbytes]}
     raw = json.dumps(head, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data aligned to 8 bytes
     return struct.pack("<Q", len(raw)) + raw
@@ -92,35 +98,43 @@ def _read_header(path: Path) -> tuple[dict, dict, int]:
         if n > size - 8:
             raise ValueError(f"header length {n} exceeds the file size {size}")
         head = json.loads(f.read(n))
-    meta = json.loads(head.get("__metadata__", {}).get("repa", "{}"))
-    return meta, head["targets"], 8 + n
+    meta = json.loads(head.pop("__metadata__", {}).get("repa", "{}"))
+    return meta, head, 8 + n
+
+
+def _memmap(path: Path, info: dict, offset: int) -> np.memmap:
+    np_dtype = {"F16": np.float16, "F32": np.float32}[info["dtype"]]
+    return np.memmap(
+        path, dtype=np_dtype, mode="c", offset=offset + info["data_offsets"][0], shape=tuple(info["shape"])
+    )
 
 
 class TargetCache:
-    """A built cache: `tensor` (num_flips, num_images, N, D), memory-mapped; `meta` its identity."""
+    """A built cache: `tensor` (num_flips, num_images, N, D) and `global_tokens` (num_flips, num_images, D) or None
+    (a cache written before they were stored), memory-mapped; `meta` its identity."""
 
-    def __init__(self, tensor: torch.Tensor, meta: dict, path: Path | None = None) -> None:
-        self.tensor, self.meta, self.path = tensor, meta, path
+    def __init__(
+        self, tensor: torch.Tensor, meta: dict, path: Path | None = None, global_tokens: torch.Tensor | None = None
+    ) -> None:
+        self.tensor, self.meta, self.path, self.global_tokens = tensor, meta, path, global_tokens
 
     @classmethod
     def load(cls, path: str | Path, expect: dict | None = None) -> TargetCache:
         """Open a cache (memory-mapped). `expect`: metadata entries that must match (else TargetCacheMismatch)."""
         path = Path(path)
         try:  # a truncated or overwritten file names itself (build_target_cache(overwrite=True) rebuilds it)
-            meta, info, offset = _read_header(path)
+            meta, head, offset = _read_header(path)
             if meta.get("format") != "repa-targets":
                 raise TargetCacheMismatch(f"{path} is not a repa target cache")
-            np_dtype = {"F16": np.float16, "F32": np.float32}[info["dtype"]]
-            arr = np.memmap(
-                path, dtype=np_dtype, mode="c", offset=offset + info["data_offsets"][0], shape=tuple(info["shape"])
-            )
+            arr = _memmap(path, head["targets"], offset)
+            glob = _memmap(path, head["global_tokens"], offset) if "global_tokens" in head else None
         except TargetCacheMismatch:
             raise
         except (struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
             raise TargetCacheMismatch(
                 f"target cache {path} is damaged ({type(e).__name__}: {e}); delete it or rebuild"
             ) from e
-        cache = cls(torch.from_numpy(arr), meta, path)
+        cache = cls(torch.from_numpy(arr), meta, path, None if glob is None else torch.from_numpy(glob))
         if expect is not None:
             cache.check(expect)
         return cache
@@ -147,6 +161,29 @@ class TargetCache:
         return self.tensor[flip.long(), index].float()
 
 
+def _encode_batch(
+    encoder: torch.nn.Module, x: torch.Tensor, with_global: bool, dtype: torch.dtype, first: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Patch tokens (B, N, D) and, `with_global`, global tokens (B, D) of one batch, cast to the storage dtype."""
+    if with_global:
+        out = encoder.encode(x, global_token=True)  # one forward: the tokens equal encoder(x)
+        parts = [out.tokens, out.global_token]
+    else:
+        parts = [encoder(x)]
+    stored = []
+    for values in parts:
+        values = values.float().cpu()
+        cast = values.to(dtype)
+        if not bool(torch.isfinite(cast).all()):  # float16 overflow becomes inf
+            kind = "are not finite" if not bool(torch.isfinite(values).all()) else "exceed the float16 range"
+            raise ValueError(
+                f"{encoder.name} targets of images {first}..{first + len(x) - 1} {kind}; float32 storage: "
+                "dtype=torch.float32"
+            )
+        stored.append(cast)
+    return stored[0], (stored[1] if with_global else None)
+
+
 def _write_progress(path: Path, note: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(note))
@@ -164,8 +201,10 @@ def build_target_cache(
     dtype: torch.dtype = torch.float16,
     overwrite: bool = False,
     flush_seconds: float = 10.0,
+    global_token: bool = False,
 ) -> TargetCache:
-    """Compute `encoder(images)` for every image (and its mirror image if True in `flips`) into a cache file.
+    """Compute `encoder(images)` for every image (and its mirror image if True in `flips`) into a cache file, with
+    the encoder's global token beside the patch tokens (`Encoder.encode`; encoders without `encode` store none).
 
     Args:
         encoder: a `repa.encoders.Encoder` (its device is used).
@@ -177,6 +216,8 @@ def build_target_cache(
         dtype: float16 (default) or float32 storage; float16 refuses values outside its range.
         overwrite: rebuild an existing cache whose metadata differs instead of raising.
         flush_seconds: how often finished batches are synced to disk and recorded for resuming.
+        global_token: the caller needs the global tokens (REG): an existing cache without them raises
+            TargetCacheMismatch (with `overwrite`, it is rebuilt).
 
     Returns:
         The loaded TargetCache (an existing matching cache is reused without recomputation).
@@ -186,24 +227,42 @@ def build_target_cache(
     if flips not in ((False,), (False, True)):
         raise ValueError(f"flips must be (False,) or (False, True), got {flips}")
     path = Path(path)
-    meta = cache_metadata(encoder, images, flips, dtype)
+    meta = cache_metadata(encoder, images, flips, dtype)  # the identity a reused cache must match
+    with_global = callable(getattr(encoder, "encode", None))
+    if global_token and not with_global:
+        raise ValueError(
+            f"encoder {encoder.name!r} ({type(encoder).__name__}) cannot give its global token (no encode)"
+        )
     if path.exists():
         try:
-            return TargetCache.load(path, expect=meta)
+            cache = TargetCache.load(path, expect=meta)
+            if global_token and cache.global_tokens is None:
+                raise TargetCacheMismatch(
+                    f"target cache {path} was built without the encoder's global token, which REG "
+                    "(repa.class_token) needs: delete it to rebuild it"
+                )
+            return cache
         except TargetCacheMismatch:
             if not overwrite:
                 raise
+    meta = {**meta, "global_token": with_global}
     shape = (len(flips), len(images), meta["num_tokens"], meta["embed_dim"])
+    global_shape = shape[:2] + shape[3:] if with_global else None
     partial, note_path = Path(f"{path}.partial"), Path(f"{path}.partial.json")
-    header = _header(meta, shape)
+    header = _header(meta, shape, global_shape)
     note = json.loads(note_path.read_text()) if note_path.exists() and partial.exists() else {}
+    itemsize = np.dtype(_ST_DTYPES[dtype][1]).itemsize
     if note.get("meta") != meta or note.get("batch_size") != batch_size:
         note = {"meta": meta, "batch_size": batch_size, "done": 0}
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(partial, "wb") as f:
             f.write(header)
-            f.truncate(len(header) + int(np.prod(shape)) * np.dtype(_ST_DTYPES[dtype][1]).itemsize)
+            f.truncate(len(header) + (int(np.prod(shape)) + int(np.prod(global_shape or 0))) * itemsize)
     out = np.memmap(partial, dtype=_ST_DTYPES[dtype][1], mode="r+", offset=len(header), shape=shape)
+    out_global = None
+    if global_shape is not None:
+        offset = len(header) + int(np.prod(shape)) * itemsize
+        out_global = np.memmap(partial, dtype=_ST_DTYPES[dtype][1], mode="r+", offset=offset, shape=global_shape)
     device = next((b.device for b in encoder.buffers()), torch.device("cpu"))
     starts = [(fi, s) for fi in range(len(flips)) for s in range(0, len(images), batch_size)]
     bar = tqdm(total=len(flips) * len(images), desc=f"targets {encoder.name}", disable=not progress)
@@ -212,23 +271,21 @@ def build_target_cache(
     for j in range(note["done"], len(starts)):
         fi, s = starts[j]
         x = images[s : s + batch_size].to(device)
-        tokens = encoder(x.flip(-1) if flips[fi] else x).float().cpu()  # (B, N, D)
-        if tokens.shape[1:] != shape[2:]:
-            raise ValueError(f"{encoder.name} returned {tuple(tokens.shape[1:])}, expected {shape[2:]}")
-        stored = tokens.to(dtype)
-        if not bool(torch.isfinite(stored).all()):  # float16 overflow becomes inf
-            kind = "are not finite" if not bool(torch.isfinite(tokens).all()) else "exceed the float16 range"
-            raise ValueError(
-                f"{encoder.name} targets of images {s}..{s + len(x) - 1} {kind}; float32 storage: dtype=torch.float32"
-            )
+        stored, stored_global = _encode_batch(encoder, x.flip(-1) if flips[fi] else x, with_global, dtype, s)
+        if stored.shape[1:] != shape[2:]:
+            raise ValueError(f"{encoder.name} returned {tuple(stored.shape[1:])}, expected {shape[2:]}")
         out[fi, s : s + len(x)] = stored.numpy()
+        if out_global is not None:
+            out_global[fi, s : s + len(x)] = stored_global.numpy()
         if time.monotonic() - last_flush > flush_seconds or j + 1 == len(starts):
             out.flush()  # data first, then the note that claims it: a crash loses at most `flush_seconds` of work
+            if out_global is not None:
+                out_global.flush()
             _write_progress(note_path, {**note, "done": j + 1})
             last_flush = time.monotonic()
         bar.update(len(x))
     bar.close()
-    del out
+    del out, out_global
     with open(partial, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(partial, path)
@@ -241,4 +298,5 @@ def describe(meta: dict[str, Any]) -> str:
     return (
         f"{meta['encoder']}@{meta['resolution']}px layer {meta['layer'] or 'final'}: {meta['num_images']} images x "
         f"{len(meta['flips'])} flips x {meta['num_tokens']} tokens x {meta['embed_dim']} ({meta['dtype']})"
+        + (" + global token" if meta.get("global_token") else "")
     )

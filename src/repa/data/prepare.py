@@ -14,6 +14,7 @@ from repa import distributed
 from repa.data.folder import CorruptImageError, find_images, load_image
 from repa.data.shard_writer import (
     check_plan,
+    encoder_entry,
     plan_hash,
     run_config,
     shard_done,
@@ -151,23 +152,33 @@ class SourceImages:
 
 def encode_images(
     images: torch.Tensor, vae: Any, encoders: Sequence[Any], flip: bool, device: Any
-) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """Posterior moments and encoder tokens of uint8 images (B, 3, R, R) and, with `flip`, of their mirror images.
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor | None]]:
+    """Posterior moments, encoder tokens and global tokens of uint8 images (B, 3, R, R) and, with `flip`, of their
+    mirror images.
 
     Returns:
-        mean, std (B, F, C, h, w) float32 and one (B, F, N, D) float32 tensor per encoder, on the CPU.
+        mean, std (B, F, C, h, w) float32, one (B, F, N, D) float32 tensor per encoder, and per encoder its global
+        tokens (B, F, D) (REG's class token, `Encoder.encode`; None for an encoder without `encode`), on the CPU.
     """
     with torch.no_grad():
         images = images.to(device, non_blocking=True)
         views = [images, images.flip(-1)] if flip else [images]
-        means, stds, tokens = [], [], [[] for _ in encoders]
+        means, stds = [], []
+        tokens: list[list[torch.Tensor]] = [[] for _ in encoders]
+        globs: list[list[torch.Tensor]] = [[] for _ in encoders]
         for view in views:
             mean, std = vae.encode_moments(view.float() / 127.5 - 1.0)
             means.append(mean.float().cpu())
             stds.append(std.float().cpu())
             for k, enc in enumerate(encoders):
-                tokens[k].append(enc(view).float().cpu())
-    return torch.stack(means, 1), torch.stack(stds, 1), [torch.stack(t, 1) for t in tokens]
+                if encoder_entry(enc).get("global_token"):  # one forward: the tokens equal enc(view)
+                    out = enc.encode(view, global_token=True)
+                    tokens[k].append(out.tokens.float().cpu())
+                    globs[k].append(out.global_token.float().cpu())
+                else:
+                    tokens[k].append(enc(view).float().cpu())
+    stacked = [torch.stack(g, 1) if g else None for g in globs]
+    return torch.stack(means, 1), torch.stack(stds, 1), [torch.stack(t, 1) for t in tokens], stacked
 
 
 class _Encoding:
@@ -237,11 +248,15 @@ class _Encoding:
     def _encode(self, batch: dict[str, Any], ok: torch.Tensor) -> dict[str, Any]:
         """Encoded items of the batch, cast to the storage dtypes right away (a shard is held in memory)."""
         cfg = self.plan["config"]
-        mean, std, tokens = encode_images(batch["image"][ok], self.vae, self.encoders, self.flip, self.device)
+        mean, std, tokens, globs = encode_images(batch["image"][ok], self.vae, self.encoders, self.flip, self.device)
         part = {
             "mean": to_storage(mean, cfg["latent_dtype"], "latent means"),
             "std": to_storage(std, cfg["latent_dtype"], "latent stds"),
             "tokens": [to_storage(t, cfg["target_dtype"], f"{e.name} targets") for t, e in zip(tokens, self.encoders)],
+            "global_tokens": [
+                None if g is None else to_storage(g, cfg["target_dtype"], f"{e.name} global tokens")
+                for g, e in zip(globs, self.encoders)
+            ],
             "labels": batch["y"][ok],
             "file_index": batch["index"][ok],
         }

@@ -63,9 +63,10 @@ def _save_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
 
 
 def encoder_entry(encoder: nn.Module) -> dict[str, Any]:
-    """What the manifest records about one target encoder (a `repa.encoders.Encoder`)."""
+    """What the manifest records about one target encoder (a `repa.encoders.Encoder`); `global_token: true` when
+    its global token (REG's class token) is stored beside the patch tokens (absent in earlier manifests: none)."""
     grid = [int(g) for g in encoder.token_grid]
-    return {
+    entry = {
         "name": encoder.name,
         "source": getattr(encoder, "source", ""),
         "resolution": int(encoder.resolution),
@@ -74,6 +75,9 @@ def encoder_entry(encoder: nn.Module) -> dict[str, Any]:
         "num_tokens": grid[0] * grid[1],
         "embed_dim": int(encoder.embed_dim),
     }
+    if callable(getattr(encoder, "encode", None)):
+        entry["global_token"] = True
+    return entry
 
 
 def shard_plan(
@@ -171,9 +175,11 @@ def write_shard(
     meta = {"format": FORMAT, "shard": shard}
     files = {}
     for k, enc in enumerate(cfg["encoders"]):
-        tokens = cat(lambda p, k=k: p["tokens"][k], (0, f, enc["num_tokens"], enc["embed_dim"]), tdt)
+        stored = {"tokens": cat(lambda p, k=k: p["tokens"][k], (0, f, enc["num_tokens"], enc["embed_dim"]), tdt)}
+        if enc.get("global_token"):  # REG's class token, beside the patch tokens
+            stored["global_tokens"] = cat(lambda p, k=k: p["global_tokens"][k], (0, f, enc["embed_dim"]), tdt)
         path = out / targets_file(enc["name"], shard)
-        files[f"targets/{enc['name']}"] = _save_atomic(path, {"tokens": tokens}, {**meta, "kind": "targets"})
+        files[f"targets/{enc['name']}"] = _save_atomic(path, stored, {**meta, "kind": "targets"})
     latents = {
         "mean": cat(lambda p: p["mean"], (0, f, *cfg["latent_shape"]), ldt),
         "std": cat(lambda p: p["std"], (0, f, *cfg["latent_shape"]), ldt),

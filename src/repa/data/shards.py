@@ -6,7 +6,7 @@ Layout of an output folder:
 
     prepare.json                        the plan: config + source fingerprint (a rerun must match it)
     latents-00000.safetensors           mean, std (K, F, C, h, w); labels, file_index (K,) int64
-    targets-<encoder>-00000.safetensors tokens (K, F, N, D), one file per encoder
+    targets-<encoder>-00000.safetensors tokens (K, F, N, D) and global_tokens (K, F, D), one file per encoder
     images-00000.safetensors            images (K, 3, R, R) uint8 centre crops (only with `images=True`)
     shard-00000.json                    completion record: item count, skipped files, sha256 of each file
     manifest.json                       written last, by rank 0: counts, classes, per-shard sha256, config
@@ -15,7 +15,9 @@ Shard s covers source files [s * K, (s + 1) * K) of the sorted file list (corrup
 `on_error="skip"` are left out and listed), so the content never depends on the number of processes. F is 2
 with `flip` (index 0: the image, 1: its mirror image; the latent and the targets of the MIRRORED image, not a
 mirrored latent) and 1 otherwise. Latent moments are float32 by default (float16 halves the size; both are
-read back as float32); targets are float16 by default (see `repa.data.features`). Every file is written to a
+read back as float32); targets are float16 by default (see `repa.data.features`). `global_tokens`, the encoder's
+global token (REG's class token), is there when the manifest's encoder entry says `global_token: true` (earlier
+preparations have none: they serve plain REPA; REG asks for a new preparation). Every file is written to a
 temporary name and renamed; a shard counts as done when its `shard-*.json` exists, so a rerun skips it.
 
 The moments are those of the raw VAE latents z; training reads x = (z - shift) * scale with the manifest's
@@ -156,6 +158,8 @@ class LatentShards:
         self.name = f"latents:{self.root}"
         ldt, tdt, f, r = _DTYPES[cfg["latent_dtype"]], _DTYPES[cfg["target_dtype"]], len(self.flips), cfg["resolution"]
         self._latents, self._tokens, self._images, counts = [], [], [], []
+        self._globals: list[list[torch.Tensor | None]] = []  # per shard, per encoder: (K, F, D) or None
+        self.class_token = False  # REG: `batch` puts encoder 0's global token in front of its targets
         for shard in m["shards"]:
             n = shard["num_items"]
             lat = {"mean": ((n, f, *self.sample_shape), ldt), "std": ((n, f, *self.sample_shape), ldt),
@@ -166,11 +170,14 @@ class LatentShards:
                     if sha256_file(self.root / entry["path"]) != entry["sha256"]:
                         raise ShardError(f"shard file {self.root / entry['path']}: sha256 differs from the manifest")
             self._latents.append(_map_safetensors(self.root / files["latents"]["path"], lat))
-            self._tokens.append([
+            stored = [
                 _map_safetensors(self.root / files[f"targets/{e['name']}"]["path"],
-                                 {"tokens": ((n, f, e["num_tokens"], e["embed_dim"]), tdt)})["tokens"]
+                                 {"tokens": ((n, f, e["num_tokens"], e["embed_dim"]), tdt),
+                                  **({"global_tokens": ((n, f, e["embed_dim"]), tdt)} if e.get("global_token") else {})})
                 for e in self.encoders
-            ])  # fmt: skip
+            ]  # fmt: skip
+            self._tokens.append([t["tokens"] for t in stored])
+            self._globals.append([t.get("global_tokens") for t in stored])
             if self.has_images:
                 crops = {"images": ((n, 3, r, r), torch.uint8)}
                 self._images.append(_map_safetensors(self.root / files["images"]["path"], crops)["images"])
@@ -267,6 +274,21 @@ class LatentShards:
         f = self._flip_index(flips, len(idx))
         return [self._gather([s[k] for s in self._tokens], idx, f) for k in range(len(self.encoders))]
 
+    def use_class_token(self) -> None:
+        """REG: from now on `batch` puts encoder 0's stored global token in front of its targets, (B, 1 + N, D)
+        (REG's target layout, split off by `RepaLoss(class_tokens_in_targets=True)`); raises unless it was stored."""
+        if not self.encoders or not self.encoders[0].get("global_token"):
+            raise ShardError(f"{self.root} was prepared without the encoder's global token, which REG (repa.class_token) "
+                             "needs: rerun `repa prepare` into a new folder")  # fmt: skip
+        self.class_token = True
+
+    def global_tokens(self, idx: torch.Tensor, flips: torch.Tensor | None = None, encoder: int = 0) -> torch.Tensor:
+        """The stored global tokens (B, D) float32 of encoder `encoder` for items `idx` (mirrored where `flips`)."""
+        if self.encoders and not self.encoders[encoder].get("global_token"):
+            raise ShardError(f"{self.root}: no global tokens stored for {self.encoders[encoder]['name']}")
+        idx = torch.as_tensor(idx, dtype=torch.long).cpu()
+        return self._gather([s[encoder] for s in self._globals], idx, self._flip_index(flips, len(idx)))  # type: ignore[misc]
+
     def images(self, idx: torch.Tensor, flips: torch.Tensor | None = None) -> torch.Tensor:
         """The stored centre crops uint8 (B, 3, R, R) of items `idx`, mirrored where `flips` (`repa prepare --images`)."""
         if not self.has_images:
@@ -316,6 +338,9 @@ class LatentShards:
         out: dict[str, Any] = {"x": x, "y": self.labels[idx].to(device)}
         if self.encoders:
             out["targets"] = [t.to(device) for t in self.targets(idx, flips)]
+            if self.class_token:  # REG's target layout: encoder 0's global token first
+                cls = self.global_tokens(idx, flips).to(device)
+                out["targets"][0] = torch.cat([cls[:, None], out["targets"][0]], dim=1)
         if self.has_images:
             out["images"] = self.images(idx, flips).to(device)
         return out

@@ -139,6 +139,7 @@ class RepaLoss:
         noise_cls: Tensor | None = None,
         teacher: nn.Module | None = None,
         teacher_u: Tensor | None = None,
+        class_tokens_in_targets: bool = False,
     ) -> dict[str, Tensor]:
         """Compute the loss terms for one batch.
 
@@ -167,11 +168,18 @@ class RepaLoss:
             noise_cls: REG: (B, D_enc) the class token's noise.
             teacher: SRA: the EMA model (`forward_hidden`), run without gradient.
             teacher_u: SRA: (B,) uniform draws of the time gap.
+            class_tokens_in_targets: REG with cached or stored targets: encoder 0's targets are (B, 1 + M, D) with
+                the global token first (REG's own target layout, cat([cls, patches])); it is split off as
+                `class_tokens`, the rest are the patch targets.
 
         Returns:
             dict of scalars: denoise, align, align/<k> per encoder, [align_attn], [class_token], [self_align],
             total (+ mse, vb for DDPM).
         """
+        if class_tokens_in_targets:
+            if not targets or class_tokens is not None:
+                raise ValueError("class_tokens_in_targets needs targets (encoder 0's first token) and no class_tokens")
+            class_tokens, targets = targets[0][:, 0], [targets[0][:, 1:], *targets[1:]]
         if t is None:
             t = self.draw_time(x, generator)
         if teacher is not None and teacher_u is None:

@@ -58,6 +58,7 @@ class InMemoryImages:
     num_classes: int
     name: str
     targets: list[torch.Tensor] = field(default_factory=list)  # per encoder: (num_flips, N, T, D)
+    class_tokens: torch.Tensor | None = None  # REG: encoder 0's cached global tokens (num_flips, N, D)
     needs_posterior: ClassVar[bool] = False
     stores_targets: ClassVar[bool] = False
     has_images: ClassVar[bool] = True
@@ -107,6 +108,9 @@ class InMemoryImages:
             out["targets"] = [
                 t[f.clamp(max=t.shape[0] - 1), idx].to(device=device, dtype=torch.float32) for t in self.targets
             ]
+            if self.class_tokens is not None:  # REG's target layout: encoder 0's global token first (B, 1 + T, D)
+                cls = self.class_tokens[f.clamp(max=self.class_tokens.shape[0] - 1), idx].to(device, torch.float32)
+                out["targets"][0] = torch.cat([cls[:, None], out["targets"][0]], dim=1)
         return out
 
 

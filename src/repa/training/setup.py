@@ -52,6 +52,8 @@ def plan_targets(cfg: Config, data: TrainingData, device: torch.device) -> Targe
         return TargetPlan()
     if data.stores_targets and r.cache_targets:  # latent shards: the targets were stored by `repa prepare`
         data.check_encoders(r.encoders, r.encoder_resolution, r.encoder_layer)
+        if r.class_token:  # REG: the stored global token rides in front of encoder 0's targets (`family_step`)
+            data.use_class_token()
         return TargetPlan(specs=data.target_specs)
     if not data.has_images:
         raise ValueError("repa.cache_targets=false on latent shards runs the encoders on the stored images: "
@@ -82,7 +84,8 @@ def target_cache_path(cfg: Config, data: InMemoryImages, encoder: nn.Module) -> 
 def prepare_targets(cfg: Config, data: InMemoryImages, encoders: list[nn.Module]) -> None:
     """Compute (once, cached across runs) each encoder's patch tokens for every training image, both flips.
 
-    Rank 0 builds missing caches while the others wait; then every rank memory-maps them into `data.targets`.
+    Rank 0 builds missing caches while the others wait; then every rank memory-maps them into `data.targets`
+    (and, for REG, encoder 0's global tokens into `data.class_tokens`).
     """
     if not encoders:
         return
@@ -93,9 +96,13 @@ def prepare_targets(cfg: Config, data: InMemoryImages, encoders: list[nn.Module]
             if not path.exists():
                 distributed.print0(f"[repa] computing {enc.name} targets for {data.num_items} images -> {path}")
             # an existing cache is reused only if its metadata (encoder, weights source, images) matches
-            build_target_cache(enc, data.images, path, flips=flips, progress=cfg.train.progress)
+            build_target_cache(enc, data.images, path, flips=flips, progress=cfg.train.progress,
+                               global_token=cfg.repa.class_token and path == paths[0])  # fmt: skip
     distributed.barrier()
-    data.targets = [TargetCache.load(p).tensor for p in paths]
+    caches = [TargetCache.load(p) for p in paths]
+    data.targets = [c.tensor for c in caches]
+    if cfg.repa.class_token:  # REG: the global token rides in front of encoder 0's targets (`family_step`)
+        data.class_tokens = caches[0].global_tokens
 
 
 def build_model(cfg: Config, data: TrainingData, targets: list[TargetSpec]) -> nn.Module:
@@ -191,6 +198,8 @@ def family_step(
                 targets = [enc(images) for enc in online_encoders]
     if r.class_token:
         extra["noise_cls"] = draws["noise_cls"][rows].to(device)
+        if not online_encoders:  # cached or stored targets: encoder 0's global token is their first token
+            extra["class_tokens_in_targets"] = True
     if r.self_align:
         extra.update(teacher=teacher, teacher_u=draws["teacher_u"][rows].to(device))
     return targets, extra
