@@ -4,6 +4,8 @@ variance beta_tilde, and dropped at the end; guidance covers both; `generate` an
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import pytest
@@ -169,3 +171,37 @@ def test_a_reg_dit_trains_and_repa_sample_works(tmp_path, fmnist_root, monkeypat
     out = tmp_path / "samples"
     assert cli_main(["sample", str(run), "--num", "4", "--steps", "2", "--out", str(out)]) == 0
     assert len(list(out.glob("*.npz"))) == 1
+    # repa probe reads its hidden states: the class token gets a zero clean value on the image's path and time
+    argv = ["probe", str(run), "--times", "0,0.5", "--layers", "1", "--num-train", "20", "--num-test", "20",
+            "--epochs", "2", "--out", str(tmp_path / "probe"), "--no-progress"]  # fmt: skip
+    assert cli_main(argv) == 0
+    rows = json.loads((tmp_path / "probe" / "probe.json").read_text())["rows"]
+    assert len(rows) == 2 and all(0 <= r["test_acc"] <= 1 for r in rows)
+
+
+def test_hidden_states_of_a_reg_model_feed_the_class_token_on_the_path():
+    """The class token's input at time t is path(zero token, its noise, t) unless a clean token is given; the
+    features are reproducible (the class noise comes from the batch's generator, after the image noise)."""
+    from repa.analysis.hooks import collect_hidden_states, hidden_states
+    from repa.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("SiT-T/4", input_size=8, in_channels=1, num_classes=3, hidden_size=32, depth=2, num_heads=2,
+                        encoder_dims=[16], align_depth=1, projector_dim=16, class_token_dim=16).eval()  # fmt: skip
+    seen = []
+    model.class_token_embedder.register_forward_hook(lambda m, inp, out: seen.append(inp[0].clone()))
+    x = torch.randn(4, 1, 8, 8)
+    cls_noise = torch.randn(4, 16)
+    hidden_states(model, x, 0.0, [1], class_noise=cls_noise)
+    torch.testing.assert_close(seen[-1], torch.zeros(4, 16))  # t = 0: the zero clean token itself
+    hidden_states(model, x, 0.5, [1], class_noise=cls_noise)
+    torch.testing.assert_close(seen[-1], 0.5 * cls_noise)  # linear path: (1 - t) * 0 + t * noise
+    clean = torch.randn(4, 16)
+    hidden_states(model, x, 0.5, [1], class_noise=cls_noise, class_token=clean)
+    torch.testing.assert_close(seen[-1], 0.5 * clean + 0.5 * cls_noise)
+    a = collect_hidden_states(model, [x], [1, 2], [0.0, 0.5], seed=3)
+    b = collect_hidden_states(model, [x], [1, 2], [0.0, 0.5], seed=3)
+    assert set(a) == {(1, 0.0), (1, 0.5), (2, 0.0), (2, 0.5)}
+    for key in a:
+        assert a[key].shape == (4, 32)
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)

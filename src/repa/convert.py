@@ -223,10 +223,14 @@ class DDPMAnalysisView(nn.Module):
         super().__init__()
         self.model, self.diffusion = model, diffusion or create_diffusion(None)
         self.num_classes, self.depth = model.num_classes, model.depth
+        self.class_token_dim = getattr(model, "class_token_dim", 0)
 
     def forward_hidden(
-        self, x_t: Tensor, t: Tensor, y: Tensor, layers: Iterable[int], *, force_drop_ids: Tensor | None = None
-    ) -> dict[int, Tensor]:
-        """Hidden tokens after `layers` for a linear-path input x_t at REPA time t (see `linear_to_ddpm`)."""
+        self, x_t: Tensor, t: Tensor, y: Tensor, layers: Iterable[int], *, force_drop_ids: Tensor | None = None,
+        cls_t: Tensor | None = None,
+    ) -> dict[int, Tensor]:  # fmt: skip
+        """Hidden tokens after `layers` for a linear-path input x_t (and a REG class token cls_t on the same path)
+        at REPA time t (see `linear_to_ddpm`)."""
         x_vp, t_model = linear_to_ddpm(x_t, t, self.diffusion)
-        return self.model.forward_hidden(x_vp, t_model, y, layers, force_drop_ids=force_drop_ids)
+        extra = {} if cls_t is None else {"cls_t": linear_to_ddpm(cls_t, t, self.diffusion)[0]}
+        return self.model.forward_hidden(x_vp, t_model, y, layers, force_drop_ids=force_drop_ids, **extra)

@@ -4,6 +4,10 @@ The model contract (`repa.models.DiffusionTransformer`): `forward_hidden(x_t, t,
 with 1-indexed blocks and `model.num_classes` as the null (unconditional) label. Inputs are noised with
 `repa.transport.get_path(path).interpolate(x, noise, t)` (t = 0 data, t = 1 noise), the single home of x_t.
 Following the REPA authors, probing uses the null label so class information cannot leak in through y.
+
+A REG model (one extra class token) also needs that token's input. Its clean value (the encoder's global token) is
+not known when a model is probed on its own, so by default it gets no information either: a zero clean token put on
+the same path and time with its own noise (drawn after the image's), i.e. pure noise scaled to the level at t.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ def hidden_states(
     path: str = "linear",
     noise: Tensor | None = None,
     generator: torch.Generator | None = None,
+    class_token: Tensor | None = None,
+    class_noise: Tensor | None = None,
 ) -> dict[int, Tensor]:
     """Hidden tokens after the given blocks for clean inputs noised to time t.
 
@@ -54,6 +60,8 @@ def hidden_states(
         path: interpolation path name for `repa.transport.get_path`.
         noise: the noise to use (default: standard normal drawn with `generator`).
         generator: RNG for the noise, for reproducible features.
+        class_token: a REG model's clean class tokens (B, class_token_dim); None = zeros (see the module doc).
+        class_noise: the class token's noise (default: standard normal drawn with `generator` after the image's).
 
     Returns:
         {layer: (B, D) or (B, N, D)} float32 tensors on x's device.
@@ -68,11 +76,19 @@ def hidden_states(
     if t_B.ndim == 0:
         t_B = t_B.expand(batch)
     x_t = get_path(path).interpolate(x, noise, t_B)
+    extra = {}
+    if getattr(model, "class_token_dim", 0):  # REG: the class token on the image's path and time
+        dim = model.class_token_dim
+        clean = torch.zeros(batch, dim, dtype=x.dtype, device=x.device) if class_token is None else class_token.to(x)
+        if class_noise is None:
+            gen_device = x.device if generator is None else generator.device
+            class_noise = torch.randn((batch, dim), generator=generator, device=gen_device)
+        extra["cls_t"] = get_path(path).interpolate(clean, class_noise.to(x), t_B)
     y = _null_labels(model, batch, x.device) if y is None else y.to(x.device)
     was_training = model.training
     model.eval()
     try:
-        hidden = model.forward_hidden(x_t, t_B, y, list(layers))
+        hidden = model.forward_hidden(x_t, t_B, y, list(layers), **extra)
     finally:
         model.train(was_training)
     return {int(k): (v.float().mean(dim=1) if pool == "mean" else v.float()) for k, v in hidden.items()}
@@ -117,9 +133,12 @@ def collect_hidden_states(
         x = (batch[0] if isinstance(batch, (tuple, list)) else batch).to(device)
         g = torch.Generator().manual_seed(int(seed) * 1_000_003 + b)
         noise = torch.randn(x.shape, generator=g).to(x)
+        dim = getattr(model, "class_token_dim", 0)  # REG: the class token's noise, drawn after the image's
+        cls_noise = torch.randn((x.shape[0], dim), generator=g).to(x) if dim else None
         for t in times:
             unpooled = on_tokens is not None and pool == "mean"
-            hidden = hidden_states(model, x, float(t), layers, pool=None if unpooled else pool, path=path, noise=noise)
+            hidden = hidden_states(model, x, float(t), layers, pool=None if unpooled else pool, path=path, noise=noise,
+                                   class_noise=cls_noise)  # fmt: skip
             for layer in layers:
                 tokens = hidden[layer]
                 if on_tokens is not None:
