@@ -5,7 +5,6 @@ variance beta_tilde, and dropped at the end; guidance covers both; `generate` an
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 
 import pytest
