@@ -78,8 +78,11 @@ def save_checkpoint(
     optimizer: dict[str, Any] | None,
     meta: dict[str, Any],
     keep: int = 2,
+    vae: dict[str, torch.Tensor] | None = None,
+    vae_metadata: dict[str, str] | None = None,
 ) -> Path:
-    """Write `<ckpt_root>/step_XXXXXXXX/` atomically and prune older checkpoints (keeping `keep`).
+    """Write `<ckpt_root>/step_XXXXXXXX/` atomically and prune older checkpoints (keeping `keep`); REPA-E's `vae`
+    goes to `vae.safetensors` with `vae_metadata`.
 
     Files are written into a hidden temporary folder, fsync'ed, and the folder is renamed into place, so a
     crash or a full disk at any moment leaves either the complete new checkpoint or none of it; the previous
@@ -103,6 +106,8 @@ def save_checkpoint(
         if ema is not None:
             save_file(_contiguous(ema), str(tmp / "ema.safetensors"))
             _fault_point("ema.safetensors", step)
+        if vae is not None:
+            save_file(_contiguous(vae), str(tmp / "vae.safetensors"), metadata=vae_metadata)
         if optimizer is not None:
             torch.save(optimizer, tmp / "optimizer.pt")  # tensors, numbers, lists, dicts: weights_only-loadable
             _fault_point("optimizer.pt", step)
@@ -193,7 +198,7 @@ def _load_for_training(path: Path) -> dict[str, Any]:
     missing = [k for k in ("ema", "optimizer") if ckpt[k] is None]
     if missing:
         raise CheckpointError(f"{path} has no {' / '.join(missing)} state to resume training from")
-    bad = nonfinite_tensors({"model": ckpt["model"], "ema": ckpt["ema"], "optimizer": ckpt["optimizer"]})
+    bad = nonfinite_tensors({k: ckpt[k] or {} for k in ("model", "ema", "optimizer", "vae")})
     if bad:
         raise CheckpointError(f"{path} holds NaN/inf values in {len(bad)} tensors (e.g. {bad[0]}); resuming from it "
                               "would train on non-finite weights")  # fmt: skip
@@ -307,6 +312,7 @@ def load_checkpoint(path: str | Path, *, optimizer: bool = True) -> dict[str, An
         _check_state(path, state)
         out: dict[str, Any] = {"state": state, "model": load_file(str(path / "model.safetensors"))}
         out["ema"] = load_file(str(path / "ema.safetensors")) if (path / "ema.safetensors").exists() else None
+        out["vae"] = load_file(str(path / "vae.safetensors")) if (path / "vae.safetensors").exists() else None
         out["optimizer"] = None
         if optimizer and (path / "optimizer.pt").exists():
             out["optimizer"] = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
@@ -345,8 +351,9 @@ def save_training_checkpoint(
     scaler: Stateful | None = None,
     meta: dict[str, Any],
     keep: int = 2,
+    vae: Stateful | None = None,
 ) -> Path:
-    """A training checkpoint (`save_checkpoint`): model and EMA weights, optimizer + scheduler (+ fp16 scaler) state.
+    """A training checkpoint (`save_checkpoint`): model, EMA, optimizer + scheduler (+ fp16 scaler, REPA-E's VAE) state.
 
     Raises:
         CheckpointError: a tensor holds NaN/inf (nothing is written; the previous checkpoints stay). Training refuses
@@ -356,13 +363,16 @@ def save_training_checkpoint(
     if scaler is not None:
         opt_state["scaler"] = scaler.state_dict()
     weights, averaged = model.state_dict(), ema.state_dict()
-    bad = nonfinite_tensors({"model": weights, "ema": averaged, "optimizer": opt_state})
+    tuned = vae.state_dict() if vae is not None else None
+    bad = nonfinite_tensors({"model": weights, "ema": averaged, "optimizer": opt_state, "vae": tuned or {}})
     if bad:
         prev = latest_checkpoint(ckpt_root)
         kept = f"; the previous checkpoint {prev} is intact" if prev else ""
         raise CheckpointError(f"refusing to write checkpoint step {step}: NaN/inf in {len(bad)} tensors (e.g. "
                               f"{bad[0]}){kept}")  # fmt: skip
-    return save_checkpoint(ckpt_root, step, model=weights, ema=averaged, optimizer=opt_state, meta=meta, keep=keep)
+    vae_meta = vae.file_metadata() if vae is not None else None  # type: ignore[attr-defined]
+    return save_checkpoint(ckpt_root, step, model=weights, ema=averaged, optimizer=opt_state, meta=meta, keep=keep,
+                           vae=tuned, vae_metadata=vae_meta)  # fmt: skip
 
 
 def restore_training_checkpoint(
@@ -373,10 +383,15 @@ def restore_training_checkpoint(
     optimizer: Stateful,
     scheduler: Stateful,
     scaler: Stateful | None = None,
+    vae: Stateful | None = None,
 ) -> dict[str, Any]:
     """Load what `save_training_checkpoint` wrote (as read by `load_latest_checkpoint`) into the run's objects;
-    returns the checkpoint's metadata (`step`, `nonfinite_steps`, `config`, ...)."""
+    returns the checkpoint's metadata (`step`, `nonfinite_steps`, `config`, ...); REPA-E's `vae` must be there."""
+    if vae is not None and ckpt.get("vae") is None:
+        raise CheckpointError("the checkpoint holds no tuned VAE (vae.safetensors): written without train.end_to_end")
     model.load_state_dict(ckpt["model"])
+    if vae is not None:
+        vae.load_state_dict(ckpt["vae"])
     ema.load_state_dict(ckpt["ema"])
     optimizer.load_state_dict(ckpt["optimizer"]["optimizer"])
     scheduler.load_state_dict(ckpt["optimizer"]["scheduler"])

@@ -207,8 +207,12 @@ class LoadedModel:
 
     def vae(self, override: str | None = None) -> str | None:
         """The VAE (a `repa.data.vae.load_vae` spec) that decodes this model's samples: None for pixel-space
-        models, else `override` or the run's `data.vae` (official checkpoints are SD-VAE latent models)."""
-        return (override or self.cfg.data.vae) if self.cfg.data.space == "latent" else None
+        models, else `override`, the checkpoint's own tuned VAE (REPA-E: `vae.safetensors`, with its latent
+        BatchNorm's statistics) or the run's `data.vae` (official checkpoints are SD-VAE latent models)."""
+        if self.cfg.data.space != "latent":
+            return None
+        tuned = self.path / "vae.safetensors"
+        return override or (str(tuned) if self.path.is_dir() and tuned.is_file() else self.cfg.data.vae)
 
     @property
     def run_dir(self) -> Path | None:

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "probe": ("repa.cli.probe", "linear probing of hidden states per layer and noise level"),
     "align": ("repa.cli.align", "CKNNA/CKA/mutual-kNN between model layers and encoders"),
     "prepare": ("repa.cli.prepare", "image folder -> VAE latents and encoder-target shards"),
+    "export-vae": ("repa.cli.export_vae", "a REPA-E run's tuned VAE -> a diffusers folder"),
     "bench": ("repa.cli.bench", "speed, memory and convergence benchmarks"),
 }
 

@@ -153,6 +153,16 @@ class TrainConfig:
     num_threads: int | None = None  # CPU threads (None = torch default)
     progress: bool = True
     trackers: list[str] = field(default_factory=list)  # tensorboard and/or wandb; [] = metrics.jsonl only
+    # REPA-E (Leng et al., ICCV 2025; docs/family.md): the VAE (data.vae) trains with the model, through the alignment
+    # loss only (stop-gradient on the denoising loss), behind a latent BatchNorm; off = plain training, bit for bit
+    end_to_end: bool = False
+    vae_lr: float = 1e-4  # the VAE's optimizer param group (REPA-E: 1e-4, the SiT's lr)
+    vae_align_coeff: float = 1.5  # the alignment term's weight in the VAE's loss (REPA-E's --vae-align-proj-coeff)
+    vae_recon: Literal["l1", "mse"] = "l1"  # reconstruction loss of decode(z) vs the image (REPA-E: L1)
+    vae_recon_coeff: float = 1.0
+    vae_kl_coeff: float = 1e-6  # KL(posterior || N(0, I)), summed per image, batch mean
+    vae_perceptual_coeff: float = 0.0  # LPIPS-VGG (REPA-E: 1.0); needs the `lpips` package and its VGG weights
+    latent_bn_momentum: float = 0.1  # the latent BatchNorm's running-statistics momentum (REPA-E's --bn-momentum)
 
 
 @dataclass

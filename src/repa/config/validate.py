@@ -41,9 +41,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         )
     if t.max_steps < 0:
         raise ConfigError("train.max_steps must be >= 0")
-    if d.kind == "fashion-mnist" and d.space != "pixel":
+    if d.kind == "fashion-mnist" and d.space != "pixel" and not t.end_to_end:
         raise ConfigError("data.kind=fashion-mnist is grayscale 28x28 and trains in pixel space: set data.space=pixel")
-    if d.kind == "folder" and d.space != "pixel":
+    if d.kind == "folder" and d.space != "pixel" and not t.end_to_end:
         raise ConfigError(
             "data.kind=folder trains on the images' pixels but data.space=latent: set data.space=pixel, or run "
             "`repa prepare` and train on its latents with data.kind=latents"
@@ -67,6 +67,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError("model.init_from must name a checkpoint file or folder (or be null)")
     _check_model(cfg)
     _check_family(cfg)
+    _check_end_to_end(cfg, world_size)
     _check_sample(cfg)
 
 
@@ -204,6 +205,7 @@ def _check_model(cfg: Config) -> None:
         raise ConfigError(f"model hidden_size={hidden} must be divisible by 4 (the 2-D sin-cos position embedding)")
     patch, d = reg["patch_size"], cfg.data
     size = {"fashion-mnist": FASHION_MNIST_SIZE, "folder": d.resolution}.get(d.kind)  # latents: the manifest's
+    size = None if d.space == "latent" else size  # REPA-E's images are encoded: the VAE sets the latent size
     if size is not None and size % patch:
         what = "Fashion-MNIST's 28 px" if d.kind == "fashion-mnist" else f"data.resolution={d.resolution}"
         raise ConfigError(f"{what} is not divisible by the patch size {patch} of model.name={m.name}")
@@ -241,6 +243,36 @@ def _check_family(cfg: Config) -> None:
             raise ConfigError(f"repa.self_align_blocks={blocks}: two blocks (student, teacher) in 1..{depth}")
         if not 0.0 <= r.self_align_gap <= 1.0:
             raise ConfigError(f"repa.self_align_gap must be in [0, 1], got {r.self_align_gap}")
+
+
+def _check_end_to_end(cfg: Config, world_size: int) -> None:
+    """REPA-E (`train.end_to_end`): images encoded every step by a trainable VAE, tuned through the alignment loss."""
+    t, d = cfg.train, cfg.data
+    coeffs = {"train.vae_lr": t.vae_lr, "train.vae_align_coeff": t.vae_align_coeff,
+              "train.vae_recon_coeff": t.vae_recon_coeff, "train.vae_kl_coeff": t.vae_kl_coeff,
+              "train.vae_perceptual_coeff": t.vae_perceptual_coeff}  # fmt: skip
+    for key, value in coeffs.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    if t.vae_lr > MAX_LR:
+        raise ConfigError(f"train.vae_lr={t.vae_lr} is far too large for AdamW: use a value <= {MAX_LR}, e.g. 1e-4")
+    if not 0.0 < t.latent_bn_momentum <= 1.0:
+        raise ConfigError(f"train.latent_bn_momentum must be in (0, 1], got {t.latent_bn_momentum}")
+    if not t.end_to_end:
+        return
+    if d.space != "latent":
+        raise ConfigError("train.end_to_end=true (REPA-E) trains the VAE that makes the latents: set data.space=latent "
+                          "(a pixel-space run has no VAE)")  # fmt: skip
+    if d.kind == "latents":
+        raise ConfigError("train.end_to_end=true encodes the images every step, but latent shards hold fixed latents: "
+                          "use data.kind=fashion-mnist or folder with data.space=latent")  # fmt: skip
+    if not cfg.repa.enabled:
+        raise ConfigError("train.end_to_end=true (REPA-E) tunes the VAE through the alignment loss: it needs a target "
+                          "encoder (repa.encoders and repa.align_coeff > 0)")  # fmt: skip
+    if world_size > 1:
+        raise ConfigError(f"train.end_to_end=true runs on one process for now, got {world_size}")
+    if t.mixed_precision == "fp16":
+        raise ConfigError("train.end_to_end=true does not support fp16 loss scaling: use bf16 (or no)")
 
 
 def _check_sample(cfg: Config) -> None:

@@ -349,7 +349,8 @@ def load_vae(spec: str, device: str | torch.device = "cpu") -> VAE:
     """A `VAE` from a hub id / local folder, or `random[:preset|{json}]` (random init, seed 0).
 
     Args:
-        spec: "stabilityai/sd-vae-ft-ema", a `save_pretrained` folder, "random:small", 'random:{"layers_per_block": 1}'.
+        spec: "stabilityai/sd-vae-ft-ema", a `save_pretrained` folder, "random:small", 'random:{"layers_per_block": 1}',
+            or a REPA-E checkpoint's `vae.safetensors` (the tuned VAE, normalising with its latent BatchNorm).
         device: target device.
 
     Returns:
@@ -366,4 +367,8 @@ def load_vae(spec: str, device: str | torch.device = "cpu") -> VAE:
         vae = VAE.from_config(seed=0, **overrides)
         vae.source = f"random:{what}"
         return vae.to(device)
+    if spec.endswith(".safetensors") and Path(spec).is_file():  # REPA-E: a checkpoint's tuned VAE + its BatchNorm
+        from repa.data.tuned_vae import load_tuned_vae
+
+        return load_tuned_vae(spec, device)
     return VAE.from_pretrained(spec, device=device)

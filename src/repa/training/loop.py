@@ -28,6 +28,7 @@ from repa.training import setup
 from repa.training.batches import GlobalOrder, MicroBatchPlan, step_draws
 from repa.training.data import TrainingData, load_train_images
 from repa.training.ema import EMA
+from repa.training.end_to_end import EndToEnd
 from repa.training.finetune import initialise_from, resolve_init_from
 from repa.training.guard import NonFiniteError, UpdateGuard
 from repa.training.resume import CHANGES_LOG, apply_optim_config, check_model_fits, plan_resume, write_changes_log
@@ -128,6 +129,9 @@ def train(cfg: Config, *, allow_config_change: bool = False) -> dict[str, Any]:
 
         # ---- data, encoders, targets, model, loss
         data = load_train_images(cfg)
+        e2e = EndToEnd(cfg, device) if tc.end_to_end else None  # REPA-E: the VAE trains with the model
+        if e2e is not None:
+            data = e2e.wrap(data)  # the images, encoded every step by the trainable VAE
         targets = setup.plan_targets(cfg, data, device)
         torch.manual_seed(tc.seed)  # the initial weights are a function of the seed (identical on every rank)
         # checks align depth / token grids before any target is computed
@@ -143,7 +147,7 @@ def train(cfg: Config, *, allow_config_change: bool = False) -> dict[str, Any]:
         # 0.06 s fused vs 0.16 s per-parameter and 0.31 s foreach (`python -m benchmarks.micro`); same algorithm
         fused = device.type in ("cpu", "cuda")
         opt = torch.optim.AdamW(
-            model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+            model.parameters() if e2e is None else e2e.param_groups(model), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
             weight_decay=cfg.optim.weight_decay, fused=fused, foreach=None if fused else True,
         )  # fmt: skip
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))  # optim.lr_schedule after the warm-up
@@ -153,7 +157,7 @@ def train(cfg: Config, *, allow_config_change: bool = False) -> dict[str, Any]:
         if resume.path is not None:
             ckpt_path, ckpt = load_latest_checkpoint(run_dir / "checkpoints")  # refuses NaN/inf weights
             state = restore_training_checkpoint(ckpt, model=model, ema=ema, optimizer=opt, scheduler=sched,
-                                                scaler=acc.scaler)  # fmt: skip
+                                                scaler=acc.scaler, vae=e2e and e2e.tuned)  # fmt: skip
             del ckpt  # the tensors live in the model, EMA and optimizer now
             apply_optim_config(opt, sched, cfg)  # the restored param groups hold the checkpoint's lr, eps, ...
             nonfinite, overflow = int(state.get("nonfinite_steps", 0)), int(state.get("fp16_overflow_steps", 0))
@@ -192,7 +196,7 @@ def train(cfg: Config, *, allow_config_change: bool = False) -> dict[str, Any]:
         def save(step: int) -> None:
             meta = {"nonfinite_steps": nonfinite, "fp16_overflow_steps": overflow, "config": to_dict(cfg),
                     "config_changes": resume.history, "metric_window": window.state_dict()}  # fmt: skip
-            _save(cfg, acc, raw_model, ema, opt, sched, step, meta)
+            _save(cfg, acc, raw_model, ema, opt, sched, step, meta, e2e)
 
         metrics_file = run_dir / "metrics.jsonl"
         bar = tqdm(total=tc.max_steps, initial=start_step, disable=not (tc.progress and acc.is_main_process),
@@ -202,11 +206,13 @@ def train(cfg: Config, *, allow_config_change: bool = False) -> dict[str, Any]:
         for step in range(start_step, tc.max_steps):
             terms, grad_norm = _train_step(cfg, model=model, loss_fn=loss_fn, acc=acc, data=data, order=order,
                                            plan=plan, step=step, online_encoders=targets.online, teacher=ema.model,
-                                           draw_args=setup.family_draws(cfg, targets))  # fmt: skip
+                                           draw_args=setup.family_draws(cfg, targets), e2e=e2e)  # fmt: skip
             loss_finite = all(bool(torch.isfinite(v)) for v in terms.values())
             grads_finite = loss_finite and bool(torch.isfinite(grad_norm))
             # a finite gradient can still give a NaN/inf update (optim.eps=0, an overflowing lr): undone if so
             updated = grads_finite and guard.step(float(grad_norm))
+            if e2e is not None and not updated:
+                e2e.undo()  # the latent BatchNorm's statistics of a skipped step go back with the weights
             if updated:
                 sched.step()
                 ema.update(raw_model, step)
@@ -248,7 +254,7 @@ def train(cfg: Config, *, allow_config_change: bool = False) -> dict[str, Any]:
                 if acc.is_main_process:
                     grid = run_dir / "samples" / f"step_{done:08d}.png"
                     with _reported_write(grid, "the sample grid", run_dir):
-                        setup.sample_grid(cfg, ema.model, data, grid)
+                        setup.sample_grid(cfg, ema.model, data, grid, e2e and e2e.tuned.decode_to_uint8)
                     trackers.log_grid(grid, done)
                 acc.wait_for_everyone()
             if done % tc.checkpoint_every == 0 or done == tc.max_steps:
@@ -272,11 +278,15 @@ def _train_step(
     online_encoders: list[torch.nn.Module],
     teacher: torch.nn.Module,
     draw_args: dict[str, Any],
+    e2e: EndToEnd | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Forward/backward over the micro-batches of one optimizer step; returns (mean loss terms, grad norm).
-    `teacher` (the EMA model) and `draw_args` serve the REPA family's options (`setup.family_step`)."""
+    `teacher` (the EMA model) and `draw_args` serve the REPA family's options (`setup.family_step`); `e2e` REPA-E's
+    VAE pass (`EndToEnd.vae_pass`: it makes x and backpropagates into the VAE; the model pass sees x detached)."""
     tc = cfg.train
     totals: dict[str, torch.Tensor] = {}
+    if e2e is not None:
+        e2e.snapshot()
     for micro in range(tc.grad_accum_steps):
         idx, flips = order.take(plan.position(step, micro), plan.global_micro)
         posterior = data.needs_posterior  # latents are a fresh VAE posterior sample each step
@@ -287,6 +297,13 @@ def _train_step(
         online, extra = setup.family_step(cfg, step, draws, sl, batch.get("images"), online_encoders, teacher,
                                           acc.device, acc.autocast)  # fmt: skip
         targets = online if online is not None else batch.get("targets")
+        vae_terms: dict[str, torch.Tensor] = {}
+        if e2e is not None:
+            batch["x"], vae_terms = e2e.vae_pass(
+                model, loss_fn, batch, targets, setup.loss_time(cfg, draws["u"][sl].to(acc.device)),
+                draws["noise"][sl].to(acc.device), draws["eps"][sl], extra, autocast=acc.autocast,
+                backward=lambda loss: acc.backward(loss / tc.grad_accum_steps, inputs=e2e.params),
+            )  # fmt: skip
         sync = micro == tc.grad_accum_steps - 1
         with acc.no_sync(model) if not sync and acc.num_processes > 1 else contextlib.nullcontext():
             with acc.autocast():
@@ -298,6 +315,7 @@ def _train_step(
             if "align_weight" in extra:  # the schedule's multiplier of lambda, logged with the terms
                 terms["align_weight"] = torch.tensor(float(extra["align_weight"]), device=acc.device)
             acc.backward(terms["total"] / tc.grad_accum_steps)
+        terms.update(vae_terms)
         for k, v in terms.items():
             totals[k] = totals.get(k, 0.0) + v.detach().float() / tc.grad_accum_steps
     if cfg.optim.grad_clip > 0:
@@ -306,6 +324,8 @@ def _train_step(
         grad_norm = torch.linalg.vector_norm(
             torch.stack([p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None])
         )
+    if e2e is not None:  # the VAE's gradient is clipped on its own (REPA-E)
+        totals["vae_grad_norm"] = e2e.grad_norm(cfg.optim.grad_clip)
     return totals, torch.as_tensor(grad_norm, dtype=torch.float32).detach()
 
 
@@ -325,8 +345,9 @@ def _reported_write(path: Path, what: str, run_dir: Path) -> Iterator[None]:
 
 
 def _save(cfg: Config, acc: Any, raw_model: torch.nn.Module, ema: EMA, opt: Any, sched: Any, step: int,
-          meta: dict[str, Any]) -> None:  # fmt: skip
+          meta: dict[str, Any], e2e: EndToEnd | None = None) -> None:  # fmt: skip
     if acc.is_main_process:
         save_training_checkpoint(Path(cfg.train.run_dir) / "checkpoints", step, model=raw_model, ema=ema, optimizer=opt,
-                                 scheduler=sched, scaler=acc.scaler, keep=cfg.train.keep_checkpoints, meta=meta)  # fmt: skip
+                                 scheduler=sched, scaler=acc.scaler, keep=cfg.train.keep_checkpoints, meta=meta,
+                                 vae=e2e and e2e.tuned)  # fmt: skip
     acc.wait_for_everyone()

@@ -144,11 +144,12 @@ def write_changes_log(run_dir: Path, history: list[dict[str, Any]]) -> None:
 def apply_optim_config(optimizer: Any, scheduler: Any, cfg: Config) -> None:
     """Put the config's AdamW settings over the restored ones: `load_state_dict` brings back the checkpoint's lr,
     betas, eps and weight decay (and the scheduler its base lr), so an accepted change would silently not apply.
-    Unchanged settings give back the same values bit for bit (the scheduler's own lr = base lr x lambda(step))."""
+    Unchanged settings give back the same values bit for bit (the scheduler's own lr = base lr x lambda(step)).
+    A second param group is REPA-E's VAE (`train.vae_lr`)."""
     o = cfg.optim
-    scheduler.base_lrs = [o.lr] * len(optimizer.param_groups)
-    for group, lr_lambda in zip(optimizer.param_groups, scheduler.lr_lambdas):
-        group.update(lr=o.lr * lr_lambda(scheduler.last_epoch), initial_lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+    scheduler.base_lrs = [o.lr] + [cfg.train.vae_lr] * (len(optimizer.param_groups) - 1)
+    for group, lr_lambda, lr in zip(optimizer.param_groups, scheduler.lr_lambdas, scheduler.base_lrs):
+        group.update(lr=lr * lr_lambda(scheduler.last_epoch), initial_lr=lr, betas=tuple(o.betas), eps=o.eps,
                      weight_decay=o.weight_decay)  # fmt: skip
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 

@@ -226,12 +226,18 @@ def compile_model(model: nn.Module, memory_budget: float | None = None) -> nn.Mo
     return torch.compile(model)
 
 
-def sample_grid(cfg: Config, model: nn.Module, data: TrainingData, path: Path) -> None:
-    """A grid of `cfg.sample.num_images` EMA samples, one class per column (at most 10 columns)."""
+def sample_grid(
+    cfg: Config,
+    model: nn.Module,
+    data: TrainingData,
+    path: Path,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> None:
+    """A grid of `cfg.sample.num_images` EMA samples, one class per column (at most 10 columns); `decode` (x -> uint8)
+    replaces the data's VAE (REPA-E: the VAE being trained, with its latent BatchNorm's running statistics)."""
     n = cfg.sample.num_images
     labels = grid_labels(n, data.num_classes)
     x = generate(model, cfg, labels, data.sample_shape, cfg.sample.seed)
     device = next(model.parameters()).device
-    save_grid(
-        decoder_for(data.vae, device, data.latent_norm)(x.to(device)).cpu(), path, nrow=min(data.num_classes, n, 10)
-    )
+    decode = decode or decoder_for(data.vae, device, data.latent_norm)
+    save_grid(decode(x.to(device)).cpu(), path, nrow=min(data.num_classes, n, 10))

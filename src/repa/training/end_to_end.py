@@ -1,0 +1,182 @@
+"""REPA-E (Leng et al., ICCV 2025): the VAE trains jointly with the diffusion transformer, through the alignment loss.
+
+Each micro-batch (`EndToEnd.vae_pass`, then the loop's usual loss call):
+
+1. VAE pass: images -> encoder -> posterior (mean, std), z = mean + std * eps (eps: the step's posterior draw, so
+   resume is exact); L_VAE = vae_recon_coeff * recon(decode(z), image) + vae_kl_coeff * KL + vae_perceptual_coeff *
+   LPIPS + vae_align_coeff * L_align(model hidden states of bn_running(z)), backpropagated into the VAE only
+   (`backward(..., inputs=VAE parameters)`: the model's parameters get nothing from it). bn_running normalises with
+   the latent BatchNorm's running statistics, differentiably in z, and updates nothing; the model sees the step's
+   time and noise and no label dropout (REPA-E runs this pass with the SiT frozen and in eval mode).
+2. Model pass: x = bn(z.detach()) (batch statistics; the running ones are updated) and the usual
+   L_denoise + lambda L_align for the model only: the stop-gradient keeps the denoising loss out of the VAE (REPA-E's
+   finding: backpropagating it collapses the latent space).
+
+One AdamW holds two param groups: the model's (optim.lr) and the VAE's (train.vae_lr), both following optim's
+schedule; each group's gradient is clipped on its own at optim.grad_clip (REPA-E clips both at 1.0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from repa.config import Config
+from repa.data.tuned_vae import TunedVAE
+from repa.data.vae import load_vae
+from repa.losses import RepaLoss
+from repa.models import MODELS
+from repa.training.data import InMemoryImages, TrainingData
+
+
+@dataclass
+class EncodedImages(InMemoryImages):
+    """In-memory images that a trainable VAE encodes every step: the batch holds `pixels` (float [-1, 1], the VAE's
+    channels; grayscale repeated) instead of x, which `EndToEnd.vae_pass` makes; `sample_shape` is the latents'."""
+
+    latent_shape: tuple[int, int, int] = (0, 0, 0)
+    vae_spec: str = ""
+    vae_channels: int = 3
+    needs_posterior: ClassVar[bool] = True  # the loop draws the posterior sample's eps (latent-shaped)
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:  # type: ignore[override]
+        return self.latent_shape
+
+    @property
+    def vae(self) -> str:  # type: ignore[override]
+        return self.vae_spec
+
+    def batch(
+        self, idx: torch.Tensor, flips: torch.Tensor, device: torch.device, *, eps: torch.Tensor | None = None
+    ) -> dict[str, Any]:
+        out = super().batch(idx, flips, device)
+        pixels = out.pop("x")
+        out["pixels"] = pixels.expand(-1, self.vae_channels, -1, -1) if pixels.shape[1] == 1 else pixels
+        return out
+
+
+class EndToEnd:
+    """The REPA-E pieces of a run: the trainable VAE with its latent BatchNorm (`tuned`) and the VAE's loss.
+
+    Args:
+        cfg: the run's config (`train.end_to_end` and the `train.vae_*` keys; `data.vae` is the VAE to start from).
+        device: where the VAE runs.
+    """
+
+    def __init__(self, cfg: Config, device: torch.device | str) -> None:
+        self.cfg = cfg
+        start = load_vae(cfg.data.vae, device)  # a frozen wrapper; its AutoencoderKL is made trainable here
+        self.tuned = TunedVAE(start.vae, momentum=cfg.train.latent_bn_momentum).to(device).train()
+        self.params = list(self.tuned.parameters())
+        self.perceptual = _perceptual(cfg.train.vae_perceptual_coeff, device)
+        self._bn_state: dict[str, Tensor] = {}
+
+    def wrap(self, data: TrainingData) -> EncodedImages:
+        """In-memory images as latent-space training data of this VAE's latent shape."""
+        if not isinstance(data, InMemoryImages):
+            raise ValueError("train.end_to_end=true needs in-memory images (data.kind=fashion-mnist or folder)")
+        c, h, w = data.sample_shape
+        f, vae_c = self.tuned.downsample, self.tuned.in_channels
+        if c not in (1, vae_c) or h % f or w % f:
+            raise ValueError(f"the VAE {self.cfg.data.vae} encodes {vae_c}-channel images with sides divisible by {f}; "
+                             f"the training images are {c}x{h}x{w}")  # fmt: skip
+        patch = MODELS[self.cfg.model.name]["patch_size"]
+        if (h // f) % patch:
+            raise ValueError(f"the VAE's {h // f}x{w // f} latents are not divisible by the patch size {patch} of "
+                             f"model.name={self.cfg.model.name}")  # fmt: skip
+        return EncodedImages(data.images, data.labels, data.num_classes, data.name, targets=data.targets,
+                             class_tokens=data.class_tokens, latent_shape=(self.tuned.latent_channels, h // f, w // f),
+                             vae_spec=self.cfg.data.vae, vae_channels=vae_c)  # fmt: skip
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """AdamW's groups: the model's (optim.lr), then the VAE's (train.vae_lr)."""
+        return [{"params": list(model.parameters())}, {"params": self.params, "lr": self.cfg.train.vae_lr}]
+
+    def vae_pass(
+        self,
+        model: nn.Module,
+        loss_fn: RepaLoss,
+        batch: Mapping[str, Any],
+        targets: Sequence[Tensor] | None,
+        t: Tensor,
+        noise: Tensor,
+        eps: Tensor,
+        extra: Mapping[str, Any],
+        backward: Callable[[Tensor], None],
+        autocast: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The VAE's loss on one micro-batch, backpropagated with `backward` (into the VAE's parameters only).
+
+        Args:
+            model, loss_fn: the run's model and loss (only the alignment term is used here).
+            batch: `EncodedImages.batch` output (`pixels`, `y`).
+            targets: the encoders' targets of the batch.
+            t, noise, eps: the step's time, noise and posterior draw (the model pass uses the same t and noise).
+            extra: the family's extra loss arguments (`setup.family_step`).
+            backward: e.g. `lambda loss: acc.backward(loss / accum, inputs=e2e.params)`.
+
+        Returns:
+            (x, terms): x = bn(z.detach()) for the model pass (running statistics updated), and the logged terms
+            `vae/recon`, `vae/kl`, [`vae/perceptual`], `vae/align`, `vae/total` (detached).
+        """
+        tc = self.cfg.train
+        pixels, y = batch["pixels"], batch["y"]
+        with autocast():
+            dist = self.tuned.vae.encode(pixels).latent_dist
+            z = dist.mean + dist.std * eps.to(device=dist.mean.device, dtype=dist.mean.dtype)  # (B, C, h, w)
+            recon = self.tuned.decode_latents(z).float()
+            loss = F.l1_loss if tc.vae_recon == "l1" else F.mse_loss
+            terms = {"vae/recon": loss(recon, pixels.float()), "vae/kl": dist.kl().float().mean()}
+            total = tc.vae_recon_coeff * terms["vae/recon"] + tc.vae_kl_coeff * terms["vae/kl"]
+            if self.perceptual is not None:
+                terms["vae/perceptual"] = self.perceptual(recon, pixels.float()).mean()
+                total = total + tc.vae_perceptual_coeff * terms["vae/perceptual"]
+            no_drop = torch.zeros_like(y)  # REPA-E's VAE pass runs the SiT in eval mode: no label dropout
+            terms["vae/align"] = loss_fn(model, self.tuned.bn.normalize_running(z), y, targets, t=t, noise=noise,
+                                         model_kwargs={"force_drop_ids": no_drop}, **extra)["align"]  # fmt: skip
+            terms["vae/total"] = total + tc.vae_align_coeff * terms["vae/align"]
+        backward(terms["vae/total"])
+        with torch.no_grad():
+            x = self.tuned.bn(z.detach())  # the stop-gradient: the model pass cannot reach the VAE
+        return x, {k: v.detach() for k, v in terms.items()}
+
+    def grad_norm(self, max_norm: float) -> Tensor:
+        """Clip the VAE's gradient to `max_norm` (> 0) on its own; its norm before clipping."""
+        grads = [p for p in self.params if p.grad is not None]
+        if not grads:
+            return torch.zeros((), dtype=torch.float32)
+        if max_norm > 0:
+            return torch.nn.utils.clip_grad_norm_(grads, max_norm).detach().float()
+        return torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in grads]))
+
+    def snapshot(self) -> None:
+        """Keep the BatchNorm's statistics before a step, to put back if the step is skipped (`undo`)."""
+        self._bn_state = {k: v.clone() for k, v in self.tuned.bn.state_dict().items()}
+
+    def undo(self) -> None:
+        """A skipped (non-finite) step: the optimizer undid the weights; the statistics it updated go back too."""
+        if self._bn_state:
+            self.tuned.bn.load_state_dict(self._bn_state)
+
+
+def _perceptual(coeff: float, device: torch.device | str) -> nn.Module | None:
+    """LPIPS-VGG (REPA-E's perceptual term) when `coeff` > 0; its package and weights are not bundled."""
+    if coeff <= 0:
+        return None
+    try:
+        import lpips  # type: ignore[import-not-found]
+
+        net = lpips.LPIPS(net="vgg", verbose=False)
+    except Exception as err:  # noqa: BLE001 - ImportError, a failed download of the VGG weights
+        raise ValueError(f"train.vae_perceptual_coeff={coeff} needs LPIPS-VGG (`pip install lpips`; torchvision "
+                         f"fetches its VGG-16 weights once): {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}; "
+                         "or set train.vae_perceptual_coeff=0 (the default)") from err  # fmt: skip
+    return net.eval().requires_grad_(False).to(device)

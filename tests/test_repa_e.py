@@ -1,0 +1,209 @@
+"""REPA-E (`train.end_to_end`): the VAE trains through the alignment loss only, its latent BatchNorm's statistics
+travel with the checkpoints, resume is exact, `repa sample` and `repa export-vae` use the tuned VAE."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from repa.checkpoint import latest_checkpoint, load_checkpoint
+from repa.cli.main import main as cli_main
+from repa.config import ConfigError, load_config
+from repa.data.tuned_vae import TunedVAE
+from repa.data.vae import VAE, load_vae
+from repa.generate import generate_batches, grid_labels
+from repa.loading import load_model
+from repa.losses import RepaLoss
+from repa.models import build_model
+from repa.training import train
+from repa.training.end_to_end import EndToEnd
+from tests.helpers.tiny import PatchEncoder, tiny_overrides
+from tests.test_faults import assert_same_training_state
+
+ROOT = Path(__file__).parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+# a tiny SiT on the 14x14x4 latents of the random-init `random:tiny` AutoencoderKL (SD-VAE block layout, 2 levels)
+E2E = ("data.space=latent", "data.vae=random:tiny", "train.end_to_end=true", "model.name=SiT-T/2",
+       "train.sample_every=4", "train.checkpoint_every=2", "train.max_steps=4")  # fmt: skip
+
+pytestmark = pytest.mark.usefixtures("isolated_cache")
+
+
+def _config(run: Path, fmnist_root: Path, *extra: str):
+    return load_config(TINY, tiny_overrides(run, fmnist_root, *E2E, *extra))
+
+
+@pytest.fixture(scope="module")
+def e2e_run(tmp_path_factory, fmnist_root):
+    """4 end-to-end steps (checkpoints at 2 and 4, a sample grid at 4)."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("REPA_CACHE", str(tmp / "cache"))
+        m.setattr("repa.training.setup.build_encoders", lambda cfg, device: [PatchEncoder(98)])
+        train(_config(tmp / "run", fmnist_root))
+    return tmp / "run"
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()
+
+
+def _grads(params) -> list[torch.Tensor | None]:
+    return [None if p.grad is None else p.grad.clone() for p in params]
+
+
+def test_alignment_reaches_the_vae_encoder_and_denoising_does_not(tmp_path, fmnist_root):
+    """The VAE pass backpropagates its terms into the VAE only; the model pass (denoise + align on bn(z.detach()))
+    adds nothing to the VAE's gradient; each term's gradient checked on its own."""
+    cfg = _config(tmp_path / "run", fmnist_root, "train.vae_recon_coeff=0", "train.vae_kl_coeff=0")
+    e2e = EndToEnd(cfg, "cpu")
+    torch.manual_seed(0)
+    model = build_model("SiT-T/2", input_size=14, in_channels=4, num_classes=10, hidden_size=32, depth=2,
+                        num_heads=2, align_depth=1, encoder_dims=[16], projector_dim=32)  # fmt: skip
+    loss_fn = RepaLoss(align_coeff=0.5)
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8, generator=g)
+    batch = {"pixels": (images.float() / 127.5 - 1).expand(-1, 3, -1, -1), "y": torch.arange(4)}
+    targets = [PatchEncoder(98)(images)]
+    t, noise = torch.rand(4, generator=g), torch.randn(4, 4, 14, 14, generator=g)
+    eps = torch.randn(4, 4, 14, 14, generator=g)
+    encoder = list(e2e.tuned.vae.encoder.parameters())
+
+    x, terms = e2e.vae_pass(model, loss_fn, batch, targets, t, noise, eps, {},
+                            backward=lambda loss: loss.backward(inputs=e2e.params))  # fmt: skip
+    assert terms["vae/align"] < 0 and torch.equal(terms["vae/total"], 1.5 * terms["vae/align"])
+    assert all(p.grad is None for p in model.parameters())  # the VAE pass leaves the model alone
+    after_vae = _grads(encoder)
+    assert sum(float(gr.abs().sum()) for gr in after_vae if gr is not None) > 0  # alignment -> encoder
+    assert not x.requires_grad and x.grad_fn is None
+
+    model_terms = loss_fn(model, x, batch["y"], targets, t=t, noise=noise)
+    model_terms["denoise"].backward(retain_graph=True)  # the denoising term alone
+    assert all(torch.equal(a, p.grad) for a, p in zip(after_vae, encoder))
+    assert any(p.grad is not None for p in model.parameters())
+    (0.5 * model_terms["align"]).backward()  # the model's own alignment term sees the detached latents too
+    assert all(torch.equal(a, p.grad) for a, p in zip(after_vae, encoder))
+
+    # and the same latents without the stop-gradient: the denoising term would reach the encoder
+    for p in e2e.params:
+        p.grad = None
+    dist = e2e.tuned.vae.encode(batch["pixels"]).latent_dist
+    z = dist.mean + dist.std * eps
+    loss_fn(model, e2e.tuned.bn.normalize_running(z), batch["y"], None, t=t, noise=noise)["denoise"].backward()
+    assert sum(float(p.grad.abs().sum()) for p in encoder if p.grad is not None) > 0
+
+
+def test_checkpoints_hold_the_tuned_vae_and_bn_statistics_bit_exactly(e2e_run, tmp_path):
+    ckpt = latest_checkpoint(e2e_run / "checkpoints")
+    state = load_checkpoint(ckpt)
+    vae = state["vae"]
+    assert {"bn.running_mean", "bn.running_var", "bn.num_batches_tracked"} <= vae.keys()
+    assert int(vae["bn.num_batches_tracked"]) == 4  # one update per step (one micro-batch)
+    assert not torch.equal(vae["bn.running_var"], torch.ones(4))  # the statistics moved
+    start = load_vae("random:tiny").vae.state_dict()
+    assert any(not torch.equal(start[k], vae[f"vae.{k}"]) for k in start)  # the VAE trained
+    tuned = TunedVAE.load(ckpt / "vae.safetensors")
+    for k, v in tuned.state_dict().items():
+        assert torch.equal(v, vae[k]), k
+    assert tuned.bn.eps == 1e-4 and tuned.bn.momentum == 0.1
+    tuned.save(tmp_path / "again.safetensors")  # save/load round trip: the same tensors and metadata
+    again = load_file(str(tmp_path / "again.safetensors"))
+    assert again.keys() == vae.keys() and all(torch.equal(again[k], vae[k]) for k in vae)
+    assert _metadata(tmp_path / "again.safetensors") == _metadata(ckpt / "vae.safetensors")
+    # the optimizer has the VAE's param group with its own lr
+    groups = state["optimizer"]["optimizer"]["param_groups"]
+    assert len(groups) == 2 and groups[1]["lr"] == 1e-4 and groups[0]["lr"] == 3e-4
+    metrics = [line for line in (e2e_run / "metrics.jsonl").read_text().splitlines()]
+    assert all('"vae/align"' in line and '"vae_grad_norm"' in line for line in metrics)
+    assert (e2e_run / "samples" / "step_00000004.png").is_file()
+
+
+def test_resume_is_bit_identical(e2e_run, tmp_path, fmnist_root, test_encoder):
+    part = tmp_path / "part"
+    train(_config(part, fmnist_root, "train.max_steps=2"))
+    train(_config(part, fmnist_root))  # the same command resumes from step 2
+    full = tmp_path / "full"
+    shutil.copytree(e2e_run, full)
+    assert_same_training_state(full, part)
+    ca, cb = (latest_checkpoint(r / "checkpoints") for r in (full, part))
+    va, vb = (load_file(str(c / "vae.safetensors")) for c in (ca, cb))
+    assert va.keys() == vb.keys() and all(torch.equal(va[k], vb[k]) for k in va)
+
+
+def test_repa_sample_decodes_with_the_tuned_vae_and_its_bn_statistics(e2e_run, tmp_path):
+    out = tmp_path / "samples"
+    assert cli_main(["sample", str(e2e_run), "--num", "4", "--steps", "2", "--out", str(out)]) == 0
+    written = np.load(next(out.glob("*.npz")))["arr_0"]
+    assert written.shape == (4, 28, 28, 3)
+    loaded = load_model(e2e_run)
+    tuned = TunedVAE.load(loaded.path / "vae.safetensors")
+    bn = tuned.bn
+
+    def decode(x):  # decode(x * sqrt(running_var + eps) + running_mean) with the tuned weights
+        z = x * torch.sqrt(bn.running_var + bn.eps).view(-1, 1, 1) + bn.running_mean.view(-1, 1, 1)
+        return ((tuned.vae.decode(z).sample.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+    labels = grid_labels(4, 10)
+    with torch.no_grad():
+        want = torch.cat(list(generate_batches(loaded.model, loaded.cfg, labels, loaded.sample_shape, seed=0,
+                                               batch_size=64, decode=decode)))  # fmt: skip
+    diff = (torch.from_numpy(written).permute(0, 3, 1, 2).int() - want.int()).abs()
+    assert int(diff.max()) <= 1  # (x / (1 / std) vs x * std: one rounding step at most)
+    start = load_vae("random:tiny")  # the VAE the run started from gives other images
+    with torch.no_grad():
+        x = torch.randn(2, 4, 14, 14)
+        assert not torch.equal(start.decode_to_uint8(x), decode(x))
+
+
+def test_export_vae_round_trip(e2e_run, tmp_path):
+    out = tmp_path / "vae"
+    assert cli_main(["export-vae", str(e2e_run), str(out)]) == 0
+    assert (out / "config.json").is_file()
+    exported = load_vae(str(out))
+    tuned = TunedVAE.load(latest_checkpoint(e2e_run / "checkpoints") / "vae.safetensors")
+    images = torch.rand(3, 3, 28, 28) * 2 - 1
+    mean, std = exported.encode_moments(images)
+    with torch.no_grad():
+        dist = tuned.vae.encode(images).latent_dist
+    assert torch.equal(mean, dist.mean) and torch.equal(std, dist.std)  # the same latents
+    torch.testing.assert_close(exported.normalize(mean), tuned.bn.normalize_running(dist.mean), rtol=1e-5, atol=1e-5)
+    assert exported.norm.per_channel and exported.norm.source == "vae"
+    assert cli_main(["export-vae", str(tmp_path), str(tmp_path / "x")]) == 2  # not a run: one line, usage exit
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.space=pixel"], r"train.end_to_end=true \(REPA-E\) trains the VAE .*set data.space=latent"),
+        (["repa.encoders=[]"], r"train.end_to_end=true \(REPA-E\) tunes the VAE through the alignment loss"),
+        (["repa.align_coeff=0"], r"needs a target encoder"),
+        (["data.kind=latents", "data.root=/x"], r"latent shards hold fixed latents"),
+        (["train.vae_lr=-1"], r"train.vae_lr must be >= 0"),
+        (["train.latent_bn_momentum=0"], r"train.latent_bn_momentum must be in \(0, 1\]"),
+        (["train.mixed_precision=fp16"], r"fp16"),
+    ],
+)
+def test_end_to_end_config_errors_are_one_line(overrides, message, tmp_path, fmnist_root):
+    with pytest.raises(ConfigError, match=message) as info:
+        _config(tmp_path, fmnist_root, *overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_end_to_end_off_keeps_the_pixel_space_rule(tmp_path, fmnist_root):
+    with pytest.raises(ConfigError, match="data.kind=fashion-mnist is grayscale 28x28 and trains in pixel space"):
+        _config(tmp_path, fmnist_root, "train.end_to_end=false")
+
+
+def test_load_vae_reads_a_checkpoints_tuned_vae(e2e_run):
+    """`load_vae` of a checkpoint's `vae.safetensors` is a frozen VAE with the BatchNorm's normalisation."""
+    path = latest_checkpoint(e2e_run / "checkpoints") / "vae.safetensors"
+    vae = load_vae(str(path))
+    assert isinstance(vae, VAE) and vae.norm.source == "latent-bn"
+    assert not any(p.requires_grad for p in vae.parameters())
