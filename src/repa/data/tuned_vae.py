@@ -27,7 +27,7 @@ from torch import nn
 from repa.data.vae import VAE, LatentNorm
 
 FILE_FORMAT = "repa-tuned-vae/1"
-LATENT_BN_EPS = 1e-4  # REPA-E's latent BatchNorm eps (as we recall the official SiT's BatchNorm2d)
+LATENT_BN_EPS = 1e-4  # REPA-E's latent BatchNorm eps (official models/sit.py: BatchNorm2d(eps=1e-4))
 LATENT_BN_MOMENTUM = 0.1  # REPA-E's --bn-momentum default
 
 
