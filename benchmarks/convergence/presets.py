@@ -41,6 +41,7 @@ class Preset:
     device: str
     eval_batch: int = 250
     probe_lr: float = 0.03
+    lr: float = 3e-4  # training lr of every arm, fixed here so a change of configs/tiny.yaml's lr keeps the results
 
 
 PRESETS: dict[str, Preset] = {
