@@ -11,13 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import repa.checkpoint as C
 from repa.checkpoint import load_checkpoint
 from repa.cli.main import main as cli_main
 from repa.config import load_config
 from repa.training import train
 from repa.training.resume import ConfigChangeError, diff_configs
-from tests.helpers.tiny import PatchEncoder, metrics, tiny_overrides
+from tests.helpers.tiny import PatchEncoder, killed_at, metrics, tiny_overrides
 from tests.test_faults import assert_same_training_state
 
 ROOT = Path(__file__).parents[1]
@@ -110,18 +109,9 @@ def test_harmless_changes_pass_and_are_recorded(run, fmnist_root, test_encoder):
 
 def test_a_resume_killed_before_its_next_checkpoint_records_its_changes_once(run, fmnist_root, test_encoder,
                                                                              monkeypatch):  # fmt: skip
-    class Killed(BaseException):
-        pass
-
-    def die(pid, sig):
-        raise Killed
-
     over = tiny_overrides(run, fmnist_root, "optim.lr=0.001")
-    with monkeypatch.context() as m:
-        m.setattr(C.os, "kill", die)
-        m.setenv("REPA_FAULT_AFTER_FILE", "model.safetensors@6")
-        with pytest.raises(Killed):
-            train(load_config(TINY, over), allow_config_change=True)
+    with killed_at("model.safetensors@6", monkeypatch):
+        train(load_config(TINY, over), allow_config_change=True)
     expected = [{"step": 3, "key": "optim.lr", "old": 0.0003, "new": 0.001},
                 {"step": 3, "key": "train.max_steps", "old": 3, "new": 6}]  # fmt: skip
     assert _changes(run) == expected
@@ -166,17 +156,8 @@ def test_metrics_of_a_killed_run_equal_an_uninterrupted_one(tmp_path, fmnist_roo
     full, killed = tmp_path / "full", tmp_path / "killed"
     train(load_config(TINY, tiny_overrides(full, fmnist_root, *extra)))
 
-    class Killed(BaseException):
-        pass
-
-    def die(pid, sig):
-        raise Killed
-
-    with monkeypatch.context() as m:
-        m.setattr(C.os, "kill", die)
-        m.setenv("REPA_FAULT_AFTER_FILE", f"rename@{kill_at}")  # right after checkpoint `kill_at` is in place
-        with pytest.raises(Killed):
-            train(load_config(TINY, tiny_overrides(killed, fmnist_root, *extra)))
+    with killed_at(f"rename@{kill_at}", monkeypatch):  # right after checkpoint `kill_at` is in place
+        train(load_config(TINY, tiny_overrides(killed, fmnist_root, *extra)))
     assert kill_at % log_every  # the kill lands inside a log window
     train(load_config(TINY, tiny_overrides(killed, fmnist_root, *extra)))
     assert [r["step"] for r in metrics(killed)] == [r["step"] for r in metrics(full)]
@@ -195,17 +176,8 @@ def test_a_cosine_lr_schedule_resumes_exactly_and_its_end_cannot_move(tmp_path, 
     full, killed = tmp_path / "full", tmp_path / "killed"
     train(load_config(TINY, tiny_overrides(full, fmnist_root, *extra)))
 
-    class Killed(BaseException):
-        pass
-
-    def die(pid, sig):
-        raise Killed
-
-    with monkeypatch.context() as m:
-        m.setattr(C.os, "kill", die)
-        m.setenv("REPA_FAULT_AFTER_FILE", "model.safetensors@6")  # steps 4-6 logged, then killed: resume from 3
-        with pytest.raises(Killed):
-            train(load_config(TINY, tiny_overrides(killed, fmnist_root, *extra)))
+    with killed_at("model.safetensors@6", monkeypatch):  # steps 4-6 logged, then killed: resume from 3
+        train(load_config(TINY, tiny_overrides(killed, fmnist_root, *extra)))
     with pytest.raises(ConfigChangeError, match=r"train.max_steps 9 -> 12 \(these change"):
         train(load_config(TINY, tiny_overrides(killed, fmnist_root, *extra, "train.max_steps=12")))
     train(load_config(TINY, tiny_overrides(killed, fmnist_root, *extra)))

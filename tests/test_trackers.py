@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 
-import repa.checkpoint as C
 from repa.cli.main import main as cli_main
 from repa.config import ConfigError, load_config
 from repa.training import train
 from repa.training.tracking import check_installed, wandb_mode
-from tests.helpers.tiny import metrics, tiny_overrides
+from tests.helpers.tiny import killed_at, metrics, tiny_overrides
 
 ROOT = Path(__file__).parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -60,17 +59,8 @@ def test_tensorboard_after_a_kill_shows_each_step_once(tmp_path, fmnist_root, te
     run = tmp_path / "run"
     over = tiny_overrides(run, fmnist_root, "train.trackers=[tensorboard]")
 
-    class Killed(BaseException):
-        pass
-
-    def die(pid, sig):
-        raise Killed
-
-    with monkeypatch.context() as m:
-        m.setattr(C.os, "kill", die)
-        m.setenv("REPA_FAULT_AFTER_FILE", "model.safetensors@6")
-        with pytest.raises(Killed):
-            train(load_config(TINY, over))
+    with killed_at("model.safetensors@6", monkeypatch):
+        train(load_config(TINY, over))
     train(load_config(TINY, over))
     got = [(e.step, e.value) for e in _events(run).Scalars("total")]
     assert [s for s, _ in got] == [1, 2, 3, 4, 5, 6]

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import torch
 
+import repa.checkpoint
 from repa.encoders.base import Encoder
 
 
@@ -63,3 +67,22 @@ def tiny_overrides(run_dir: Path, data_root: Path, *extra: str) -> list[str]:
 def metrics(run_dir: Path) -> list[dict]:
     """The records of a run's metrics.jsonl."""
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+class Killed(BaseException):
+    """What a `kill -9` at a checkpoint fault point becomes in a test (`killed_at`)."""
+
+
+@contextlib.contextmanager
+def killed_at(fault: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The body (a training run) must die at checkpoint fault point `fault` (`REPA_FAULT_AFTER_FILE` syntax, e.g.
+    "model.safetensors@6"): the process's self-kill is turned into `Killed`, which the block must raise."""
+
+    def die(pid: int, sig: int) -> None:
+        raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(repa.checkpoint.os, "kill", die)
+        m.setenv("REPA_FAULT_AFTER_FILE", fault)
+        with pytest.raises(Killed):
+            yield
