@@ -18,6 +18,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from repa.errors import ReportedError
 
@@ -59,12 +60,17 @@ class AssetError(ReportedError, RuntimeError):
     exit_code = 11
 
 
-def file_digest(path: str | Path, algorithm: str = "sha256", chunk: int = 1 << 20) -> str:
-    """Hex digest of a file under a `hashlib` algorithm ("sha256", "sha1", ...), read in chunks."""
-    h = hashlib.new(algorithm)
+def update_digest(h: Any, path: str | Path, chunk: int = 1 << 20) -> None:
+    """Feed a file's bytes into a `hashlib` object, read in chunks."""
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+
+
+def file_digest(path: str | Path, algorithm: str = "sha256", chunk: int = 1 << 20) -> str:
+    """Hex digest of a file under a `hashlib` algorithm ("sha256", "sha1", ...), read in chunks."""
+    h = hashlib.new(algorithm)
+    update_digest(h, path, chunk)
     return h.hexdigest()
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from repa import distributed
+from repa.assets import update_digest
 from repa.checkpoint import CheckpointError
 from repa.config import Config, ConfigError
 from repa.fileio import write_json
@@ -44,9 +45,7 @@ def sha256_of(path: Path) -> str:
     for file in files:
         if file is not path:
             digest.update(str(file.relative_to(path)).encode() + b"\0")
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        update_digest(digest, file)
     return digest.hexdigest()
 
 
