@@ -337,14 +337,22 @@ def cfg_eps_fn(
     """
 
     def guided(x_t: Tensor, t_model: Tensor, y: Tensor) -> Tensor:
-        b, c = x_t.shape[0], x_t.shape[1]
-        t = float(linear_time_of_step(t_model[:1])[0])  # one step at a time: the same t for the whole batch
-        if not guidance_low <= t <= guidance_high:
+        b = x_t.shape[0]
+        if not in_guidance_interval(t_model, guidance_low, guidance_high):
             return fn(x_t, t_model, y)
         out = fn(torch.cat([x_t, x_t]), torch.cat([t_model, t_model]), torch.cat([y, torch.full_like(y, null_label)]))
-        cond, uncond = out[:b], out[b:]
-        k = c if guidance_channels is None else guidance_channels
-        guided_eps = uncond[:, :k] + cfg_scale * (cond[:, :k] - uncond[:, :k])
-        return torch.cat([guided_eps, cond[:, k:]], dim=1)
+        return guide_eps(out[:b], out[b:], cfg_scale, x_t.shape[1] if guidance_channels is None else guidance_channels)
 
     return guided
+
+
+def in_guidance_interval(t_model: Tensor, low: float, high: float) -> bool:
+    """Whether a sampling step's noise level (REPA time `linear_time_of_step`) lies in the guidance interval; one step
+    at a time, so the batch's first entry speaks for all."""
+    return low <= float(linear_time_of_step(t_model[:1])[0]) <= high
+
+
+def guide_eps(cond: Tensor, uncond: Tensor, cfg_scale: float, k: int) -> Tensor:
+    """eps_u + s (eps_c - eps_u) on the first k channels of (B, 2C, ...) model outputs; the rest (the remaining eps
+    channels and the variance channels) are the conditional ones."""
+    return torch.cat([uncond[:, :k] + cfg_scale * (cond[:, :k] - uncond[:, :k]), cond[:, k:]], dim=1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from repa.transport.ddpm import linear_time_of_step
+from repa.transport.ddpm import guide_eps, in_guidance_interval
 from repa.transport.ddpm_sampling import JointModelFn
 
 __all__ = ["cfg_joint_eps_fn", "ddpm_joint_model_fn"]
@@ -47,15 +47,13 @@ def cfg_joint_eps_fn(
     cls_scale = cfg_scale if cls_cfg_scale is None else cls_cfg_scale
 
     def guided(x_t: Tensor, cls_t: Tensor, t_model: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        b, c = x_t.shape[0], x_t.shape[1]
-        t = float(linear_time_of_step(t_model[:1])[0])  # one step at a time: the same t for the whole batch
-        if not guidance_low <= t <= guidance_high:
+        b = x_t.shape[0]
+        if not in_guidance_interval(t_model, guidance_low, guidance_high):
             return fn(x_t, cls_t, t_model, y)
         out, out_cls = fn(torch.cat([x_t, x_t]), torch.cat([cls_t, cls_t]), torch.cat([t_model, t_model]),
                           torch.cat([y, torch.full_like(y, null_label)]))  # fmt: skip
-        cond, uncond = out[:b], out[b:]
-        k = c if guidance_channels is None else guidance_channels
-        image = torch.cat([uncond[:, :k] + cfg_scale * (cond[:, :k] - uncond[:, :k]), cond[:, k:]], dim=1)
+        k = x_t.shape[1] if guidance_channels is None else guidance_channels
+        image = guide_eps(out[:b], out[b:], cfg_scale, k)
         cls_cond, cls_uncond = out_cls[:b], out_cls[b:]
         cls = cls_cond if cls_scale <= 0 else cls_uncond + cls_scale * (cls_cond - cls_uncond)
         return image, cls
