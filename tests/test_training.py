@@ -4,9 +4,6 @@ targets equal online targets, 2 processes equal 1 process, `repa sample` works o
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +14,7 @@ from repa.checkpoint import latest_checkpoint, load_checkpoint
 from repa.cli.main import main as cli_main
 from repa.config import load_config
 from repa.training import train
-from tests.helpers.tiny import tiny_overrides
+from tests.helpers.tiny import launch_training, tiny_overrides
 
 ROOT = Path(__file__).parents[1]
 
@@ -107,32 +104,12 @@ def test_sample_cli_writes_grid_and_npz(tmp_path, fmnist_root, test_encoder):
     assert data["arr_1"].tolist() == [i % 10 for i in range(12)]
 
 
-_TWO_PROC_SCRIPT = """
-import sys, json
-from pathlib import Path
-import repa.training.setup as S
-sys.path.insert(0, {root!r})
-from tests.helpers.tiny import PatchEncoder
-S.build_encoders = lambda cfg, device: [PatchEncoder(98)]
-from repa.config import load_config
-from repa.training import train
-train(load_config({cfg!r}, json.loads(sys.argv[1])))
-"""
-
-
 @pytest.mark.multiproc
 def test_two_processes_equal_one(tmp_path, fmnist_root):
-    script = tmp_path / "run_train.py"
-    script.write_text(_TWO_PROC_SCRIPT.format(root=str(ROOT), cfg=str(ROOT / "configs/tiny.yaml")))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "REPA_CACHE": str(tmp_path / "cache")}
     runs = {}
     for nproc in (1, 2):
         run = tmp_path / f"run{nproc}"
-        over = json.dumps(tiny_overrides(run, fmnist_root, "train.max_steps=4"))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(script), over]  # fmt: skip
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert res.returncode == 0, res.stderr[-3000:]
+        launch_training(tmp_path, nproc, tiny_overrides(run, fmnist_root, "train.max_steps=4"))
         runs[nproc] = _metrics(run)
     assert len(runs[1]) == len(runs[2]) == 4
     for a, b in zip(runs[1], runs[2]):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
@@ -106,3 +107,128 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts, dim=0)
+
+
+# ---- FSDP2 (`train.fsdp`): torch.distributed.fsdp.fully_shard over one process group, no Accelerate wrapper.
+# Parameters, gradients and optimizer moments become DTensors sharded along dim 0; the EMA shadow is sharded the same
+# way. Checkpoints gather everything to full tensors (`gather_full`), so FSDP, DDP and 1-process runs read and write
+# the same files; a resume shards them again (`shard_like`, `shard_optimizer_state`).
+
+
+def ensure_process_group() -> bool:
+    """A process group for FSDP: the launcher's (torchrun / accelerate launch), or a private one-process group for a
+    plain `repa train` (FSDP over one device). Returns True if this call created it (the caller destroys it)."""
+    if dist.is_initialized():
+        return False
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    if "MASTER_ADDR" in os.environ:
+        dist.init_process_group(backend)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return True
+
+
+def is_sharded(tensor: Any) -> bool:
+    """True for a DTensor (an FSDP-sharded parameter, gradient or optimizer moment)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (sharing its storage: in-place ops write the parameter); other tensors as is."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+def shard_model(model: torch.nn.Module, units: Sequence[torch.nn.Module], *, reshard_after_forward: bool = True,
+                forward_methods: Sequence[str] = ()) -> torch.nn.Module:  # fmt: skip
+    """FSDP2 in place: each of `units` (the transformer blocks) is one all-gather unit, the root keeps the rest
+    (embedders, final layer, projectors). `forward_methods` are methods other than `forward` that run the model
+    (e.g. `velocity`, `forward_hidden`): they gather the root's parameters as `forward` does."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    # the model's outputs are views (unpatchify, channel slices); nothing here modifies them in place, which is
+    # what FSDP2's warning on every such output is about
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    device = next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for unit in units:
+        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    for name in forward_methods:
+        if hasattr(model, name):
+            register_fsdp_forward_method(model, name)
+    return model
+
+
+def gather_full(tree: Any) -> Any:
+    """The tree (dicts, lists, tensors, numbers) with every DTensor replaced by the full tensor, on the CPU. A
+    collective when the tree holds DTensors: every rank calls it with the same structure (an all-gather per tensor:
+    every rank holds the full state in host memory for a moment; only rank 0 writes it)."""
+    if isinstance(tree, dict):
+        return {k: gather_full(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(gather_full(v) for v in tree)
+    return tree.full_tensor().cpu() if is_sharded(tree) else tree  # one tensor at a time on the device
+
+
+def _shard_as(full: Any, like: Any) -> Any:
+    """`full` sharded with the mesh and placements of DTensor `like` (every rank holds `full`: no communication)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    if not is_sharded(like):
+        return full
+    if tuple(full.shape) != tuple(like.shape):
+        raise ValueError(f"a checkpoint tensor of shape {tuple(full.shape)} cannot fill a parameter of shape "
+                         f"{tuple(like.shape)}")  # fmt: skip
+    return distribute_tensor(full.to(like.dtype), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def shard_like(full: dict[str, Any], like: dict[str, Any]) -> dict[str, Any]:
+    """A full state dict sharded as the (FSDP) module's own `like = module.state_dict()`; keys `like` lacks pass
+    through (load_state_dict names them)."""
+    return {k: _shard_as(v, like[k]) if k in like and torch.is_tensor(v) else v for k, v in full.items()}
+
+
+def shard_optimizer_state(optimizer: torch.optim.Optimizer, full: dict[str, Any]) -> dict[str, Any]:
+    """A full optimizer state dict (integer parameter ids, as `Optimizer.state_dict()` writes it) with every
+    parameter-shaped tensor sharded like its parameter, ready for `optimizer.load_state_dict`."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    ids = [i for group in full["param_groups"] for i in group["params"]]
+    by_id = dict(zip(ids, params))
+    state = {
+        i: {k: _shard_as(v, by_id[i]) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in s.items()}
+        for i, s in full["state"].items()
+    }
+    return {**full, "state": state}
+
+
+class Frozen:
+    """A `state_dict()` fixed at construction (a gathered FSDP state handed to the rank-0 checkpoint writer)."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self._state = state
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._state
+
+
+def grad_norm(parameters: Sequence[torch.Tensor], max_norm: float = 0.0) -> torch.Tensor:
+    """The global 2-norm of the gradients of (possibly sharded) parameters, clipped to `max_norm` when > 0 (torch's
+    `clip_grad_norm_`, which reduces DTensor norms over the mesh); a plain float32 tensor on every rank."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if max_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm(grads)
+    return (norm.full_tensor() if is_sharded(norm) else norm).float()
+
+
+def all_reduce_max(value: float, device: torch.device | str = "cpu") -> float:
+    """The largest `value` over all processes (NaN counts as +inf); `device` is one the process group serves."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    t = torch.tensor([value if value == value else float("inf")], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,3 +87,33 @@ def killed_at(fault: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         m.setenv("REPA_FAULT_AFTER_FILE", fault)
         with pytest.raises(Killed):
             yield
+
+
+_LAUNCHED_TRAIN = """
+import sys, json
+sys.path.insert(0, {root!r})
+import repa.training.setup as S
+from tests.helpers.tiny import PatchEncoder
+S.build_encoders = lambda cfg, device: [PatchEncoder(98)]
+from repa.config import load_config
+from repa.training import train
+train(load_config({cfg!r}, json.loads(sys.argv[1])))
+"""
+
+
+def launch_training(tmp_path: Path, nproc: int, overrides: list[str], config: str = "configs/tiny.yaml") -> str:
+    """`repa train` of `config` with `overrides` on `nproc` CPU processes (torchrun, gloo, one thread each, the
+    stand-in encoder, a repa cache under tmp_path); returns stdout + stderr, failing the test if it fails."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[2]
+    script = tmp_path / "launched_train.py"
+    script.write_text(_LAUNCHED_TRAIN.format(root=str(root), cfg=str(root / config)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "REPA_CACHE": str(tmp_path / "cache")}
+    env.pop("REPA_FAULT_AFTER_FILE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script),
+           json.dumps(overrides)]  # fmt: skip
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout + res.stderr

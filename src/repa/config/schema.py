@@ -153,6 +153,10 @@ class TrainConfig:
     num_threads: int | None = None  # CPU threads (None = torch default)
     progress: bool = True
     trackers: list[str] = field(default_factory=list)  # tensorboard and/or wandb; [] = metrics.jsonl only
+    # FSDP2 (torch.distributed.fsdp.fully_shard): parameters, gradients, optimizer state and EMA sharded over the
+    # processes (docs/scaling.md); checkpoints stay full safetensors, the same files as a DDP or 1-process run
+    fsdp: bool = False
+    fsdp_reshard_after_forward: bool = True  # ZeRO-3 (less memory); false = ZeRO-2 (no re-gather for the backward)
     # REPA-E (Leng et al., ICCV 2025; docs/family.md): the VAE (data.vae) trains with the model, through the alignment
     # loss only (stop-gradient on the denoising loss), behind a latent BatchNorm; off = plain training, bit for bit
     end_to_end: bool = False

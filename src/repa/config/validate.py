@@ -68,6 +68,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _check_model(cfg)
     _check_family(cfg)
     _check_end_to_end(cfg, world_size)
+    _check_fsdp(cfg)
     _check_sample(cfg)
 
 
@@ -273,6 +274,18 @@ def _check_end_to_end(cfg: Config, world_size: int) -> None:
         raise ConfigError(f"train.end_to_end=true runs on one process for now, got {world_size}")
     if t.mixed_precision == "fp16":
         raise ConfigError("train.end_to_end=true does not support fp16 loss scaling: use bf16 (or no)")
+
+
+def _check_fsdp(cfg: Config) -> None:
+    """`train.fsdp`: what the sharded loop does not support is refused before any work."""
+    t = cfg.train
+    if not t.fsdp:
+        return
+    if t.mixed_precision == "fp16":
+        raise ConfigError("train.fsdp=true does not support fp16 loss scaling: use bf16 (or no)")
+    if t.end_to_end:
+        raise ConfigError("train.fsdp=true with train.end_to_end=true (REPA-E) is not supported: REPA-E runs on one "
+                          "process")  # fmt: skip
 
 
 def _check_sample(cfg: Config) -> None:

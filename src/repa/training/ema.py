@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from repa import distributed
 
 
 class EMA:
@@ -27,10 +30,10 @@ class EMA:
         self.decay = decay
         self.warmup = warmup
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self._pairs = self._match(model)
+        self._pairs = self._match()
 
-    def _match(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        del model  # the shadow copy has the same names
+    def _match(self) -> tuple[list[torch.Tensor], list[str]]:
+        """The shadow's floating-point parameters and their names (the tracked model's names are the same)."""
         dst = dict(self.model.named_parameters())
         keys = [k for k in dst if dst[k].is_floating_point()]
         return [dst[k] for k in keys], keys
@@ -46,7 +49,14 @@ class EMA:
         decay = self.decay_at(step)
         params = dict(model.named_parameters())
         shadow, keys = self._pairs
-        torch._foreach_lerp_(shadow, [params[k].detach() for k in keys], 1.0 - decay)
+        # FSDP: each rank averages its own shards (the model's and the shadow's are laid out alike)
+        local = distributed.local
+        torch._foreach_lerp_([local(s) for s in shadow], [local(params[k]).detach() for k in keys], 1.0 - decay)
+
+    def shard(self, shard: Callable[[nn.Module], nn.Module]) -> None:
+        """Shard the shadow model as the trained one is sharded (`train.fsdp`: `shard` applies `fully_shard`)."""
+        self.model = shard(self.model)
+        self._pairs = self._match()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from repa import distributed
 from repa.errors import ReportedError
 
 SAFE_MARGIN = 1e-8  # a bounded update stays below this share of the dtype's largest value: rounding cannot matter
@@ -64,6 +65,17 @@ class UpdateGuard:
         self._weights: float | None = None  # bound on |parameter| (largest tensor 2-norm)
         self._moment = 0.0  # bound on |first moment|
         self._limit = min((torch.finfo(p.dtype).max for p in self.params), default=0.0) * SAFE_MARGIN
+        # FSDP: each rank checks its shards, and the verdict and bound are the maxima over the ranks (all agree)
+        self.sharded = any(distributed.is_sharded(p) for p in self.params)
+
+    def _norms(self, tensors: Sequence[torch.Tensor]) -> tuple[bool, float]:
+        """`finite_norms` of the local shards, reduced over the ranks when the parameters are sharded."""
+        finite, largest = finite_norms([distributed.local(t) for t in tensors])
+        if self.sharded:
+            device = self.params[0].device
+            finite = distributed.all_reduce_max(0.0 if finite else 1.0, device) == 0.0
+            largest = distributed.all_reduce_max(largest, device)
+        return finite, largest
 
     @torch.no_grad()
     def step(self, grad_norm: float) -> bool:
@@ -80,7 +92,7 @@ class UpdateGuard:
         self._moment = max(self._moment, grad_norm)  # |m_new| <= max(|m|, |g|) and |g| <= the gradient norm
         if self._cannot_overflow():
             self.optimizer.step()
-            finite, self._weights = finite_norms(self.params)
+            finite, self._weights = self._norms(self.params)
             if not finite:
                 raise NonFiniteError("an optimizer update that cannot overflow made weights NaN/inf: the optimizer "
                                      "state holds NaN/inf (a bug or memory corruption). Nothing was saved since the "
@@ -90,7 +102,7 @@ class UpdateGuard:
         saved = self._copy(live)
         scaler_state = self.scaler.state_dict() if self.scaler is not None else None
         self.optimizer.step()
-        finite, weights = finite_norms(self.params)
+        finite, weights = self._norms(self.params)
         if finite:
             self._weights = weights
             return True
@@ -103,9 +115,9 @@ class UpdateGuard:
 
     def _start(self) -> None:
         """The bounds at the first step (after a resume the optimizer state is there already)."""
-        _, self._weights = finite_norms(self.params)
+        _, self._weights = self._norms(self.params)
         state = [self.inner.state[p] for p in self.params if p in self.inner.state]
-        self._moment = finite_norms([s["exp_avg"] for s in state if torch.is_tensor(s.get("exp_avg"))])[1]
+        self._moment = self._norms([s["exp_avg"] for s in state if torch.is_tensor(s.get("exp_avg"))])[1]
 
     def _cannot_overflow(self) -> bool:
         if self.scaler is not None or not isinstance(self.inner, torch.optim.AdamW) or self._moment > 1e18:
@@ -124,7 +136,8 @@ class UpdateGuard:
     def _live(self) -> list[torch.Tensor]:
         """What a step writes: the parameters, then their state tensors (none before the first step)."""
         state = [v for p in self.params if p in self.inner.state for v in self.inner.state[p].values()]
-        return [p.detach() for p in self.params] + [v for v in state if torch.is_tensor(v)]
+        local = distributed.local  # FSDP: the shards (their storage is the parameters' and moments')
+        return [local(p).detach() for p in self.params] + [local(v) for v in state if torch.is_tensor(v)]
 
     def _copy(self, live: list[torch.Tensor]) -> list[torch.Tensor]:
         if not self.keep_buffers:

@@ -143,6 +143,11 @@ def train(cfg: Config, *, allow_config_change: bool = False) -> dict[str, Any]:
             setup.prepare_targets(cfg, data, targets.encoders)  # fills data.targets (computed once, cached on disk)
         loss_fn = setup.build_loss(cfg)
         ema = EMA(model, cfg.optim.ema_decay, warmup=cfg.optim.ema_warmup)
+        if tc.fsdp:  # before the optimizer: sharding replaces the parameters by DTensors
+            if distributed.ensure_process_group():
+                on_exit.callback(torch.distributed.destroy_process_group)
+            model = setup.shard_model(cfg, model)
+            ema.shard(lambda m: setup.shard_model(cfg, m))
         # fused AdamW (one kernel over all tensors) where torch has it: on the 2-core CPU, SiT-B/2's update takes
         # 0.06 s fused vs 0.16 s per-parameter and 0.31 s foreach (`python -m benchmarks.micro`); same algorithm
         fused = device.type in ("cpu", "cuda")
@@ -156,6 +161,8 @@ def train(cfg: Config, *, allow_config_change: bool = False) -> dict[str, Any]:
         start_step, nonfinite, overflow, window = resume.step, 0, 0, MetricWindow()
         if resume.path is not None:
             ckpt_path, ckpt = load_latest_checkpoint(run_dir / "checkpoints")  # refuses NaN/inf weights
+            if tc.fsdp:  # the files hold full tensors: each rank keeps its shards
+                ckpt = setup.shard_checkpoint(ckpt, model, ema, opt)
             state = restore_training_checkpoint(ckpt, model=model, ema=ema, optimizer=opt, scheduler=sched,
                                                 scaler=acc.scaler, vae=e2e and e2e.tuned)  # fmt: skip
             del ckpt  # the tensors live in the model, EMA and optimizer now
@@ -178,7 +185,8 @@ def train(cfg: Config, *, allow_config_change: bool = False) -> dict[str, Any]:
         trackers = Trackers(acc, cfg, run_dir, start_step)  # train.trackers (none: metrics.jsonl alone)
         on_exit.callback(trackers.close)
 
-        model, opt = acc.prepare(model, opt)
+        if not tc.fsdp:  # DDP over several processes (FSDP shards on its own, above)
+            model, opt = acc.prepare(model, opt)
         raw_model = acc.unwrap_model(model)
         guard = UpdateGuard(opt, [p for group in opt.param_groups for p in group["params"]], acc.scaler)
         if tc.compile:
@@ -251,10 +259,14 @@ def train(cfg: Config, *, allow_config_change: bool = False) -> dict[str, Any]:
                     "the data."
                 )
             if done % tc.sample_every == 0 or done == tc.max_steps:
-                if acc.is_main_process:
-                    grid = run_dir / "samples" / f"step_{done:08d}.png"
+                grid = run_dir / "samples" / f"step_{done:08d}.png"
+                if tc.fsdp:  # the sharded EMA model samples on every rank (each forward gathers); rank 0 writes
+                    with _reported_write(grid, "the sample grid", run_dir):
+                        setup.sample_grid(cfg, ema.model, data, grid if acc.is_main_process else None)
+                elif acc.is_main_process:
                     with _reported_write(grid, "the sample grid", run_dir):
                         setup.sample_grid(cfg, ema.model, data, grid, e2e and e2e.tuned.decode_to_uint8)
+                if acc.is_main_process:
                     trackers.log_grid(grid, done)
                 acc.wait_for_everyone()
             if done % tc.checkpoint_every == 0 or done == tc.max_steps:
@@ -305,7 +317,9 @@ def _train_step(
                 backward=lambda loss: acc.backward(loss / tc.grad_accum_steps, inputs=e2e.params),
             )  # fmt: skip
         sync = micro == tc.grad_accum_steps - 1
-        with acc.no_sync(model) if not sync and acc.num_processes > 1 else contextlib.nullcontext():
+        if tc.fsdp:  # accumulate unreduced gradients until the last micro-batch
+            model.set_requires_gradient_sync(sync)
+        with acc.no_sync(model) if not sync and acc.num_processes > 1 and not tc.fsdp else contextlib.nullcontext():
             with acc.autocast():
                 terms = loss_fn(
                     model, batch["x"], batch["y"], targets if cfg.repa.enabled else None,
@@ -318,7 +332,9 @@ def _train_step(
         terms.update(vae_terms)
         for k, v in terms.items():
             totals[k] = totals.get(k, 0.0) + v.detach().float() / tc.grad_accum_steps
-    if cfg.optim.grad_clip > 0:
+    if tc.fsdp:
+        grad_norm = distributed.grad_norm(list(model.parameters()), cfg.optim.grad_clip)
+    elif cfg.optim.grad_clip > 0:
         grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
     else:
         grad_norm = torch.linalg.vector_norm(
@@ -344,8 +360,12 @@ def _reported_write(path: Path, what: str, run_dir: Path) -> Iterator[None]:
         ) from e
 
 
-def _save(cfg: Config, acc: Any, raw_model: torch.nn.Module, ema: EMA, opt: Any, sched: Any, step: int,
+def _save(cfg: Config, acc: Any, raw_model: torch.nn.Module, ema: Any, opt: Any, sched: Any, step: int,
           meta: dict[str, Any], e2e: EndToEnd | None = None) -> None:  # fmt: skip
+    if cfg.train.fsdp:  # every rank takes part in gathering the shards; rank 0 writes the same files as DDP
+        raw_model, ema, opt = (
+            distributed.Frozen(distributed.gather_full(x.state_dict())) for x in (raw_model, ema, opt)
+        )
     if acc.is_main_process:
         save_training_checkpoint(Path(cfg.train.run_dir) / "checkpoints", step, model=raw_model, ema=ema, optimizer=opt,
                                  scheduler=sched, scaler=acc.scaler, keep=cfg.train.keep_checkpoints, meta=meta,

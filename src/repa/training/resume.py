@@ -25,6 +25,7 @@ HARMLESS = frozenset({
     "train.max_nonfinite_steps", "train.num_threads", "train.progress", "train.compile",
     "train.compile_memory_budget", "model.grad_checkpointing", "data.num_workers", "repa.cache_targets",
     "train.trackers",  # where the scalars are also sent
+    "train.fsdp", "train.fsdp_reshard_after_forward",  # the same maths and the same checkpoint files, sharded or not
     "model.init_from",  # read on a fresh start only: on resume the checkpoint's weights win
 })  # fmt: skip
 # harmless unless the lr decays over them: a cosine/linear schedule ends at train.max_steps

@@ -22,6 +22,7 @@ from repa.generate import decoder_for, generate, grid_labels, save_grid
 from repa.losses import RepaLoss, align_weight
 from repa.models import build_model as build_backbone
 from repa.training.data import InMemoryImages, TargetSpec, TrainingData
+from repa.training.ema import EMA
 from repa.transport import time_from_uniform
 
 
@@ -226,18 +227,42 @@ def compile_model(model: nn.Module, memory_budget: float | None = None) -> nn.Mo
     return torch.compile(model)
 
 
+def shard_model(cfg: Config, model: nn.Module) -> nn.Module:
+    """`train.fsdp`: FSDP2 over the process group, one all-gather unit per transformer block; the methods the loss,
+    SRA's teacher and the samplers call besides `forward` gather the parameters too."""
+    return distributed.shard_model(
+        model, list(model.blocks), reshard_after_forward=cfg.train.fsdp_reshard_after_forward,
+        forward_methods=("velocity", "velocity_joint", "forward_hidden"),
+    )  # fmt: skip
+
+
+def shard_checkpoint(ckpt: dict, model: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer) -> dict:
+    """A loaded checkpoint (full tensors, the format every run writes) with the model, EMA and optimizer tensors
+    sharded like the FSDP model's, ready for `restore_training_checkpoint`."""
+    opt_state = ckpt["optimizer"]
+    return {
+        **ckpt,
+        "model": distributed.shard_like(ckpt["model"], model.state_dict()),
+        "ema": distributed.shard_like(ckpt["ema"], ema.state_dict()),
+        "optimizer": {**opt_state, "optimizer": distributed.shard_optimizer_state(optimizer, opt_state["optimizer"])},
+    }
+
+
 def sample_grid(
     cfg: Config,
     model: nn.Module,
     data: TrainingData,
-    path: Path,
+    path: Path | None,
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
-    """A grid of `cfg.sample.num_images` EMA samples, one class per column (at most 10 columns); `decode` (x -> uint8)
-    replaces the data's VAE (REPA-E: the VAE being trained, with its latent BatchNorm's running statistics)."""
+    """A grid of `cfg.sample.num_images` EMA samples, one class per column (at most 10 columns), written to `path`
+    (None: sampled, not written: the other ranks of an FSDP model); `decode` (x -> uint8) replaces the data's VAE
+    (REPA-E: the VAE being trained, with its latent BatchNorm's running statistics)."""
     n = cfg.sample.num_images
     labels = grid_labels(n, data.num_classes)
     x = generate(model, cfg, labels, data.sample_shape, cfg.sample.seed)
+    if path is None:
+        return
     device = next(model.parameters()).device
     decode = decode or decoder_for(data.vae, device, data.latent_norm)
     save_grid(decode(x.to(device)).cpu(), path, nrow=min(data.num_classes, n, 10))

@@ -1,0 +1,124 @@
+"""`train.fsdp`: FSDP2 (fully_shard) on 2 gloo CPU processes gives the weights DDP gives, bit for bit (gradient
+clipping inactive; with clipping active the sharded norm is summed in another order: a few float32 ulps), one process
+gives the plain loop's weights bit for bit, a killed and resumed FSDP run equals an uninterrupted one bit for bit, and
+its checkpoints are the ordinary full files (`repa sample` reads them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from repa.checkpoint import latest_checkpoint, load_checkpoint
+from repa.cli.main import main as cli_main
+from repa.config import ConfigError, load_config
+from repa.training import train
+from tests.helpers.tiny import launch_training, metrics, tiny_overrides
+
+ROOT = Path(__file__).parents[1]
+# the REPA family's extra model calls go through the sharded model too: SRA's EMA teacher (`forward_hidden` on the
+# sharded EMA) and REG's class token (`velocity_joint` in the sample grid)
+FAMILY = ["repa.self_align=true", "repa.self_align_blocks=[1,2]", "repa.class_token=true"]
+# accumulation: the gradient sync is held back once per step; no clipping: an active clip scales the gradients by
+# max_norm / norm, and the sharded norm is summed in another order (measured: weights within 3e-8 after 4 steps)
+STEPS = ["train.max_steps=4", "train.grad_accum_steps=2", "optim.grad_clip=0"]
+
+pytestmark = pytest.mark.usefixtures("isolated_cache")
+
+
+def _final(run: Path) -> dict:
+    return load_checkpoint(latest_checkpoint(run / "checkpoints"))
+
+
+def _assert_same_checkpoint(a: dict, b: dict) -> None:
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
+    sa, sb = a["optimizer"]["optimizer"], b["optimizer"]["optimizer"]
+    assert sa["param_groups"] == sb["param_groups"] and sa["state"].keys() == sb["state"].keys()
+    for pid in sa["state"]:
+        for k in sa["state"][pid]:
+            assert torch.equal(torch.as_tensor(sa["state"][pid][k]), torch.as_tensor(sb["state"][pid][k])), (pid, k)
+
+
+def _losses(run: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in ("images_per_s", "peak_memory_gb", "grad_norm")}
+            for r in metrics(run)]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory, fmnist_root) -> Path:
+    """4 steps of SRA + REG on 2 FSDP processes (the reference of the tests below)."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    run = tmp / "fsdp"
+    launch_training(tmp, 2, tiny_overrides(run, fmnist_root, *STEPS, *FAMILY, "train.fsdp=true"))
+    return run
+
+
+@pytest.mark.multiproc
+def test_fsdp_on_two_processes_gives_ddp_weights_bit_for_bit(tmp_path, fmnist_root, fsdp_run):
+    ddp = tmp_path / "ddp"
+    launch_training(tmp_path, 2, tiny_overrides(ddp, fmnist_root, *STEPS, *FAMILY))
+    _assert_same_checkpoint(_final(fsdp_run), _final(ddp))
+    assert _losses(fsdp_run) == _losses(ddp)
+    # the gradient norm sums the shards' norms: equal up to float32 rounding
+    for a, b in zip(metrics(fsdp_run), metrics(ddp)):
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6)
+    assert (fsdp_run / "samples" / "step_00000004.png").exists()  # sampled by every rank, written by rank 0
+
+
+@pytest.mark.multiproc
+def test_fsdp_resume_equals_uninterrupted(tmp_path, fmnist_root, fsdp_run):
+    run = tmp_path / "resumed"
+    launch_training(tmp_path, 2, tiny_overrides(run, fmnist_root, *STEPS, *FAMILY, "train.fsdp=true",
+                                                "train.max_steps=2"))  # fmt: skip
+    out = launch_training(tmp_path, 2, tiny_overrides(run, fmnist_root, *STEPS, *FAMILY, "train.fsdp=true"))
+    assert "resuming from" in out and "returned a view tensor" not in out
+    _assert_same_checkpoint(_final(run), _final(fsdp_run))
+    assert _losses(run) == _losses(fsdp_run)
+
+
+@pytest.mark.multiproc
+def test_fsdp_checkpoints_are_the_ordinary_files(tmp_path, fmnist_root, fsdp_run):
+    """Full tensors under the unsharded names: a 1-process resume without FSDP and `repa sample` read them."""
+    ck = _final(fsdp_run)
+    assert ck["model"]["blocks.0.attn.qkv.weight"].shape == (3 * 32, 32)  # full, not a shard
+    assert not any("_fsdp" in k or "_orig_mod" in k for k in ck["model"])
+    out = tmp_path / "samples"
+    assert cli_main(["sample", str(fsdp_run), "--num", "4", "--steps", "2", "--out", str(out)]) == 0
+    x = np.load(next(out.glob("*.npz")), allow_pickle=False)["arr_0"]
+    assert x.shape == (4, 28, 28, 3) and x.dtype == np.uint8
+
+
+def test_fsdp_on_one_process_equals_the_plain_loop_bit_for_bit(tmp_path, fmnist_root, test_encoder):
+    """World size 1 (a private process group, destroyed afterwards): sharding over one rank changes nothing, with
+    the gradient clipped at every step."""
+    runs = {}
+    for name, extra in (("plain", ["optim.grad_clip=0.05"]), ("fsdp", ["optim.grad_clip=0.05", "train.fsdp=true"])):
+        runs[name] = tmp_path / name
+        train(load_config(ROOT / "configs/tiny.yaml", tiny_overrides(runs[name], fmnist_root, *STEPS, *extra)))
+        assert not dist.is_initialized()
+    _assert_same_checkpoint(_final(runs["fsdp"]), _final(runs["plain"]))
+    assert metrics(runs["fsdp"])[-1]["grad_norm"] == pytest.approx(metrics(runs["plain"])[-1]["grad_norm"], rel=1e-6)
+    # the same files either way: a plain run resumed with FSDP on (a harmless config change) ends where both end
+    switched = tmp_path / "switched"
+    clip = "optim.grad_clip=0.05"
+    train(
+        load_config(
+            ROOT / "configs/tiny.yaml", tiny_overrides(switched, fmnist_root, *STEPS, clip, "train.max_steps=2")
+        )
+    )
+    train(
+        load_config(ROOT / "configs/tiny.yaml", tiny_overrides(switched, fmnist_root, *STEPS, clip, "train.fsdp=true"))
+    )
+    _assert_same_checkpoint(_final(switched), _final(runs["plain"]))
+
+
+def test_fsdp_refuses_what_it_does_not_support(tmp_path, fmnist_root):
+    with pytest.raises(ConfigError, match="train.fsdp=true does not support fp16"):
+        load_config(ROOT / "configs/tiny.yaml", tiny_overrides(tmp_path, fmnist_root, "train.fsdp=true",
+                                                               "train.mixed_precision=fp16"))  # fmt: skip
