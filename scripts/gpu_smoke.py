@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """GPU smoke test (under 5 minutes on one H100): a few SiT-XL/2 + REPA steps with bf16, torch.compile and gradient
-checkpointing (FSDP too when launched with an Accelerate FSDP config), then CFG sampling; prints a JSON report.
+checkpointing (FSDP2 with --fsdp, as `train.fsdp=true` shards it), then CFG sampling; prints a JSON report.
 
     python scripts/gpu_smoke.py                                    # one GPU
-    accelerate launch --config_file fsdp.yaml scripts/gpu_smoke.py   # FSDP (see docs/scaling.md)
+    torchrun --nproc_per_node 8 scripts/gpu_smoke.py --fsdp        # FSDP over 8 GPUs (see docs/scaling.md)
     python scripts/gpu_smoke.py --tiny                              # seconds on a CPU: same code path, tiny sizes
 
 Inputs are synthetic (random latents and images) and the DINOv2-B target encoder has random weights of the real
@@ -33,6 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default=None, help="default bf16 (tiny: no)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     p.add_argument("--no-grad-checkpointing", action="store_true")
+    p.add_argument("--fsdp", action="store_true", help="shard the model as train.fsdp=true does (FSDP2), any world size")
     p.add_argument("--sample-steps", type=int, default=8, help="Euler ODE steps of the sampling check")
     p.add_argument("--num-samples", type=int, default=8)
     p.add_argument("--out", default=None, help="also write the JSON report here")
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from accelerate import Accelerator
 
+    from repa import distributed
     from repa.losses import RepaLoss
     from repa.samplers import euler_maruyama_sampler, euler_sampler, model_velocity_fn
 
@@ -72,8 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     model, encoder, shape, image_size = build(args, device)
     model.grad_checkpointing = not args.no_grad_checkpointing
     model.to(device).train()
+    if args.fsdp:  # the training loop's sharding (train.fsdp); the optimizer sees the sharded parameters
+        distributed.ensure_process_group()
+        distributed.shard_model(model, list(model.blocks), forward_methods=("velocity", "forward_hidden"))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0)
-    model, opt = acc.prepare(model, opt)
+    if not args.fsdp:
+        model, opt = acc.prepare(model, opt)
     train_model = model if args.no_compile or args.tiny else torch.compile(model)
     loss_fn = RepaLoss(align_coeff=0.5)
     b, g = args.batch_size, torch.Generator().manual_seed(acc.process_index)
@@ -91,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         with acc.autocast():
             terms = loss_fn(train_model, x, y, targets)
         acc.backward(terms["total"])
-        grad_norm = acc.clip_grad_norm_(model.parameters(), 1.0)
+        if args.fsdp:
+            grad_norm = distributed.grad_norm(list(model.parameters()), 1.0)
+        else:
+            grad_norm = acc.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if device.type == "cuda":
@@ -116,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     steady = times[1:] or times
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "distributed": str(acc.distributed_type), "processes": acc.num_processes, "model": "tiny" if args.tiny else args.model,
+        "distributed": "FSDP2" if args.fsdp else str(acc.distributed_type), "processes": acc.num_processes, "model": "tiny" if args.tiny else args.model,
         "mixed_precision": precision, "compile": train_model is not model, "grad_checkpointing": not args.no_grad_checkpointing,
         "batch_per_process": b, "first_step_s": times[0], "step_s": sum(steady) / len(steady),
         "images_per_s": b * acc.num_processes * len(steady) / sum(steady),

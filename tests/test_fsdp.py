@@ -122,3 +122,16 @@ def test_fsdp_refuses_what_it_does_not_support(tmp_path, fmnist_root):
     with pytest.raises(ConfigError, match="train.fsdp=true does not support fp16"):
         load_config(ROOT / "configs/tiny.yaml", tiny_overrides(tmp_path, fmnist_root, "train.fsdp=true",
                                                                "train.mixed_precision=fp16"))  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fsdp_world_size_one_on_the_gpu(tmp_path, fmnist_root, test_encoder):
+    """The same contract on one GPU (NCCL group of one): equal to the plain loop up to CUDA's float rounding."""
+    runs = {}
+    for name, extra in (("plain", []), ("fsdp", ["train.fsdp=true"])):
+        runs[name] = tmp_path / name
+        train(load_config(ROOT / "configs/tiny.yaml", tiny_overrides(runs[name], fmnist_root, *STEPS, *extra)))
+    a, b = _final(runs["fsdp"]), _final(runs["plain"])
+    for name in b["ema"]:
+        torch.testing.assert_close(a["ema"][name], b["ema"][name], rtol=1e-5, atol=1e-6)

@@ -99,6 +99,9 @@ def train(cfg: Config, *, allow_config_change: bool = False) -> dict[str, Any]:
     check_installed(tc.trackers)  # Accelerate would silently drop a tracker whose package is missing
     acc = distributed.make_accelerator(tc.mixed_precision, trackers=tc.trackers, project_dir=tracker_dir(run_dir))
     world, rank, device = acc.num_processes, acc.process_index, acc.device
+    if acc.distributed_type.name == "FSDP":  # Accelerate's plugin would wrap the model behind the loop's back
+        raise ValueError("an Accelerate FSDP config launches this run: use a plain multi-GPU config (or torchrun) and "
+                         "set train.fsdp=true, the loop's own FSDP (docs/scaling.md)")  # fmt: skip
     validate(cfg, world_size=world)
     if tc.mixed_precision == "fp16" and device.type == "cpu":  # Accelerate would silently run fp32, no loss scaling
         raise ValueError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 (or no)")
