@@ -1,6 +1,6 @@
 """REG with cached targets: the target cache stores the encoder's global token beside the patch tokens, so
 `repa.class_token=true` runs with `repa.cache_targets=true` and gives the loss of the online encoder; caches written
-before it (no global token) still serve plain REPA, and a REG run on one is told to rebuild it."""
+before it (no global token) still serve plain REPA, and a REG run rebuilds one with them."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from repa.config import ConfigError, load_config
-from repa.data.features import TargetCache, TargetCacheMismatch, build_target_cache, describe
+from repa.data.features import TargetCache, build_target_cache, describe
 from repa.encoders import load_encoder
 from repa.losses import RepaLoss
 from repa.models import build_model
@@ -69,7 +69,7 @@ def test_target_cache_stores_the_global_token_beside_the_patch_tokens(tmp_path):
     torch.testing.assert_close(half.global_tokens[0].float(), cache.global_tokens[0], atol=2e-3, rtol=2e-3)
 
 
-def test_an_old_cache_serves_plain_repa_and_tells_reg_to_rebuild(tmp_path, monkeypatch):
+def test_an_old_cache_serves_plain_repa_and_is_rebuilt_for_reg(tmp_path, monkeypatch, capsys):
     enc, imgs = tiny_dinov2(), images()
     path = tmp_path / "t.safetensors"
     old_format_cache(build_target_cache(enc, imgs, tmp_path / "new.safetensors", progress=False), path)
@@ -79,15 +79,14 @@ def test_an_old_cache_serves_plain_repa_and_tells_reg_to_rebuild(tmp_path, monke
     monkeypatch.setattr(type(enc), "encode", lambda *a, **k: pytest.fail("a matching cache must be reused"))
     reused = build_target_cache(enc, imgs, path, progress=False)  # plain REPA: the old cache as it is
     assert torch.equal(reused.tensor, old.tensor) and reused.global_tokens is None
-    with pytest.raises(TargetCacheMismatch, match="without the encoder's global token.*delete it to rebuild") as err:
-        build_target_cache(enc, imgs, path, progress=False, global_token=True)
-    assert "\n" not in str(err.value) and str(path) in str(err.value)
     monkeypatch.undo()
-    rebuilt = build_target_cache(enc, imgs, path, progress=False, global_token=True, overwrite=True)
+    rebuilt = build_target_cache(enc, imgs, path, progress=True, global_token=True)  # REG: rebuilt, with a line
+    assert "rebuilding" in capsys.readouterr().out
     assert rebuilt.global_tokens is not None and torch.equal(rebuilt.tensor, old.tensor)
+    assert build_target_cache(enc, imgs, path, progress=False).global_tokens is not None  # it serves plain REPA too
 
 
-def test_reg_run_on_an_old_cache_fails_in_one_line(tmp_path, fmnist_root, monkeypatch):
+def test_reg_run_on_an_old_cache_rebuilds_it(tmp_path, fmnist_root, monkeypatch):
     monkeypatch.setattr("repa.training.setup.build_encoders", lambda cfg, device: [tiny_dinov2(98)])
     over = tiny_overrides(tmp_path / "run", fmnist_root, "repa.class_token=true", "train.max_steps=1")
     cfg = load_config(TINY, over)
@@ -96,11 +95,11 @@ def test_reg_run_on_an_old_cache_fails_in_one_line(tmp_path, fmnist_root, monkey
     path = setup.target_cache_path(cfg, data, enc)
     path.parent.mkdir(parents=True)
     old_format_cache(build_target_cache(enc, data.images, tmp_path / "new.safetensors", progress=False), path)
-    with pytest.raises(TargetCacheMismatch, match="REG .*delete it to rebuild"):
-        setup.prepare_targets(cfg, data, [enc])
     plain = load_config(TINY, tiny_overrides(tmp_path / "run", fmnist_root, "train.max_steps=1"))
     setup.prepare_targets(plain, data, [enc])  # plain REPA reads the old cache
     assert data.class_tokens is None and data.targets[0].shape == (1, 8, 49, 16)
+    setup.prepare_targets(cfg, data, [enc])  # REG: rebuilt with the global token
+    assert data.class_tokens is not None and data.targets[0].shape == (1, 8, 49, 16)
 
 
 # ----------------------------------------------------------------------------------------- the loss

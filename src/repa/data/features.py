@@ -216,8 +216,8 @@ def build_target_cache(
         dtype: float16 (default) or float32 storage; float16 refuses values outside its range.
         overwrite: rebuild an existing cache whose metadata differs instead of raising.
         flush_seconds: how often finished batches are synced to disk and recorded for resuming.
-        global_token: the caller needs the global tokens (REG): an existing cache without them raises
-            TargetCacheMismatch (with `overwrite`, it is rebuilt).
+        global_token: the caller needs the global tokens (REG): an existing cache without them (older format)
+            is rebuilt with them.
 
     Returns:
         The loaded TargetCache (an existing matching cache is reused without recomputation).
@@ -236,12 +236,13 @@ def build_target_cache(
     if path.exists():
         try:
             cache = TargetCache.load(path, expect=meta)
-            if global_token and cache.global_tokens is None:
-                raise TargetCacheMismatch(
-                    f"target cache {path} was built without the encoder's global token, which REG "
-                    "(repa.class_token) needs: delete it to rebuild it"
-                )
-            return cache
+            if not (global_token and cache.global_tokens is None):
+                return cache
+            # a cache from before global tokens were stored: the rebuilt one holds the same patch tokens and the
+            # global ones, so it serves plain REPA as before and REG as well
+            if progress:
+                print(f"[repa] rebuilding {path}: REG (repa.class_token) needs the encoder's global token, which this "
+                      "cache (older format) does not hold")  # fmt: skip
         except TargetCacheMismatch:
             if not overwrite:
                 raise
