@@ -196,9 +196,32 @@ def test_end_to_end_config_errors_are_one_line(overrides, message, tmp_path, fmn
     assert "\n" not in str(info.value)
 
 
-def test_end_to_end_off_keeps_the_pixel_space_rule(tmp_path, fmnist_root):
-    with pytest.raises(ConfigError, match="data.kind=fashion-mnist is grayscale 28x28 and trains in pixel space"):
-        _config(tmp_path, fmnist_root, "train.end_to_end=false")
+def test_latent_space_without_end_to_end_trains_on_the_frozen_vaes_latents(tmp_path, fmnist_root, test_encoder):
+    """REPA-E's baseline: the same images in the latent space of the frozen starting VAE, encoded once (posterior
+    moments, mirror images too), a fresh posterior sample each step; the run resumes exactly and `repa sample`
+    decodes with that VAE."""
+    from repa.training.data import PrecomputedLatents, load_train_images
+
+    cfg = _config(tmp_path / "run", fmnist_root, "train.end_to_end=false", "data.hflip=true")
+    data = load_train_images(cfg)
+    assert isinstance(data, PrecomputedLatents) and data.sample_shape == (4, 14, 14) and data.mean.shape[:2] == (2, 40)
+    vae = load_vae("random:tiny")
+    mean, std = vae.encode_moments(data.images[:3].float().expand(-1, 3, -1, -1) / 127.5 - 1)
+    assert torch.equal(data.mean[0, :3], mean) and torch.equal(data.std[0, :3], std)
+    eps = torch.randn(3, 4, 14, 14)
+    batch = data.batch(torch.arange(3), torch.tensor([False, True, False]), "cpu", eps=eps)
+    assert torch.equal(batch["x"][0], vae.normalize(mean[0] + std[0] * eps[0]))
+    assert torch.equal(batch["x"][1], vae.normalize(data.mean[1, 1] + data.std[1, 1] * eps[1]))  # the mirror image
+    assert batch["images"].shape == (3, 1, 28, 28)  # the encoders' input stays the image
+    train(cfg)
+    part = tmp_path / "part"
+    train(_config(part, fmnist_root, "train.end_to_end=false", "data.hflip=true", "train.max_steps=2"))
+    train(_config(part, fmnist_root, "train.end_to_end=false", "data.hflip=true"))
+    assert_same_training_state(part, tmp_path / "run")
+    assert not (latest_checkpoint(tmp_path / "run/checkpoints") / "vae.safetensors").exists()
+    out = tmp_path / "samples"
+    assert cli_main(["sample", str(tmp_path / "run"), "--num", "4", "--steps", "2", "--out", str(out)]) == 0
+    assert np.load(next(out.glob("*.npz")))["arr_0"].shape == (4, 28, 28, 3)
 
 
 def test_load_vae_reads_a_checkpoints_tuned_vae(e2e_run):
@@ -207,3 +230,61 @@ def test_load_vae_reads_a_checkpoints_tuned_vae(e2e_run):
     vae = load_vae(str(path))
     assert isinstance(vae, VAE) and vae.norm.source == "latent-bn"
     assert not any(p.requires_grad for p in vae.parameters())
+
+
+def test_latent_bn_starts_from_the_vaes_normalisation():
+    """REPA-E's init_bn: x = (z - shift) * scale  ->  running_mean = shift, running_var = 1 / scale^2."""
+    from repa.data.tuned_vae import LatentBatchNorm
+    from repa.data.vae import LatentNorm
+
+    bn = LatentBatchNorm(4)
+    bn.init_from(LatentNorm(scale=(0.5, 1.0, 2.0, 4.0), shift=(1.0, -1.0, 0.0, 3.0)))
+    assert bn.running_mean.tolist() == [1.0, -1.0, 0.0, 3.0] and bn.running_var.tolist() == [4.0, 1.0, 0.25, 0.0625]
+    z = torch.randn(2, 4, 3, 3)
+    norm = LatentNorm(scale=(0.5, 1.0, 2.0, 4.0), shift=(1.0, -1.0, 0.0, 3.0))
+    torch.testing.assert_close(bn.normalize_running(z), norm.normalize(z), rtol=1e-3, atol=1e-3)  # up to bn's eps
+    bn.init_from(LatentNorm())  # SD-VAE's scalar 0.18215, no shift
+    assert bn.running_mean.tolist() == [0.0] * 4
+    torch.testing.assert_close(bn.running_var, torch.full((4,), 0.18215**-2))
+    with pytest.raises(ValueError, match="3 channels, its latents 4"):
+        bn.init_from(LatentNorm(scale=(1.0, 1.0, 1.0)))
+
+
+def test_train_vae_writes_a_diffusers_folder_that_latent_training_uses(tmp_path, fmnist_root, monkeypatch):
+    """`repa train-vae`: the loss falls, the folder loads with its measured per-channel statistics (unit-variance
+    latents on the training images), REPA-E starts its BatchNorm from them, and nothing is overwritten."""
+    from repa.data.vae import load_vae
+    from repa.training.autoencoder import _latent_statistics, _pixels
+
+    out = tmp_path / "vae"
+    args = ["train-vae", str(TINY), str(out), f"data.root={fmnist_root}", "data.num_train=null", "data.vae=random:tiny",
+            "data.space=latent", "train.progress=false", "--steps", "30", "--batch-size", "8", "--lr", "3e-3",
+            "--log-every", "10", "--eval-images", "0"]  # fmt: skip
+    assert cli_main(args) == 0
+    import json
+
+    summary = json.loads((out / "train_vae.json").read_text())
+    assert [r["step"] for r in summary["log"]] == [10, 20, 30] and summary["test_reconstruction"] is None
+    assert summary["log"][-1]["recon"] < summary["log"][0]["recon"]  # it learns to reconstruct
+    assert (out / "reconstructions.png").exists() and (out / "diffusion_pytorch_model.safetensors").exists()
+    vae = load_vae(str(out))
+    assert vae.norm.per_channel and vae.norm.shift == tuple(summary["latents_mean"])
+    from repa.training.data import load_train_images
+
+    cfg = load_config(TINY, tiny_overrides(tmp_path / "run", fmnist_root, "data.space=latent", f"data.vae={out}"))
+    images = load_train_images(cfg).images
+    mean, std = _latent_statistics(vae.vae, images, 3, seed=0)
+    assert np.allclose(mean, summary["latents_mean"]) and np.allclose(std, summary["latents_std"])
+    d = vae.vae.encode(_pixels(images, 3)).latent_dist
+    x = vae.normalize(d.mean + d.std * torch.randn(d.mean.shape, generator=torch.Generator().manual_seed(0)))
+    assert x.mean((0, 2, 3)).abs().max() < 1e-4 and (x.std((0, 2, 3)) - 1).abs().max() < 1e-2
+    e2e = EndToEnd(load_config(TINY, tiny_overrides(tmp_path / "run", fmnist_root, *E2E, f"data.vae={out}")), "cpu")
+    assert torch.allclose(
+        e2e.tuned.bn.running_mean.double(), torch.tensor(summary["latents_mean"], dtype=torch.float64)
+    )
+    assert torch.allclose(
+        e2e.tuned.bn.running_var.double().sqrt(), torch.tensor(summary["latents_std"], dtype=torch.float64)
+    )
+    before = (out / "train_vae.json").read_text()
+    assert cli_main(args) != 0  # refused: the folder exists
+    assert (out / "train_vae.json").read_text() == before

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "align": ("repa.cli.align", "CKNNA/CKA/mutual-kNN between model layers and encoders"),
     "prepare": ("repa.cli.prepare", "image folder -> VAE latents and encoder-target shards"),
     "export-vae": ("repa.cli.export_vae", "a REPA-E run's tuned VAE -> a diffusers folder"),
+    "train-vae": ("repa.cli.train_vae", "a small AutoencoderKL trained on a config's images -> a diffusers folder"),
     "bench": ("repa.cli.bench", "speed, memory and convergence benchmarks"),
 }
 

@@ -41,13 +41,6 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         )
     if t.max_steps < 0:
         raise ConfigError("train.max_steps must be >= 0")
-    if d.kind == "fashion-mnist" and d.space != "pixel" and not t.end_to_end:
-        raise ConfigError("data.kind=fashion-mnist is grayscale 28x28 and trains in pixel space: set data.space=pixel")
-    if d.kind == "folder" and d.space != "pixel" and not t.end_to_end:
-        raise ConfigError(
-            "data.kind=folder trains on the images' pixels but data.space=latent: set data.space=pixel, or run "
-            "`repa prepare` and train on its latents with data.kind=latents"
-        )
     if d.kind == "latents" and d.space != "latent":
         raise ConfigError("data.kind=latents holds VAE latents: set data.space=latent")
     if r.align_coeff < 0:

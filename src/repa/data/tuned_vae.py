@@ -45,6 +45,19 @@ class LatentBatchNorm(nn.BatchNorm2d):
         """(z - running_mean) / sqrt(running_var + eps), whatever the mode; no statistic is updated."""
         return F.batch_norm(z, self.running_mean, self.running_var, None, None, False, 0.0, self.eps)
 
+    @torch.no_grad()
+    def init_from(self, norm: LatentNorm) -> None:
+        """REPA-E's `init_bn`: the running statistics from the starting VAE's latent normalisation x = (z - shift) *
+        scale, i.e. running_mean = shift and running_var = 1 / scale^2 (per channel; scalars broadcast). SD-VAE's
+        0.18215 gives mean 0, var 30.1, a dataset-measured normalisation its mean and variance."""
+        c = self.num_features
+        for name, value in (("running_mean", norm.shift), ("running_var", norm.scale)):
+            v = torch.as_tensor(value, dtype=torch.float64).expand(c) if not isinstance(value, tuple) else (
+                torch.tensor(value, dtype=torch.float64))  # fmt: skip
+            if v.numel() != c:
+                raise ValueError(f"the VAE's latent normalisation has {v.numel()} channels, its latents {c}")
+            getattr(self, name).copy_(v if name == "running_mean" else v.pow(-2))
+
     def std(self) -> torch.Tensor:
         """sqrt(running_var + eps) per channel: what decoding multiplies x by."""
         return torch.sqrt(self.running_var + self.eps)

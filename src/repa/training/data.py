@@ -1,6 +1,7 @@
 """Training data as the loop sees it (`TrainingData`): clean inputs x, labels, uint8 images for encoders, targets.
 
-Two kinds follow the one protocol: `InMemoryImages` (pixel space; encoder targets computed once and cached) and
+Three kinds follow the one protocol: `InMemoryImages` (pixel space; encoder targets computed once and cached),
+`PrecomputedLatents` (the same images in the latent space of a frozen VAE, encoded once at start) and
 `repa.data.shards.LatentShards` (VAE latents from `repa prepare`; targets stored beside them)."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from repa.data.fashion_mnist import load_fashion_mnist
 from repa.data.folder import load_image_folder
 from repa.data.shards import LatentShards
 from repa.data.sources import balanced_subset, check_labels
+from repa.data.vae import LatentNorm, load_vae
 
 TargetSpec = tuple[str, int, tuple[int, int]]  # (encoder name, embed_dim, token grid)
 
@@ -114,6 +116,62 @@ class InMemoryImages:
         return out
 
 
+@dataclass
+class PrecomputedLatents(InMemoryImages):
+    """In-memory images trained in the latent space of a frozen VAE (`data.space=latent` with data.kind=fashion-mnist
+    or folder, no REPA-E): every image, and its mirror image with `data.hflip`, is encoded once into the VAE's
+    posterior moments; each step draws x = norm(mean + std * eps) with the loop's eps, as latent shards do. Encoder
+    targets come from the images as in pixel space. (For large datasets `repa prepare` stores the same on disk.)"""
+
+    mean: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # (num_flips, N, C, h, w) float32
+    std: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    vae_spec: str = ""
+    norm: LatentNorm = field(default_factory=LatentNorm)  # the VAE's own normalisation (what decoding inverts)
+    needs_posterior: ClassVar[bool] = True
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:  # type: ignore[override]
+        return tuple(self.mean.shape[2:])  # type: ignore[return-value]
+
+    @property
+    def vae(self) -> str:  # type: ignore[override]
+        return self.vae_spec
+
+    def batch(
+        self, idx: torch.Tensor, flips: torch.Tensor, device: torch.device, *, eps: torch.Tensor | None = None
+    ) -> dict[str, Any]:
+        out = super().batch(idx, flips, device)
+        f = flips.long().clamp(max=self.mean.shape[0] - 1)
+        mean, std = self.mean[f, idx], self.std[f, idx]
+        if eps is None:
+            raise ValueError("PrecomputedLatents.batch needs the step's posterior draw eps")
+        z = mean + std * eps.to(mean.dtype)
+        out["x"] = self.norm.normalize(z).to(device)
+        return out
+
+
+def encode_images(data: InMemoryImages, vae_spec: str, hflip: bool, batch_size: int = 250) -> PrecomputedLatents:
+    """`data` in the latent space of the frozen VAE `vae_spec` (on the CPU; loaded once per process)."""
+    vae = load_vae(vae_spec)
+    c, h, w = data.sample_shape
+    f, vae_c = vae.downsample, int(vae.vae.config.in_channels)
+    if c not in (1, vae_c) or h % f or w % f:
+        raise ValueError(f"the VAE {vae_spec} encodes {vae_c}-channel images with sides divisible by {f}; the training "
+                         f"images are {c}x{h}x{w}")  # fmt: skip
+    moments = []
+    for flip in (False, True)[: 1 + hflip]:
+        means, stds = [], []
+        for batch in data.images.split(batch_size):
+            x = (batch.flip(-1) if flip else batch).float() / 127.5 - 1.0
+            m, s = vae.encode_moments(x.expand(-1, vae_c, -1, -1) if c == 1 else x)
+            means.append(m)
+            stds.append(s)
+        moments.append((torch.cat(means), torch.cat(stds)))
+    return PrecomputedLatents(data.images, data.labels, data.num_classes, data.name, targets=data.targets,
+                         class_tokens=data.class_tokens, mean=torch.stack([m for m, _ in moments]),
+                         std=torch.stack([s for _, s in moments]), vae_spec=vae_spec, norm=vae.norm)  # fmt: skip
+
+
 def load_train_images(cfg: Config) -> TrainingData:
     """The training set: in-memory images for pixel-space runs, memory-mapped shards for `data.kind=latents`."""
     d = cfg.data
@@ -125,14 +183,22 @@ def load_train_images(cfg: Config) -> TrainingData:
         labels = torch.as_tensor(labels).long()
         check_labels(labels, 10, f"fashion-mnist train labels (data.root={d.root})")  # before subsetting drops them
         keep = balanced_subset(labels, d.num_train, 10)
-        return InMemoryImages(images[keep][:, None].contiguous(), labels[keep], 10, "fashion-mnist")
+        data = InMemoryImages(images[keep][:, None].contiguous(), labels[keep], 10, "fashion-mnist")
+        return _in_space(cfg, data)
     if d.kind == "folder":
         if d.root is None:
             raise ValueError("data.kind=folder needs data.root (an ImageNet-layout folder of class subfolders)")
         images, labels, classes = load_image_folder(d.root, d.resolution)
         keep = balanced_subset(labels, d.num_train, len(classes))
-        return InMemoryImages(images[keep], labels[keep], len(classes), f"folder:{d.root}")
+        return _in_space(cfg, InMemoryImages(images[keep], labels[keep], len(classes), f"folder:{d.root}"))
     raise ValueError(f"unknown data.kind={d.kind}")
+
+
+def _in_space(cfg: Config, data: InMemoryImages) -> InMemoryImages:
+    """Pixel space as is; latent space encoded by the frozen `data.vae` (REPA-E encodes with its own trainable VAE)."""
+    if cfg.data.space != "latent" or cfg.train.end_to_end:
+        return data
+    return encode_images(data, cfg.data.vae, cfg.data.hflip)
 
 
 def load_latent_shards(cfg: Config) -> LatentShards:

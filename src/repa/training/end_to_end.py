@@ -75,6 +75,7 @@ class EndToEnd:
         self.cfg = cfg
         start = load_vae(cfg.data.vae, device)  # a frozen wrapper; its AutoencoderKL is made trainable here
         self.tuned = TunedVAE(start.vae, momentum=cfg.train.latent_bn_momentum).to(device).train()
+        self.tuned.bn.init_from(start.norm)  # REPA-E's init_bn (a resume then restores the saved statistics)
         self.params = list(self.tuned.parameters())
         self.perceptual = _perceptual(cfg.train.vae_perceptual_coeff, device)
         self._bn_state: dict[str, Tensor] = {}
