@@ -19,9 +19,10 @@ from repa.assets import cache_dir
 from repa.config import Config
 from repa.data.npz import save_samples
 from repa.data.sources import fashion_mnist_images
+from repa.data.vae import load_vae
 from repa.evaluation import InceptionDetector, balanced_labels, compute_activations, frechet_distance
 from repa.evaluation.reference import ReferenceStats, reference_statistics
-from repa.generate import apply_sample_overrides, decode_pixels, generate_batches, to_adm_nhwc
+from repa.generate import apply_sample_overrides, decoder_for, generate_batches, run_latent_norm, to_adm_nhwc
 from repa.loading import load_model
 
 FID_SEED = 1000  # the sampling seed of every FID evaluation: the same noise for every arm and checkpoint
@@ -93,6 +94,19 @@ def save_fid_samples(path: Path, images: torch.Tensor, labels: torch.Tensor) -> 
     tmp.replace(path)
 
 
+def model_inputs(loaded: Any, images: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+    """Clean inputs of uint8 images in the model's space: pixels / 127.5 - 1, or for latent arms the normalised
+    posterior mean of the run's VAE (REPA-E: the checkpoint's tuned VAE with its BatchNorm's statistics)."""
+    x = images.float() / 127.5 - 1.0
+    spec = loaded.vae()
+    if spec is None:
+        return x
+    vae = load_vae(spec, device)
+    c = int(vae.vae.config.in_channels)
+    return torch.cat([vae.normalize(vae.encode_moments(b.expand(-1, c, -1, -1).to(device))[0]).cpu()
+                      for b in x.split(batch)])  # fmt: skip
+
+
 def evaluate_checkpoint(
     ckpt: Path, p: Preset, layers: tuple[int, ...], shared: dict[str, Any], detector,
     samples_out: Path | None = None,
@@ -108,8 +122,10 @@ def evaluate_checkpoint(
     model, cfg = loaded.model, loaded.cfg
     apply_sample_overrides(cfg, {"sampler": "ode", "heun": True, "num_steps": p.sample_steps, "cfg_scale": 1.0})
     labels = balanced_labels(p.fid_samples, loaded.num_classes, seed=0)
+    # pixel arms decode directly; latent arms through the run's VAE (REPA-E: the checkpoint's tuned VAE)
+    decode = decoder_for(loaded.vae(), device, run_latent_norm(cfg))
     samples = generate_batches(model, cfg, labels, loaded.sample_shape, seed=FID_SEED, batch_size=p.eval_batch,
-                               decode=decode_pixels)  # fmt: skip
+                               decode=decode)  # fmt: skip
     row: dict[str, Any] = {"fid": None}
     if detector is not None:
         row["fid"] = sample_fid(detector, samples, len(labels), shared["fid_mu"].numpy(), shared["fid_sigma"].numpy())
@@ -119,7 +135,7 @@ def evaluate_checkpoint(
         save_fid_samples(samples_out, torch.cat([b.cpu() for b in samples]), labels.cpu())
     feats = {}
     for split in ("train", "test"):
-        x = shared[f"probe_{split}_images"].float() / 127.5 - 1.0  # the loop's pixel-space x
+        x = model_inputs(loaded, shared[f"probe_{split}_images"], p.eval_batch, device)
         feats[split] = collect_hidden_states(model, x.split(p.eval_batch), layers, [PROBE_T], seed=PROBE_SEED)
     for layer in layers:
         tr, te = feats["train"][(layer, PROBE_T)], feats["test"][(layer, PROBE_T)]

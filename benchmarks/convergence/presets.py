@@ -77,6 +77,9 @@ METHODS = {
               "repa.attention_pairs=[[1,7],[2,8]]", "repa.cache_targets=false"),  # attention maps run online
     "reg": ("repa.class_token=true",),
     "sra": ("repa.encoders=[]", "repa.self_align=true", "repa.self_align_blocks=[2,4]"),
+    # REPA-E: the VAE (data.vae) tuned with the model; only meaningful in latent space (--set data.space=latent
+    # --set data.vae=DIR --set model.name=SiT-T/2: see CONVERGENCE.md), where plain repa/vanilla keep it frozen
+    "repa-e": ("train.end_to_end=true",),
 }
 # --ablate leaderboard: every method, with NT-Xent and alignment at block 4 (the two best ablations so far)
 LEADERBOARD = ("method=irepa,haste,reg,sra", "kind=ntxent", "depth=4")

@@ -142,8 +142,8 @@ def train_autoencoder(cfg: Config, out: str | Path, settings: AutoencoderSetting
         if s.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(ae.parameters(), s.grad_clip)
         opt.step()
-        window["recon"] += float(recon)
-        window["kl"] += float(kl)
+        window["recon"] += float(recon.detach())
+        window["kl"] += float(kl.detach())
         if (step + 1) % s.log_every == 0 or step + 1 == s.steps:  # the means since the previous line
             n = (step % s.log_every) + 1
             log.append({"step": step + 1, **{k: v / n for k, v in window.items()}})
