@@ -81,7 +81,7 @@ def test_parse_ablations():
     with pytest.raises(ValueError, match="unknown method"):
         convergence.parse_ablations(["method=repa-x"])
     board = convergence.parse_ablations(["leaderboard"])
-    assert [a.name for a in board] == ["irepa", "haste", "reg", "sra", "repa-ntxent", "repa-depth4"]
+    assert [a.name for a in board] == ["irepa", "haste", "reg", "sra", "repa-ntxent", "repa-depth4", "ntxent-depth4"]
 
 
 def test_method_arms_resolve_to_valid_configs(tmp_path):
@@ -89,7 +89,7 @@ def test_method_arms_resolve_to_valid_configs(tmp_path):
     from benchmarks.convergence.jobs import Job
 
     preset = convergence.PRESETS["cpu"]
-    for arm in convergence.parse_ablations(["method=irepa,haste,reg,sra"]):
+    for arm in convergence.parse_ablations(["method=irepa,haste,reg,sra,ntxent-depth4"]):
         job = Job(arm, 0, preset, str(ROOT / "configs/tiny.yaml"), (), str(tmp_path), None, (2,))
         cfg = job.train_config()
         if arm.name == "haste":
@@ -101,6 +101,12 @@ def test_method_arms_resolve_to_valid_configs(tmp_path):
             assert cfg.repa.encoders == [] and cfg.repa.self_align
         if arm.name == "reg":
             assert cfg.repa.class_token
+        if arm.name == "ntxent-depth4":
+            assert cfg.repa.align_kind == "ntxent" and cfg.model.align_depth == 4
+    latent = ("data.space=latent", "data.vae=random:tiny", "model.name=SiT-T/2")  # REPA-E: latent space only
+    (arm,) = convergence.parse_ablations(["method=repa-e"])
+    cfg = Job(arm, 0, preset, str(ROOT / "configs/tiny.yaml"), latent, str(tmp_path), None, (2,)).train_config()
+    assert cfg.train.end_to_end and cfg.data.space == "latent"
 
 
 class StandInDetector:
@@ -310,3 +316,21 @@ def test_bundled_encoder_weights_load_offline(tmp_path, monkeypatch):
     with torch.no_grad():
         tokens = encoder(torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8))
     assert tokens.shape == (2, 49, 384) and bool(torch.isfinite(tokens).all())
+
+
+def test_latent_arms_are_probed_on_their_vaes_latents():
+    """`evaluate.model_inputs`: pixels for pixel arms; for latent arms (frozen VAE, or REPA-E's tuned one) the
+    normalised posterior mean of the run's VAE, as the model was trained to see clean images."""
+    from types import SimpleNamespace
+
+    from benchmarks.convergence.evaluate import model_inputs
+    from repa.data.vae import load_vae
+
+    images = torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    pixel = SimpleNamespace(vae=lambda: None)
+    assert torch.equal(model_inputs(pixel, images, 2, torch.device("cpu")), images.float() / 127.5 - 1)
+    latent = SimpleNamespace(vae=lambda: "random:tiny")
+    x = model_inputs(latent, images, 2, torch.device("cpu"))
+    vae = load_vae("random:tiny")
+    mean, _ = vae.encode_moments((images.float() / 127.5 - 1).expand(-1, 3, -1, -1))
+    assert x.shape == (5, 4, 14, 14) and torch.allclose(x, vae.normalize(mean), atol=1e-6)

@@ -80,9 +80,13 @@ METHODS = {
     # REPA-E: the VAE (data.vae) tuned with the model; only meaningful in latent space (--set data.space=latent
     # --set data.vae=DIR --set model.name=SiT-T/2: see CONVERGENCE.md), where plain repa/vanilla keep it frozen
     "repa-e": ("train.end_to_end=true",),
+    # the combination the earlier single-setting ablations suggest (CONVERGENCE.md: NT-Xent 1.33x and alignment at
+    # block 4 1.21x vs 1.13x for the paper's default at vanilla's final FID)
+    "ntxent-depth4": ("repa.align_kind=ntxent", "model.align_depth=4"),
 }
-# --ablate leaderboard: every method, with NT-Xent and alignment at block 4 (the two best ablations so far)
-LEADERBOARD = ("method=irepa,haste,reg,sra", "kind=ntxent", "depth=4")
+# --ablate leaderboard: every method, with NT-Xent and alignment at block 4 (the two best ablations so far) and
+# their combination
+LEADERBOARD = ("method=irepa,haste,reg,sra", "kind=ntxent", "depth=4", "method=ntxent-depth4")
 
 
 @dataclass(frozen=True)

@@ -272,8 +272,9 @@ class VAE(nn.Module):
             raise RuntimeError(
                 f"cannot load the VAE {name_or_path!s}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 f". To fix: download it once with network access (`hf download {name_or_path}`; it is then cached), "
-                "run with HF_HUB_OFFLINE=1 to use the local Hugging Face cache only, or pass a local folder saved "
-                "with `AutoencoderKL.save_pretrained`."
+                "run with HF_HUB_OFFLINE=1 to use the local Hugging Face cache only, pass a local folder saved "
+                "with `AutoencoderKL.save_pretrained`, or train a small one on the run's images with `repa train-vae "
+                "CONFIG FOLDER`."
             ) from e
         return cls(vae.to(device=device, dtype=dtype), source=str(name_or_path))
 
