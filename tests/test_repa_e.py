@@ -288,3 +288,24 @@ def test_train_vae_writes_a_diffusers_folder_that_latent_training_uses(tmp_path,
     before = (out / "train_vae.json").read_text()
     assert cli_main(args) != 0  # refused: the folder exists
     assert (out / "train_vae.json").read_text() == before
+
+
+@pytest.mark.multiproc
+def test_two_processes_train_like_one(tmp_path, fmnist_root):
+    """DDP for the model; the VAE's gradient averaged over the ranks and the latent BatchNorm's batch statistics
+    summed over them (SyncBatchNorm's semantics): 2 processes follow 1 process up to float rounding (the synced
+    statistics are summed in float64 rather than by torch's batch norm), and the saved VAEs agree."""
+    from tests.helpers.tiny import launch_training, metrics
+
+    runs = {}
+    for nproc in (1, 2):
+        runs[nproc] = tmp_path / f"run{nproc}"
+        launch_training(tmp_path, nproc, tiny_overrides(runs[nproc], fmnist_root, *E2E))
+    m1, m2 = metrics(runs[1]), metrics(runs[2])
+    assert len(m1) == len(m2) == 4
+    for a, b in zip(m1, m2):
+        for k in ("denoise", "align", "vae/recon", "vae/kl", "vae/align"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (k, a[k], b[k])
+    v1, v2 = (load_file(str(latest_checkpoint(r / "checkpoints") / "vae.safetensors")) for r in (runs[1], runs[2]))
+    for name in v1:
+        torch.testing.assert_close(v1[name], v2[name], rtol=1e-4, atol=1e-6)

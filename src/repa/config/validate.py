@@ -60,7 +60,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError("model.init_from must name a checkpoint file or folder (or be null)")
     _check_model(cfg)
     _check_family(cfg)
-    _check_end_to_end(cfg, world_size)
+    _check_end_to_end(cfg)
     _check_fsdp(cfg)
     _check_sample(cfg)
 
@@ -239,7 +239,7 @@ def _check_family(cfg: Config) -> None:
             raise ConfigError(f"repa.self_align_gap must be in [0, 1], got {r.self_align_gap}")
 
 
-def _check_end_to_end(cfg: Config, world_size: int) -> None:
+def _check_end_to_end(cfg: Config) -> None:
     """REPA-E (`train.end_to_end`): images encoded every step by a trainable VAE, tuned through the alignment loss."""
     t, d = cfg.train, cfg.data
     coeffs = {"train.vae_lr": t.vae_lr, "train.vae_align_coeff": t.vae_align_coeff,
@@ -263,8 +263,6 @@ def _check_end_to_end(cfg: Config, world_size: int) -> None:
     if not cfg.repa.enabled:
         raise ConfigError("train.end_to_end=true (REPA-E) tunes the VAE through the alignment loss: it needs a target "
                           "encoder (repa.encoders and repa.align_coeff > 0)")  # fmt: skip
-    if world_size > 1:
-        raise ConfigError(f"train.end_to_end=true runs on one process for now, got {world_size}")
     if t.mixed_precision == "fp16":
         raise ConfigError("train.end_to_end=true does not support fp16 loss scaling: use bf16 (or no)")
 
@@ -277,8 +275,8 @@ def _check_fsdp(cfg: Config) -> None:
     if t.mixed_precision == "fp16":
         raise ConfigError("train.fsdp=true does not support fp16 loss scaling: use bf16 (or no)")
     if t.end_to_end:
-        raise ConfigError("train.fsdp=true with train.end_to_end=true (REPA-E) is not supported: REPA-E runs on one "
-                          "process")  # fmt: skip
+        raise ConfigError("train.fsdp=true with train.end_to_end=true (REPA-E) is not supported: use DDP (the "
+                          "default of a multi-process launch)")  # fmt: skip
 
 
 def _check_sample(cfg: Config) -> None:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from repa import distributed
 from repa.config import Config
 from repa.data.tuned_vae import TunedVAE
 from repa.data.vae import load_vae
@@ -146,11 +147,37 @@ class EndToEnd:
             terms["vae/total"] = total + tc.vae_align_coeff * terms["vae/align"]
         backward(terms["vae/total"])
         with torch.no_grad():
-            x = self.tuned.bn(z.detach())  # the stop-gradient: the model pass cannot reach the VAE
+            x = self._batch_norm(z.detach())  # the stop-gradient: the model pass cannot reach the VAE
         return x, {k: v.detach() for k, v in terms.items()}
 
+    def _batch_norm(self, z: Tensor) -> Tensor:
+        """The latent BatchNorm in train mode over the global micro-batch: on one process `bn(z)`; on several the
+        batch statistics are summed over the processes (SyncBatchNorm's semantics, as the official code's SyncBN)
+        and the running statistics updated alike on every rank. No gradient (z is detached)."""
+        bn = self.tuned.bn
+        if distributed.world_size() == 1:
+            return bn(z)
+        c = z.shape[1]
+        local = torch.cat([z.double().sum((0, 2, 3)), z.double().pow(2).sum((0, 2, 3)),
+                           torch.tensor([z.numel() / c], dtype=torch.float64, device=z.device)])  # fmt: skip
+        total = distributed.all_reduce_sum(local)
+        n = float(total[-1])
+        mean = total[:c] / n
+        var = (total[c : 2 * c] / n - mean * mean).clamp_min(0.0)
+        m = bn.momentum
+        bn.running_mean.mul_(1 - m).add_(m * mean.to(bn.running_mean.dtype))
+        bn.running_var.mul_(1 - m).add_(m * (var * n / max(n - 1, 1)).to(bn.running_var.dtype))
+        bn.num_batches_tracked.add_(1)
+        shape = (1, c, 1, 1)
+        return ((z - mean.view(shape).to(z.dtype)) / torch.sqrt(var.view(shape).to(z.dtype) + bn.eps)).to(z.dtype)
+
     def grad_norm(self, max_norm: float) -> Tensor:
-        """Clip the VAE's gradient to `max_norm` (> 0) on its own; its norm before clipping."""
+        """Average the VAE's gradient over the processes (the model's is DDP's), clip it to `max_norm` (> 0) on its
+        own; its norm before clipping."""
+        if distributed.world_size() > 1:
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.copy_(distributed.all_reduce_mean(p.grad))
         grads = [p for p in self.params if p.grad is not None]
         if not grads:
             return torch.zeros((), dtype=torch.float32)

@@ -314,8 +314,8 @@ def _train_step(
         targets = online if online is not None else batch.get("targets")
         vae_terms: dict[str, torch.Tensor] = {}
         if e2e is not None:
-            batch["x"], vae_terms = e2e.vae_pass(
-                model, loss_fn, batch, targets, setup.loss_time(cfg, draws["u"][sl].to(acc.device)),
+            batch["x"], vae_terms = e2e.vae_pass(  # the bare module: this backward reaches the VAE only, outside DDP
+                acc.unwrap_model(model), loss_fn, batch, targets, setup.loss_time(cfg, draws["u"][sl].to(acc.device)),
                 draws["noise"][sl].to(acc.device), draws["eps"][sl], extra, autocast=acc.autocast,
                 backward=lambda loss: acc.backward(loss / tc.grad_accum_steps, inputs=e2e.params),
             )  # fmt: skip
