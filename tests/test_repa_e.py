@@ -184,7 +184,6 @@ def test_export_vae_round_trip(e2e_run, tmp_path):
         (["data.space=pixel"], r"train.end_to_end=true \(REPA-E\) trains the VAE .*set data.space=latent"),
         (["repa.encoders=[]"], r"train.end_to_end=true \(REPA-E\) tunes the VAE through the alignment loss"),
         (["repa.align_coeff=0"], r"needs a target encoder"),
-        (["data.kind=latents", "data.root=/x"], r"latent shards hold fixed latents"),
         (["train.vae_lr=-1"], r"train.vae_lr must be >= 0"),
         (["train.latent_bn_momentum=0"], r"train.latent_bn_momentum must be in \(0, 1\]"),
         (["train.mixed_precision=fp16"], r"fp16"),
@@ -309,3 +308,35 @@ def test_two_processes_train_like_one(tmp_path, fmnist_root):
     v1, v2 = (load_file(str(latest_checkpoint(r / "checkpoints") / "vae.safetensors")) for r in (runs[1], runs[2]))
     for name in v1:
         torch.testing.assert_close(v1[name], v2[name], rtol=1e-4, atol=1e-6)
+
+
+def test_end_to_end_on_latent_shards_encodes_their_stored_images(tmp_path):
+    """ImageNet scale: `repa prepare --images` shards (memory-mapped) feed REPA-E their uint8 crops, encoded every
+    step by the trainable VAE (the stored latents are not read; the stored targets are); shards without images are
+    refused in one line."""
+    from tests.test_prepare import CLI_ARGS, make_folder
+
+    shards, bare = tmp_path / "shards", tmp_path / "bare"
+    images = make_folder(tmp_path / "images")
+    assert cli_main(["prepare", str(images), str(shards), *CLI_ARGS, "--images"]) == 0
+    over = [
+        f"train.run_dir={tmp_path / 'run'}", "data.kind=latents", f"data.root={shards}", "data.resolution=32", "data.num_train=null",
+        "data.space=latent", "data.vae=random:tiny", "train.end_to_end=true", "repa.encoders=[random-dinov2-vit-s]",
+        "repa.encoder_resolution=28", "repa.encoder_layer=null", "model.name=SiT-T/2", "model.hidden_size=32", "model.depth=2",
+        "model.num_heads=2", "model.align_depth=1", "model.projector_dim=32", "train.global_batch_size=4",
+        "train.max_steps=2", "train.log_every=1", "train.progress=false", "sample.num_images=2", "sample.num_steps=2",
+    ]  # fmt: skip
+    import repa.data.shards as shards_module
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(shards_module.LatentShards, "moments", lambda *a, **k: pytest.fail("the stored latents are not read"))
+        m.setattr("repa.training.setup.build_encoders", lambda *a: pytest.fail("stored targets: no encoder runs"))
+        train(load_config(TINY, over))
+    rec = [r for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rec) == 2 and '"vae/align"' in rec[-1]
+    ck = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert (ck / "vae.safetensors").exists() and (tmp_path / "run" / "samples" / "step_00000002.png").exists()
+    assert cli_main(["prepare", str(images), str(bare), *CLI_ARGS]) == 0  # no --images
+    over = [o.replace(str(shards), str(bare)).replace(str(tmp_path / "run"), str(tmp_path / "run2")) for o in over]
+    with pytest.raises(ValueError, match="holds none: rerun `repa prepare --images`"):
+        train(load_config(TINY, over))

@@ -257,9 +257,6 @@ def _check_end_to_end(cfg: Config) -> None:
     if d.space != "latent":
         raise ConfigError("train.end_to_end=true (REPA-E) trains the VAE that makes the latents: set data.space=latent "
                           "(a pixel-space run has no VAE)")  # fmt: skip
-    if d.kind == "latents":
-        raise ConfigError("train.end_to_end=true encodes the images every step, but latent shards hold fixed latents: "
-                          "use data.kind=fashion-mnist or folder with data.space=latent")  # fmt: skip
     if not cfg.repa.enabled:
         raise ConfigError("train.end_to_end=true (REPA-E) tunes the VAE through the alignment loss: it needs a target "
                           "encoder (repa.encoders and repa.align_coeff > 0)")  # fmt: skip

@@ -335,7 +335,13 @@ class LatentShards:
                 raise ValueError(f"eps must have shape {tuple(mean.shape)}, got {tuple(eps.shape)}")
             z = mean.to(device) + std.to(device) * eps.to(device=device, dtype=torch.float32)
             x = self.latent_norm.normalize(z)
-        out: dict[str, Any] = {"x": x, "y": self.labels[idx].to(device)}
+        return {"x": x, **self.items(idx, flips, device)}
+
+    def items(self, idx: torch.Tensor, flips: torch.Tensor, device: torch.device | str) -> dict[str, Any]:
+        """What `batch` returns besides x: y, and `targets` / `images` where stored (REPA-E encodes the images
+        itself and needs no stored latent)."""
+        idx = torch.as_tensor(idx, dtype=torch.long).cpu()
+        out: dict[str, Any] = {"y": self.labels[idx].to(device)}
         if self.encoders:
             out["targets"] = [t.to(device) for t in self.targets(idx, flips)]
             if self.class_token:  # REG's target layout: encoder 0's global token first

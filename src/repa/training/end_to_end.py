@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from repa import distributed
 from repa.config import Config
+from repa.data.shards import LatentShards
 from repa.data.tuned_vae import TunedVAE
 from repa.data.vae import load_vae
 from repa.losses import RepaLoss
@@ -64,6 +65,38 @@ class EncodedImages(InMemoryImages):
         return out
 
 
+class EncodedShards:
+    """Latent shards written with `repa prepare --images` (ImageNet scale: memory-mapped, not in memory): REPA-E
+    encodes their stored uint8 crops every step with its trainable VAE; labels and stored encoder targets as the
+    shards give them (the stored latents are not read)."""
+
+    needs_posterior: ClassVar[bool] = True
+    stores_targets: ClassVar[bool] = True
+    has_images: ClassVar[bool] = True
+    latent_norm: ClassVar[None] = None
+
+    def __init__(self, shards: LatentShards, latent_shape: tuple[int, int, int], vae_spec: str) -> None:
+        self.shards, self.latent_shape, self.vae_spec = shards, latent_shape, vae_spec
+
+    def __getattr__(self, name: str) -> Any:  # name, num_classes, num_items, target_specs, check_encoders, ...
+        return getattr(self.shards, name)
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return self.latent_shape
+
+    @property
+    def vae(self) -> str:
+        return self.vae_spec
+
+    def batch(
+        self, idx: torch.Tensor, flips: torch.Tensor, device: torch.device, *, eps: torch.Tensor | None = None
+    ) -> dict[str, Any]:
+        out = self.shards.items(idx, flips, device)
+        out["pixels"] = out["images"].float() / 127.5 - 1.0
+        return out
+
+
 class EndToEnd:
     """The REPA-E pieces of a run: the trainable VAE with its latent BatchNorm (`tuned`) and the VAE's loss.
 
@@ -81,10 +114,24 @@ class EndToEnd:
         self.perceptual = _perceptual(cfg.train.vae_perceptual_coeff, device)
         self._bn_state: dict[str, Tensor] = {}
 
-    def wrap(self, data: TrainingData) -> EncodedImages:
-        """In-memory images as latent-space training data of this VAE's latent shape."""
+    def wrap(self, data: TrainingData) -> EncodedImages | EncodedShards:
+        """In-memory images, or latent shards with stored images, as latent-space training data of this VAE."""
+        if isinstance(data, LatentShards):
+            if not data.has_images:
+                raise ValueError(f"train.end_to_end=true encodes images every step, but {data.root} holds none: rerun "
+                                 "`repa prepare --images` (data.kind=latents), or train on images (fashion-mnist, "
+                                 "folder)")  # fmt: skip
+            r, f = data.manifest["config"]["resolution"], self.tuned.downsample
+            if r % f:
+                raise ValueError(f"the VAE {self.cfg.data.vae} downsamples by {f}: {r} px crops do not divide")
+            patch = MODELS[self.cfg.model.name]["patch_size"]
+            if (r // f) % patch:
+                raise ValueError(f"the VAE's {r // f}x{r // f} latents are not divisible by the patch size {patch} of "
+                                 f"model.name={self.cfg.model.name}")  # fmt: skip
+            return EncodedShards(data, (self.tuned.latent_channels, r // f, r // f), self.cfg.data.vae)
         if not isinstance(data, InMemoryImages):
-            raise ValueError("train.end_to_end=true needs in-memory images (data.kind=fashion-mnist or folder)")
+            raise ValueError("train.end_to_end=true needs images (data.kind=fashion-mnist, folder, or latents "
+                             "prepared with --images)")  # fmt: skip
         c, h, w = data.sample_shape
         f, vae_c = self.tuned.downsample, self.tuned.in_channels
         if c not in (1, vae_c) or h % f or w % f:
