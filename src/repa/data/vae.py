@@ -267,7 +267,8 @@ class VAE(nn.Module):
 
         local = Path(name_or_path).is_dir()
         try:
-            vae = AutoencoderKL.from_pretrained(str(name_or_path), local_files_only=local or hub_offline())
+            vae = AutoencoderKL.from_pretrained(str(name_or_path), local_files_only=local or hub_offline(),
+                                                torch_dtype=dtype)  # fmt: skip
         except Exception as e:  # OSError / hub HTTP errors: the weights are not available here
             raise RuntimeError(
                 f"cannot load the VAE {name_or_path!s}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -276,7 +277,7 @@ class VAE(nn.Module):
                 "with `AutoencoderKL.save_pretrained`, or train a small one on the run's images with `repa train-vae "
                 "CONFIG FOLDER`."
             ) from e
-        return cls(vae.to(device=device, dtype=dtype), source=str(name_or_path))
+        return cls(vae.to(device=device), source=str(name_or_path))
 
     @classmethod
     def from_config(cls, seed: int = 0, **overrides: Any) -> VAE:
