@@ -162,15 +162,19 @@ def shard_model(model: torch.nn.Module, units: Sequence[torch.nn.Module], *, res
     return model
 
 
-def gather_full(tree: Any) -> Any:
+def gather_full(tree: Any, keep: bool = True) -> Any:
     """The tree (dicts, lists, tensors, numbers) with every DTensor replaced by the full tensor, on the CPU. A
-    collective when the tree holds DTensors: every rank calls it with the same structure (an all-gather per tensor:
-    every rank holds the full state in host memory for a moment; only rank 0 writes it)."""
+    collective when the tree holds DTensors: every rank calls it with the same structure (an all-gather per tensor).
+    `keep=False` (the ranks that do not write) drops each gathered tensor at once (None in its place), so only the
+    writing rank holds the full state in host memory."""
     if isinstance(tree, dict):
-        return {k: gather_full(v) for k, v in tree.items()}
+        return {k: gather_full(v, keep) for k, v in tree.items()}
     if isinstance(tree, (list, tuple)):
-        return type(tree)(gather_full(v) for v in tree)
-    return tree.full_tensor().cpu() if is_sharded(tree) else tree  # one tensor at a time on the device
+        return type(tree)(gather_full(v, keep) for v in tree)
+    if not is_sharded(tree):
+        return tree
+    full = tree.full_tensor()  # one tensor at a time on the device
+    return full.cpu() if keep else None
 
 
 def _shard_as(full: Any, like: Any) -> Any:

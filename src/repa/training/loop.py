@@ -367,7 +367,8 @@ def _save(cfg: Config, acc: Any, raw_model: torch.nn.Module, ema: Any, opt: Any,
           meta: dict[str, Any], e2e: EndToEnd | None = None) -> None:  # fmt: skip
     if cfg.train.fsdp:  # every rank takes part in gathering the shards; rank 0 writes the same files as DDP
         raw_model, ema, opt = (
-            distributed.Frozen(distributed.gather_full(x.state_dict())) for x in (raw_model, ema, opt)
+            distributed.Frozen(distributed.gather_full(x.state_dict(), keep=acc.is_main_process))
+            for x in (raw_model, ema, opt)
         )
     if acc.is_main_process:
         save_training_checkpoint(Path(cfg.train.run_dir) / "checkpoints", step, model=raw_model, ema=ema, optimizer=opt,
