@@ -77,8 +77,6 @@ def test_impossible_combinations_fail_before_work():
         validate(cfg, world_size=4)
     with pytest.raises(ValueError, match="align_depth=9 exceeds model.depth=4"):
         load_config(None, ["model.align_depth=9", "model.depth=4"])
-    with pytest.raises(ValueError, match="data.space=pixel"):
-        load_config(None, ["data.kind=fashion-mnist", "data.space=latent"])
     with pytest.raises(ValueError, match="one path per entry"):
         load_config(None, ["repa.encoders=[a,b]", "repa.encoder_weights=[x]"])
     for bad in ("0", "1.5"):
@@ -166,18 +164,12 @@ def test_bad_values_fail_at_load_naming_the_key(overrides, message):
     assert isinstance(info.value, ValueError) and "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        ["data.kind=folder"],  # data.space defaults to latent
-        ["data.kind=folder", "data.space=latent", "data.root=/images"],
-    ],
-)
-def test_folder_data_in_latent_space_is_refused(overrides):
-    """`data.kind=folder` trains on pixels; with data.space=latent `repa sample` would decode them through the VAE."""
-    with pytest.raises(ConfigError, match=r"data.kind=folder .* data.space=latent: set data.space=pixel.*repa prepare"):
-        load_config(None, overrides)
-    assert load_config(None, [*overrides, "data.space=pixel"]).data.space == "pixel"
+@pytest.mark.parametrize("kind", ["folder", "fashion-mnist"])
+def test_image_data_in_latent_space_is_a_frozen_vae_run(kind):
+    """Images with data.space=latent train in the frozen `data.vae`'s latent space (encoded once at load time,
+    `repa.training.data.PrecomputedLatents`; pinned in tests/test_repa_e.py): a valid config, not an error."""
+    cfg = load_config(None, [f"data.kind={kind}", "data.space=latent", "data.root=/images"])
+    assert cfg.data.space == "latent" and not cfg.train.end_to_end
 
 
 def test_valid_edge_values_still_load():
