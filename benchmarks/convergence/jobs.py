@@ -59,14 +59,15 @@ class Job:
 
 
 def _logged(run_dir: Path, step: int) -> dict[str, Any]:
-    """Training losses at `step` (the last metrics.jsonl record at or before it) and the mean images/s so far."""
+    """Training losses at `step` (the last metrics.jsonl record at or before it) and the median images/s of the log
+    windows so far (a median: a window that spans a paused or shared machine does not drag it down)."""
     path = run_dir / "metrics.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
     before = [r for r in records if r["step"] <= step]
     last = before[-1] if before else {}
     rates = [r["images_per_s"] for r in before if r.get("images_per_s")]
     return {"denoise": last.get("denoise"), "align": last.get("align"),
-            "train_images_per_s": statistics.mean(rates) if rates else None}  # fmt: skip
+            "train_images_per_s": statistics.median(rates) if rates else None}  # fmt: skip
 
 
 def run_job(job: Job) -> list[dict[str, Any]]:

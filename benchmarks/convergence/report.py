@@ -165,7 +165,7 @@ def ablation_section(rows: list[dict], arm: str, summary: dict, printed: list[st
 
 def cost_section(rows: list[dict], arms: list[str], p: Preset, wall_s: float) -> list[str]:
     """Markdown table of the measured training and evaluation cost of each arm."""
-    md = ["## Measured cost", "", "| arm | train s/step (from logged images/s) | eval s per checkpoint |",
+    md = ["## Measured cost", "", "| arm | train s/step (median logged images/s) | eval s per checkpoint |",
           "|---|---:|---:|"]  # fmt: skip
     for arm in arms:
         ips = [r["train_images_per_s"] for r in rows if r["arm"] == arm and r.get("train_images_per_s")]
