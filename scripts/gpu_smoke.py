@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default=None, help="default bf16 (tiny: no)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     p.add_argument("--no-grad-checkpointing", action="store_true")
-    p.add_argument("--fsdp", action="store_true", help="shard the model as train.fsdp=true does (FSDP2), any world size")
+    p.add_argument("--fsdp", action="store_true", help="shard the model as train.fsdp=true does (FSDP2)")
     p.add_argument("--sample-steps", type=int, default=8, help="Euler ODE steps of the sampling check")
     p.add_argument("--num-samples", type=int, default=8)
     p.add_argument("--out", default=None, help="also write the JSON report here")
