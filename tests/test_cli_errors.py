@@ -180,7 +180,7 @@ def test_nested_commands_accept_debug(tmp_path, capsys):
         (["optim.lr=nan"], "optim.lr"),
         (["model.num_heads=0"], "model.num_heads"),
         (["model.projector_dim=0"], "model.projector_dim"),
-        (["data.kind=folder", "data.space=latent"], "set data.space=pixel"),
+        (["train.fsdp=true", "train.mixed_precision=fp16"], "train.fsdp=true does not support fp16"),
     ],
 )
 def test_bad_config_values_are_one_line_naming_the_key(overrides, key, tmp_path, fmnist_root, capsys):
