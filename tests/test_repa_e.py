@@ -206,7 +206,8 @@ def test_latent_space_without_end_to_end_trains_on_the_frozen_vaes_latents(tmp_p
     assert isinstance(data, PrecomputedLatents) and data.sample_shape == (4, 14, 14) and data.mean.shape[:2] == (2, 40)
     vae = load_vae("random:tiny")
     mean, std = vae.encode_moments(data.images[:3].float().expand(-1, 3, -1, -1) / 127.5 - 1)
-    assert torch.equal(data.mean[0, :3], mean) and torch.equal(data.std[0, :3], std)
+    torch.testing.assert_close(data.mean[0, :3], mean, rtol=1e-5, atol=1e-6)  # conv rounding depends on the batch
+    torch.testing.assert_close(data.std[0, :3], std, rtol=1e-5, atol=1e-6)
     eps = torch.randn(3, 4, 14, 14)
     batch = data.batch(torch.arange(3), torch.tensor([False, True, False]), "cpu", eps=eps)
     assert torch.equal(batch["x"][0], vae.normalize(mean[0] + std[0] * eps[0]))
