@@ -210,7 +210,7 @@ def test_latent_space_without_end_to_end_trains_on_the_frozen_vaes_latents(tmp_p
     torch.testing.assert_close(data.std[0, :3], std, rtol=1e-5, atol=1e-6)
     eps = torch.randn(3, 4, 14, 14)
     batch = data.batch(torch.arange(3), torch.tensor([False, True, False]), "cpu", eps=eps)
-    assert torch.equal(batch["x"][0], vae.normalize(mean[0] + std[0] * eps[0]))
+    assert torch.equal(batch["x"][0], vae.normalize(data.mean[0, 0] + data.std[0, 0] * eps[0]))
     assert torch.equal(batch["x"][1], vae.normalize(data.mean[1, 1] + data.std[1, 1] * eps[1]))  # the mirror image
     assert batch["images"].shape == (3, 1, 28, 28)  # the encoders' input stays the image
     train(cfg)
