@@ -54,6 +54,15 @@ def full_run(tmp_path_factory, fmnist_root):
 def assert_same_training_state(a: Path, b: Path) -> None:
     """The newest checkpoints of two runs hold bit-identical weights, EMA, optimizer and scheduler state, and the
     two metrics logs agree except for timings."""
+    assert_same_checkpoints(a, b)
+    ma, mb = metrics(a), metrics(b)
+    strip = [{k: v for k, v in r.items() if k not in TIMING} for r in ma]
+    assert strip == [{k: v for k, v in r.items() if k not in TIMING} for r in mb]
+
+
+def assert_same_checkpoints(a: Path, b: Path) -> None:
+    """The newest checkpoints of runs `a` and `b` hold the same step and bit-identical weights, EMA, optimizer and
+    scheduler state."""
     ca, cb = (load_checkpoint(C.latest_checkpoint(r / "checkpoints")) for r in (a, b))
     assert ca["state"]["step"] == cb["state"]["step"]
     assert ca["state"]["nonfinite_steps"] == cb["state"]["nonfinite_steps"]
@@ -67,9 +76,6 @@ def assert_same_training_state(a: Path, b: Path) -> None:
         for k, v in oa["state"][pid].items():
             assert torch.equal(torch.as_tensor(v), torch.as_tensor(ob["state"][pid][k])), f"optimizer {pid}.{k}"
     assert ca["optimizer"]["scheduler"] == cb["optimizer"]["scheduler"]
-    ma, mb = metrics(a), metrics(b)
-    strip = [{k: v for k, v in r.items() if k not in TIMING} for r in ma]
-    assert strip == [{k: v for k, v in r.items() if k not in TIMING} for r in mb]
 
 
 def assert_checkpoints_sound(ckpt_root: Path) -> list[int]:

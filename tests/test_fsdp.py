@@ -17,6 +17,7 @@ from repa.cli.main import main as cli_main
 from repa.config import ConfigError, load_config
 from repa.training import train
 from tests.helpers.tiny import launch_training, metrics, tiny_overrides
+from tests.test_faults import assert_same_checkpoints
 
 ROOT = Path(__file__).parents[1]
 # the REPA family's extra model calls go through the sharded model too: SRA's EMA teacher (`forward_hidden` on the
@@ -31,18 +32,6 @@ pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 def _final(run: Path) -> dict:
     return load_checkpoint(latest_checkpoint(run / "checkpoints"))
-
-
-def _assert_same_checkpoint(a: dict, b: dict) -> None:
-    for key in ("model", "ema"):
-        assert a[key].keys() == b[key].keys()
-        for name in a[key]:
-            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
-    sa, sb = a["optimizer"]["optimizer"], b["optimizer"]["optimizer"]
-    assert sa["param_groups"] == sb["param_groups"] and sa["state"].keys() == sb["state"].keys()
-    for pid in sa["state"]:
-        for k in sa["state"][pid]:
-            assert torch.equal(torch.as_tensor(sa["state"][pid][k]), torch.as_tensor(sb["state"][pid][k])), (pid, k)
 
 
 def _losses(run: Path) -> list[dict]:
@@ -63,7 +52,7 @@ def fsdp_run(tmp_path_factory, fmnist_root) -> Path:
 def test_fsdp_on_two_processes_gives_ddp_weights_bit_for_bit(tmp_path, fmnist_root, fsdp_run):
     ddp = tmp_path / "ddp"
     launch_training(tmp_path, 2, tiny_overrides(ddp, fmnist_root, *STEPS, *FAMILY))
-    _assert_same_checkpoint(_final(fsdp_run), _final(ddp))
+    assert_same_checkpoints(fsdp_run, ddp)
     assert _losses(fsdp_run) == _losses(ddp)
     # the gradient norm sums the shards' norms: equal up to float32 rounding
     for a, b in zip(metrics(fsdp_run), metrics(ddp)):
@@ -78,7 +67,7 @@ def test_fsdp_resume_equals_uninterrupted(tmp_path, fmnist_root, fsdp_run):
                                                 "train.max_steps=2"))  # fmt: skip
     out = launch_training(tmp_path, 2, tiny_overrides(run, fmnist_root, *STEPS, *FAMILY, "train.fsdp=true"))
     assert "resuming from" in out and "returned a view tensor" not in out
-    _assert_same_checkpoint(_final(run), _final(fsdp_run))
+    assert_same_checkpoints(run, fsdp_run)
     assert _losses(run) == _losses(fsdp_run)
 
 
@@ -102,7 +91,7 @@ def test_fsdp_on_one_process_equals_the_plain_loop_bit_for_bit(tmp_path, fmnist_
         runs[name] = tmp_path / name
         train(load_config(ROOT / "configs/tiny.yaml", tiny_overrides(runs[name], fmnist_root, *STEPS, *extra)))
         assert not dist.is_initialized()
-    _assert_same_checkpoint(_final(runs["fsdp"]), _final(runs["plain"]))
+    assert_same_checkpoints(runs["fsdp"], runs["plain"])
     assert metrics(runs["fsdp"])[-1]["grad_norm"] == pytest.approx(metrics(runs["plain"])[-1]["grad_norm"], rel=1e-6)
     # the same files either way: a plain run resumed with FSDP on (a harmless config change) ends where both end
     switched = tmp_path / "switched"
@@ -115,7 +104,7 @@ def test_fsdp_on_one_process_equals_the_plain_loop_bit_for_bit(tmp_path, fmnist_
     train(
         load_config(ROOT / "configs/tiny.yaml", tiny_overrides(switched, fmnist_root, *STEPS, clip, "train.fsdp=true"))
     )
-    _assert_same_checkpoint(_final(switched), _final(runs["plain"]))
+    assert_same_checkpoints(switched, runs["plain"])
 
 
 def test_fsdp_refuses_what_it_does_not_support(tmp_path, fmnist_root):
