@@ -173,3 +173,19 @@ def test_a_checkpoint_of_another_shape_is_one_line(tmp_path, fmnist_root, capsys
     assert f"model.init_from={ckpt} does not fit the config's model (SiT-T/4; " in line
     assert re.search(message, line), line
     assert "size mismatch" not in line
+
+
+def test_a_qk_norm_checkpoint_with_a_non_registry_head_count(tmp_path, fmnist_root, step0, capsys):
+    """Width 32 with 4 heads and qk-norm (the registry would say nothing of width 32): the head dimension the
+    qk-norm weights state must agree with `model.num_heads`, which is what the model is built with."""
+    ckpt = tmp_path / "qk.pt"
+    ema = _random(5, qk_norm=True, num_heads=4).state_dict()
+    torch.save({"ema": ema}, ckpt)
+    run = tmp_path / "run"
+    over = tiny_overrides(run, fmnist_root, f"model.init_from={ckpt}", "model.qk_norm=true", "train.max_steps=1")
+    assert cli_main(["train", str(TINY), *over]) == 2  # tiny_overrides say 2 heads: the checkpoint has 4
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"model.init_from={ckpt}: num_heads=2 (--num-heads / model.num_heads) contradicts the checkpoint" in line
+    assert "head dimension 8, i.e. 4 heads at width 32" in line
+    assert cli_main(["train", str(TINY), *over, "model.num_heads=4"]) == 0
+    _assert_equal(step0["state"], ema, ema)

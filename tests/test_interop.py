@@ -150,21 +150,31 @@ class FakeDetector:
         return {"pool": x @ w, "spatial": x[:, :6]}
 
 
-@pytest.fixture
-def plain_checkpoint(tmp_path):
-    path = tmp_path / "plain.pt"
-    return save_official(path, PLAIN_PROJ, "pt"), path
+@pytest.fixture(params=list(CASES))
+def official_checkpoint(request, tmp_path):
+    """Each official layout of CASES: (model built with the true arguments, file, the flags it needs)."""
+    kw, layout, flags = CASES[request.param]
+    path = tmp_path / f"ckpt.{layout.split('.')[-1]}"
+    return save_official(path, kw, layout), path, flags
 
 
-def test_eval_generate_takes_the_flags(plain_checkpoint, tmp_path, monkeypatch):
-    model, path = plain_checkpoint
+def refused_without(flags: list[str], argv: list[str], capsys) -> None:
+    """Without the flags a checkpoint needs, the command stops with one line naming each of them."""
+    if flags:
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "cannot tell" in err and all(f in err for f in flags[::2]), err
+
+
+def test_eval_generate_takes_the_flags(official_checkpoint, tmp_path, monkeypatch, capsys):
+    model, path, flags = official_checkpoint
     monkeypatch.setattr("repa.evaluation.generation.make_detector", lambda *a, **k: FakeDetector())
     ref = tmp_path / "ref.npz"
     save_samples(ref, np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))
     argv = ["eval", "generate", str(path), "--num", "4", "--ref", str(ref), "--batch-size", "4", "--no-is",
             "--device", "cpu", "--no-progress", "--out", str(tmp_path / "e"), *SAMPLING]  # fmt: skip
-    assert cli_main(argv) == 2
-    assert cli_main([*argv, *FLAGS]) == 0
+    refused_without(flags, argv, capsys)
+    assert cli_main([*argv, *flags]) == 0
     (npz,) = (tmp_path / "e").glob("*.npz")
     np.testing.assert_array_equal(np.load(npz)["arr_0"], reference_samples(model, balanced_labels(4, 5, seed=0)))
 
@@ -180,24 +190,23 @@ def image_folder(tmp_path):
     return tmp_path / "folder"
 
 
-def test_probe_and_align_take_the_flags(plain_checkpoint, image_folder, tmp_path, monkeypatch, capsys):
-    model, path = plain_checkpoint
+def test_probe_and_align_take_the_flags(official_checkpoint, image_folder, tmp_path, monkeypatch, capsys):
+    model, path, flags = official_checkpoint
     monkeypatch.setattr("repa.encoders.load_encoder", lambda name, resolution=224, **k: PatchEncoder(resolution))
     common = ["--data-root", str(image_folder), "--vae", "random:tiny", "--layers", "1,3", "--times", "0.5",
               "--device", "cpu", "--no-progress"]  # fmt: skip
     cpu, want = torch.device("cpu"), true_loaded(model, path)
 
     probe = ["probe", str(path), "--num-train", "8", "--num-test", "4", "--epochs", "2", "--out", str(tmp_path / "p")]
-    assert cli_main([*probe, *common]) == 2
-    assert "--num-heads" in capsys.readouterr().err
-    assert cli_main([*probe, *common, *FLAGS]) == 0
+    refused_without(flags, [*probe, *common], capsys)
+    assert cli_main([*probe, *common, *flags]) == 0
     rows = run_probe(want, "1,3", "0.5", 8, 4, 2, data_root=image_folder, vae="random:tiny", device=cpu,
                      progress=False, write=False)["rows"]  # fmt: skip
     assert json.loads((tmp_path / "p" / "probe.json").read_text())["rows"] == rows
 
     align = ["align", str(path), "--encoder", "dinov2-vit-b", "--num", "8", "--k", "3", "--out", str(tmp_path / "a")]
-    assert cli_main([*align, *common]) == 2
-    assert cli_main([*align, *common, *FLAGS]) == 0
+    refused_without(flags, [*align, *common], capsys)
+    assert cli_main([*align, *common, *flags]) == 0
     rows = run_align(want, "dinov2-vit-b", None, None, "1,3", "0.5", 8, "cknna", 3, data_root=image_folder,
                      vae="random:tiny", device=cpu, progress=False, write=False)["rows"]  # fmt: skip
     assert json.loads((tmp_path / "a" / "align.json").read_text())["rows"] == rows
@@ -244,11 +253,18 @@ def test_config_and_args_state_what_the_tensors_cannot():
     assert (got["num_heads"], got["align_depth"]) == (4, 3)
     got = infer_model_kwargs(state, 8, align_depth=1, info={"config": cfg})  # the flags win
     assert (got["num_heads"], got["align_depth"]) == (8, 1)
-    got = infer_model_kwargs(state, info={"args": {"model": "SiT-XL/2", "encoder_depth": 1}})
-    assert (got["num_heads"], got["align_depth"]) == (16, 1)
+    # official args name a model whose width (1152) is not the tensors' (96): its 16 heads would divide 96 but are
+    # not this checkpoint's, so the count stays unknown; the depth they state is used
+    with pytest.raises(ValueError, match=r"^cannot tell the number of attention heads .*: pass --num-heads"):
+        infer_model_kwargs(state, info={"args": {"model": "SiT-XL/2", "encoder_depth": 1}})
+    got = infer_model_kwargs(state, 4, info={"args": {"model": "SiT-XL/2", "encoder_depth": 1}})
+    assert (got["num_heads"], got["align_depth"]) == (4, 1)
+    state = DiffusionTransformer(**dict(PLAIN_PROJ, hidden_size=384, num_heads=4)).state_dict()  # an S-width
+    got = infer_model_kwargs(state, info={"args": {"model": "SiT-S/2", "encoder_depth": 1}})  # the name's width
+    assert (got["num_heads"], got["align_depth"]) == (6, 1)
     state = DiffusionTransformer(**PLAIN_PROJ).state_dict()
-    with pytest.raises(ValueError, match=r"12 attention heads \(the checkpoint's args\) do not divide the width 80"):
-        infer_model_kwargs(state, info={"args": {"model": "SiT-B/2", "encoder_depth": 1}})
+    with pytest.raises(ValueError, match=r"3 attention heads \(the checkpoint's config\) do not divide the width 80"):
+        infer_model_kwargs(state, info={"config": {"model": {"name": "SiT-T/2", "align_depth": 1}}})
     with pytest.raises(ValueError, match=r"^cannot tell which block feeds the projectors .* --align-depth \(1\.\.3\)$"):
         infer_model_kwargs(state, 5)
 

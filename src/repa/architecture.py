@@ -131,9 +131,10 @@ def _check_fits(state: Mapping[str, Any], kw: Mapping[str, Any]) -> None:
         raise ValueError(f"tensor shapes contradict the architecture the other tensors describe: {'; '.join(bad[:4])}")
 
 
-def _declared(info: Mapping[str, Any] | None) -> tuple[dict[str, Any], str]:
+def _declared(info: Mapping[str, Any] | None, hidden: int) -> tuple[dict[str, Any], str]:
     """What the checkpoint's own record says beyond the tensors, and where: a repa config (the registry entry
-    `model.name` with its overrides, as training built it) or official REPA `args` ("SiT-XL/2", `encoder_depth`)."""
+    `model.name` with its overrides, as training built it) or official REPA `args` ("SiT-XL/2", `encoder_depth`;
+    the name's head count only when its width is the tensors' width: otherwise the name does not describe them)."""
     info = info or {}
     cfg, args = info.get("config"), info.get("args")
     if isinstance(cfg, Mapping) and isinstance(cfg.get("model"), Mapping):
@@ -144,7 +145,8 @@ def _declared(info: Mapping[str, Any] | None) -> tuple[dict[str, Any], str]:
                 "class_dropout_prob": m.get("class_dropout_prob")}, "the checkpoint's config"  # fmt: skip
     if isinstance(args, Mapping):
         reg = MODELS.get(str(args.get("model")), {})
-        return {"num_heads": reg.get("num_heads"), "align_depth": args.get("encoder_depth")}, "the checkpoint's args"
+        heads = reg.get("num_heads") if reg.get("hidden_size") == hidden else None
+        return {"num_heads": heads, "align_depth": args.get("encoder_depth")}, "the checkpoint's args"
     return {}, ""
 
 
@@ -172,14 +174,14 @@ def infer_model_kwargs(
         the kwargs (`align_depth` only when there are projectors).
     """
     kw = _tensor_facts(state)
-    declared, where = _declared(info)
+    declared, where = _declared(info, kw["hidden_size"])
     if declared.get("class_dropout_prob") == 0:  # trained without label dropout: no null-class row
         kw.update(num_classes=kw["num_classes"] + 1, class_dropout_prob=0.0)
     stated = kw.pop("num_heads", None)
     _check_fits(state, {**kw, "num_heads": stated or 1})  # no shape depends on the head count without qk-norm
     hidden, depth = kw["hidden_size"], kw["depth"]
     if num_heads is not None and stated is not None and num_heads != stated:
-        raise ValueError(f"num_heads={num_heads} contradicts the checkpoint: its qk-norm weights have head dimension "
+        raise ValueError(f"num_heads={num_heads} (--num-heads / model.num_heads) contradicts the checkpoint: its qk-norm weights have head dimension "
                          f"{hidden // stated}, i.e. {stated} heads at width {hidden}")  # fmt: skip
     candidates = (num_heads, stated, declared.get("num_heads"), _HEADS_BY_WIDTH.get(hidden))
     heads = next((int(v) for v in candidates if v is not None), None)

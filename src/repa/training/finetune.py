@@ -88,7 +88,7 @@ def initialise_from(cfg: Config, model: nn.Module, path: Path, run_dir: Path) ->
         what = (f"{k} is {list(theirs[k].shape)} there, {list(ours[k].shape)} here" if differ
                 else f"{k} is not in the model" if unused else f"the model's {k} is not in the checkpoint")  # fmt: skip
         raise ConfigError(f"{key} does not fit the config's model ({cfg.model.name}; {what}): {where}. Set model.name "
-                          "(and model.hidden_size / depth / num_heads) and the data to the checkpoint's")  # fmt: skip
+                          "(and model.hidden_size / depth / num_heads / qk_norm) and the data to the checkpoint's")  # fmt: skip
     copied = {k: v for k, v in theirs.items() if k in ours}
     with torch.no_grad():
         for k, v in copied.items():
