@@ -168,6 +168,14 @@ def test_truncated_or_non_zip_npz_names_the_file(tmp_path, monkeypatch, capsys):
     assert "cut.npz" in capsys.readouterr().err
     assert cli_main(["eval", "ref", str(tmp_path / "text.npz"), "--out", str(tmp_path / "o.npz")]) == 2
     assert "text.npz" in capsys.readouterr().err
+    # `repa eval score` names a damaged or missing .npz in one line before building (or downloading) any detector
+    calls = _patch_cli_detector(monkeypatch)
+    good, cut, gone = (str(tmp_path / n) for n in ("good.npz", "cut.npz", "gone.npz"))
+    for samples, ref, name in ((cut, good, "cut.npz"), (good, cut, "cut.npz"), (gone, good, "gone.npz")):
+        assert cli_main(["eval", "score", samples, "--ref", ref]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert name in line
+    assert calls == []
 
 
 def test_damaged_cached_reference_statistics_are_recomputed(tmp_path):

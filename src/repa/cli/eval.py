@@ -69,6 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from repa.data.npz import check_npz_inputs
     from repa.distributed import is_main
     from repa.evaluation import make_detector, reference_stats, score, summary_line
     from repa.evaluation.generation import generate_and_score
@@ -87,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
         if is_main():
             print(f"[repa] {summary_line(metrics)} -> {metrics['json']}")
         return 0
+    if args.eval_command == "score":  # damaged inputs are named before any detector is built or downloaded
+        check_npz_inputs(args.samples, args.ref)
     detector = make_detector(args.detector, device, args.inception, classifier)
     batch_size = args.batch_size or 250
     if args.eval_command == "ref":

@@ -144,6 +144,16 @@ def npz_keys(path: str | Path) -> list[str]:
         raise _damaged(path, err) from err
 
 
+def check_npz_inputs(*paths: str | Path) -> None:
+    """Refuse, naming the file, any `.npz` among `paths` that is missing or not a readable archive (other inputs,
+    such as folders or `fashion-mnist:<split>`, are left to their readers)."""
+    for path in paths:
+        if str(path).endswith(".npz"):
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"{path} does not exist")
+            npz_keys(path)
+
+
 def read_npz_arrays(path: str | Path, keys: list[str]) -> dict[str, np.ndarray]:
     """Load a few (small) arrays by name, e.g. `["mu", "sigma"]` or `["arr_1"]`; missing keys are skipped.
 
