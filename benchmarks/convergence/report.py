@@ -68,8 +68,9 @@ def plot(rows: list[dict], arms: list[str], path: Path, title: str) -> None:
 def describe(p: Preset, cfg, d0: int, seeds: Sequence[int]) -> str:
     """One paragraph stating exactly what was trained and measured."""
     enc = f"{cfg.repa.encoders[0]} (block {cfg.repa.encoder_layer}, {cfg.repa.encoder_resolution} px)"
+    space = "pixel space" if cfg.data.space == "pixel" else f"latent space of {cfg.data.vae}"
     return (
-        f"{cfg.model.name} on Fashion-MNIST ({p.num_train or 'all'} training images, pixel space), batch {p.batch_size}, "
+        f"{cfg.model.name} on Fashion-MNIST ({p.num_train or 'all'} training images, {space}), batch {p.batch_size}, "
         f"{p.steps} steps, lr {cfg.optim.lr:g}, seeds {','.join(map(str, seeds))}; REPA: {enc}, lambda "
         f"{cfg.repa.align_coeff:g}, block {d0}, {cfg.repa.align_kind}. Evaluated every {p.eval_every} steps on the EMA "
         f"model. FID: {p.fid_samples} samples (Heun ODE {p.sample_steps} steps, no CFG, same noise everywhere) vs "
