@@ -1,15 +1,17 @@
-"""Training-loop throughput of git revisions side by side: `repa train` on a preset, interleaved rounds.
+"""Training-loop throughput of git revisions side by side: `repa train` on a preset, run in simultaneous pairs.
 
-    python -m benchmarks.loop --revs 0f0bd7d~1,0f0bd7d,HEAD --steps 200 --rounds 3 \
+    python -m benchmarks.loop --revs 0f0bd7d~1,0f0bd7d,HEAD --steps 300 --rounds 4 \
         --out benchmarks/results/loop-tiny.json
 
 Each revision's `src/` and `configs/` are exported (`git archive`) into a temporary folder and run with that
 `src/` first on PYTHONPATH, so the loop measured is that revision's whole training step (data, model, loss,
-optimizer, EMA, the per-step checks), not a stand-in. The rounds alternate the revisions (A B C A B C ...) so slow
-drifts of the machine fall on all of them alike. A revision's speed in one run is the median images/s of its log
-windows after the first (warm-up); its speed is the median over rounds. One untimed step per revision first builds
-its encoder-target cache. Give the machine to the measurement alone: other processes on the cores move the numbers
-by more than the differences it is meant to see.
+optimizer, EMA, the per-step checks), not a stand-in. The first revision is the baseline; each other revision
+runs at the same time as the baseline, each pinned to its own core with one thread (`taskset`), and the next round
+swaps the cores. On a shared 2-core machine the speed of both cores drifts by 10-30% over minutes (measured: the
+same revision went from 90 to 64 images/s in three sequential rounds); two runs that share the same minutes see the
+same drift, so their ratio is what is compared. A run's speed is the median images/s of its log windows after the
+first (warm-up); a revision's ratio is the median over rounds of (its speed / the baseline's in the same round).
+One untimed step per revision first builds its encoder-target cache.
 """
 
 from __future__ import annotations
@@ -42,16 +44,32 @@ def export(rev: str, dest: Path) -> str:
     return sha
 
 
-def train_once(tree: Path, run_dir: Path, steps: int, log_every: int, threads: int, extra: list[str]) -> list[float]:
-    """One `repa train` of `tree`'s revision; returns the images/s of its log windows."""
+def start_run(tree: Path, run_dir: Path, steps: int, log_every: int, core: int, extra: list[str]) -> subprocess.Popen:
+    """Start one `repa train` of `tree`'s revision pinned to `core` with one thread."""
     overrides = [f"train.run_dir={run_dir}", f"train.max_steps={steps}", f"train.log_every={log_every}",
-                 f"train.sample_every={10 * steps}", f"train.checkpoint_every={steps}", "train.progress=false", *extra]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(tree / "src"), "OMP_NUM_THREADS": str(threads)}
+                 f"train.sample_every={10 * steps}", f"train.checkpoint_every={steps}", "train.progress=false",
+                 "train.num_threads=1", *extra]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(tree / "src"), "OMP_NUM_THREADS": "1"}
     code = "import sys; from repa.cli.main import main; sys.exit(main(sys.argv[1:]))"
-    cmd = [sys.executable, "-c", code, "train", str(tree / "configs" / "tiny.yaml"), *overrides]
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+    cmd = ["taskset", "-c", str(core), sys.executable, "-c", code, "train", str(tree / "configs" / "tiny.yaml"),
+           *overrides]  # fmt: skip
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+
+
+def speed(run_dir: Path) -> float:
+    """Median images/s of a finished run's log windows after the first."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["images_per_s"] for r in rows if "images_per_s" in r]
+    windows = [r["images_per_s"] for r in rows if "images_per_s" in r]
+    return statistics.median(windows[1:] or windows)
+
+
+def run_together(runs: list[tuple[Path, Path, int]], steps: int, log_every: int, extra: list[str]) -> list[float]:
+    """Run (tree, run_dir, core) triples at the same time; their speeds."""
+    procs = [start_run(tree, run_dir, steps, log_every, core, extra) for tree, run_dir, core in runs]
+    for proc in procs:
+        if proc.wait():
+            raise SystemExit(f"a training run failed (exit {proc.returncode}): {proc.args}")
+    return [speed(run_dir) for _, run_dir, _ in runs]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,36 +78,51 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=200, help="training steps per run")
     p.add_argument("--log-every", type=int, default=25, help="steps per log window")
     p.add_argument("--rounds", type=int, default=3, help="runs per revision, interleaved")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cores", default="0,1", help="the two cores a pair runs on")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every run")
     p.add_argument("--out", default=None, help="JSON result file")
     args = p.parse_args(argv)
     revs = [r for r in args.revs.split(",") if r]
+    cores = [int(c) for c in args.cores.split(",")]
+    if len(revs) < 2 or len(cores) != 2:
+        p.error("--revs needs a baseline and at least one other revision; --cores two cores")
+    base, others = revs[0], revs[1:]
+    ratios: dict[str, list[float]] = {rev: [] for rev in others}
+    speeds: dict[str, list[float]] = {rev: [] for rev in revs}
     with tempfile.TemporaryDirectory(prefix="repa-loop-") as tmp:
         trees, shas = {}, {}
         for i, rev in enumerate(revs):
             trees[rev] = Path(tmp) / f"rev{i}"
             trees[rev].mkdir()
             shas[rev] = export(rev, trees[rev])
-            train_once(trees[rev], Path(tmp) / f"warm{i}", 1, 1, args.threads, args.set)  # builds its target cache
-        speeds: dict[str, list[float]] = {rev: [] for rev in revs}
+        warm = [(trees[rev], Path(tmp) / f"warm{i}", cores[i % 2]) for i, rev in enumerate(revs)]
+        for i in range(0, len(warm), 2):  # one step each: builds the revisions' target caches
+            run_together(warm[i : i + 2], 1, 1, args.set)
         for k in range(args.rounds):
-            for i, rev in enumerate(revs):
-                start = time.perf_counter()
-                windows = train_once(trees[rev], Path(tmp) / f"r{k}-{i}", args.steps, args.log_every, args.threads,
-                                     args.set)  # fmt: skip
-                speeds[rev].append(statistics.median(windows[1:] or windows))
-                print(f"[loop] round {k + 1} {rev}: {speeds[rev][-1]:.1f} img/s ({time.perf_counter() - start:.0f} s)")
-    base = statistics.median(speeds[revs[0]])
-    rows = [{"rev": rev, "commit": shas[rev], "images_per_s": statistics.median(v), "rounds": v,
-             "vs_first": statistics.median(v) / base} for rev, v in speeds.items()]  # fmt: skip
-    print("| revision | commit | img/s (median of rounds) | vs first | rounds |\n| --- | --- | ---: | ---: | --- |")
+            for j, rev in enumerate(others):
+                c = cores if k % 2 == 0 else cores[::-1]
+                started = time.perf_counter()
+                a, b = run_together([(trees[base], Path(tmp) / f"r{k}-{j}-base", c[0]),
+                                     (trees[rev], Path(tmp) / f"r{k}-{j}-rev", c[1])], args.steps, args.log_every,
+                                    args.set)  # fmt: skip
+                speeds[base].append(a)
+                speeds[rev].append(b)
+                ratios[rev].append(b / a)
+                print(f"[loop] round {k + 1}: {base} {a:.1f} img/s (core {c[0]}) | {rev} {b:.1f} img/s (core {c[1]}) "
+                      f"-> {b / a:.3f} ({time.perf_counter() - started:.0f} s)")  # fmt: skip
+    rows = [{"rev": rev, "commit": shas[rev], "images_per_s": speeds[rev],
+             "vs_baseline": statistics.median(ratios[rev]) if rev in ratios else 1.0,
+             "ratios": ratios.get(rev, [])} for rev in revs]  # fmt: skip
+    print("| revision | commit | speed vs baseline (median of rounds) | per round | img/s per run |")
+    print("| --- | --- | ---: | --- | --- |")
     for r in rows:
-        rounds = ", ".join(f"{x:.1f}" for x in r["rounds"])
-        print(f"| {r['rev']} | {r['commit'][:7]} | {r['images_per_s']:.1f} | {r['vs_first']:.3f} | {rounds} |")
+        per_round = ", ".join(f"{x:.3f}" for x in r["ratios"]) or "baseline"
+        runs = ", ".join(f"{x:.1f}" for x in r["images_per_s"])
+        print(f"| {r['rev']} | {r['commit'][:7]} | {r['vs_baseline']:.3f} | {per_round} | {runs} |")
     if args.out:
-        meta = {"cpu": cpu_bf16().cpu or platform.machine(), "threads": args.threads, "steps": args.steps,
-                "log_every": args.log_every, "overrides": args.set, "loadavg": os.getloadavg()}  # fmt: skip
+        meta = {"cpu": cpu_bf16().cpu or platform.machine(), "cores": cores, "threads_per_run": 1,
+                "steps": args.steps, "log_every": args.log_every, "overrides": args.set,
+                "loadavg": os.getloadavg()}  # fmt: skip
         Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     return 0
 
