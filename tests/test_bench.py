@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,3 +172,22 @@ def test_step_suite_both_precisions_in_one_run(tmp_path, capsys):
     assert [r["settings"]["precision"] for r in rows] == [None, None, "bf16", "bf16"]
     assert cli_main(["bench", "step", "--tiny", "--precision", "fp16", "--json", ""]) != 0
     assert "--precision 'fp16': expected fp32, bf16 or fp32,bf16" in capsys.readouterr().err
+
+
+def test_the_guard_benchmark_times_both_update_paths_on_a_preset():
+    from benchmarks import micro
+
+    res = micro.guard_cost(str(Path(__file__).parents[1] / "configs" / "tiny.yaml"), reps=1, block=1)
+    assert {"step with optimizer.step()", "update phase: UpdateGuard.step()"} <= res.keys()
+    assert all(v > 0 for k, v in res.items() if not k.startswith("guard"))
+    # the guard's phase includes the optimizer step and its finiteness pass
+    overhead = res["update phase: UpdateGuard.step()"] - res["update phase: optimizer.step()"]
+    assert res["guard overhead (extra update time / step)"] == pytest.approx(overhead / res["step with optimizer.step()"])
+
+
+def test_the_loop_benchmark_reads_the_median_of_windows_after_the_first(tmp_path):
+    from benchmarks.loop import speed
+
+    rows = [{"step": 25 * i, "images_per_s": v} for i, v in enumerate([5.0, 40.0, 42.0, 38.0], start=1)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert speed(tmp_path) == 40.0  # the first (warm-up) window is left out

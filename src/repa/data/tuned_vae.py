@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from repa.data.vae import VAE, LatentNorm
+from repa.data.vae import VAE, AutoencoderGeometry, LatentNorm
 
 FILE_FORMAT = "repa-tuned-vae/1"
 LATENT_BN_EPS = 1e-4  # REPA-E's latent BatchNorm eps (official models/sit.py: BatchNorm2d(eps=1e-4))
@@ -75,7 +75,7 @@ def _config_dict(autoencoder: nn.Module) -> dict[str, Any]:
             if not k.startswith("_")}  # fmt: skip
 
 
-class TunedVAE(nn.Module):
+class TunedVAE(AutoencoderGeometry):
     """A trainable AutoencoderKL (`vae`) and the latent BatchNorm (`bn`). Images are float in [-1, 1] (B, 3, H, W).
 
     Args:
@@ -90,18 +90,6 @@ class TunedVAE(nn.Module):
         self.bn = LatentBatchNorm(int(autoencoder.config.latent_channels), momentum=momentum, eps=eps)
         param = next(autoencoder.parameters())
         self.bn.to(device=param.device)
-
-    @property
-    def downsample(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def latent_channels(self) -> int:
-        return int(self.vae.config.latent_channels)
-
-    @property
-    def in_channels(self) -> int:
-        return int(self.vae.config.in_channels)
 
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
         """Raw latents z -> images (float, about [-1, 1])."""

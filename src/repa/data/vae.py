@@ -188,7 +188,27 @@ RANDOM_VAE_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-class VAE(nn.Module):
+class AutoencoderGeometry(nn.Module):
+    """What a wrapper of a diffusers AutoencoderKL (`self.vae`) reads off its config: pixels per latent side, latent
+    and image channels (the frozen `VAE` and REPA-E's trainable `TunedVAE` share them)."""
+
+    vae: nn.Module
+
+    @property
+    def downsample(self) -> int:
+        """Pixels per latent side."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.vae.config.in_channels)
+
+
+class VAE(AutoencoderGeometry):
     """Frozen, eval-mode VAE wrapper. Images are float in [-1, 1], (B, 3, H, W); latents (B, C, H/f, W/f).
 
     Args:
@@ -236,15 +256,6 @@ class VAE(nn.Module):
     def train(self, mode: bool = True) -> VAE:
         """Always eval mode (frozen)."""
         return super().train(False)
-
-    @property
-    def downsample(self) -> int:
-        """Pixels per latent side."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def latent_channels(self) -> int:
-        return int(self.vae.config.latent_channels)
 
     @classmethod
     def from_pretrained(

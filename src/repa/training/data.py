@@ -154,7 +154,7 @@ def encode_images(data: InMemoryImages, vae_spec: str, hflip: bool, batch_size: 
     """`data` in the latent space of the frozen VAE `vae_spec` (on the CPU; loaded once per process)."""
     vae = load_vae(vae_spec)
     c, h, w = data.sample_shape
-    f, vae_c = vae.downsample, int(vae.vae.config.in_channels)
+    f, vae_c = vae.downsample, vae.in_channels
     if c not in (1, vae_c) or h % f or w % f:
         raise ValueError(f"the VAE {vae_spec} encodes {vae_c}-channel images with sides divisible by {f}; the training "
                          f"images are {c}x{h}x{w}")  # fmt: skip

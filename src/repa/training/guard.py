@@ -37,8 +37,9 @@ class UpdateGuard:
 
     A finite loss and gradient norm do not make the update finite: AdamW with eps = 0 divides 0 by 0 where a
     gradient is 0, an overflowing learning rate sends weights to inf. Every step ends with one read of the
-    parameters (a fused norm, ~0.2% of a configs/tiny.yaml step). Undoing needs copies of the parameters and the
-    optimizer state from before the step; taking them every step would cost about as much again as the update
+    parameters (a fused norm, ~0.5% of a configs/tiny.yaml step: `benchmarks.micro --guard`). Undoing needs copies
+    of the parameters and the optimizer state from before the step; taking them every step would cost about as much
+    again as the update
     itself (a read and a write of three times the weights: ~1% of that step, and 3x the weights' memory). They are
     not needed when the update provably cannot overflow: AdamW moves a weight by at most
     lr / (1 - beta1) * max|m| / eps (the bias-corrected step size times the first moment over a denominator >= eps),
