@@ -271,6 +271,28 @@ def test_ddpm_guidance_interval_guides_only_inside_it():
     assert all(b == 4 for _, b in calls)
 
 
+def test_repa_sampling_of_a_ddpm_model_honours_the_guidance_interval():
+    """The same through `repa.generate` (what `repa sample` and `repa eval generate` run) on a learned-sigma DiT:
+    the model sees the doubled (guided) batch only inside [guidance_low, guidance_high]."""
+    from repa.config import from_dict
+    from repa.generate import generate
+    from repa.models import DiffusionTransformer
+
+    torch.manual_seed(0)
+    model = DiffusionTransformer(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
+                                 num_classes=5, learn_sigma=True)  # fmt: skip
+    batches: list[int] = []
+    model.register_forward_pre_hook(lambda module, args: batches.append(len(args[0])))
+    labels = torch.tensor([0, 3])
+    for low, high, kinds in ((0.2, 0.7, {2, 4}), (0.0, 1.0, {4})):
+        cfg = from_dict({"transport": {"diffusion": "ddpm"},
+                         "sample": {"num_steps": 20, "cfg_scale": 2.0, "guidance_low": low, "guidance_high": high}})  # fmt: skip
+        batches.clear()
+        x = generate(model, cfg, labels, (4, 8, 8), seed=0)
+        assert x.shape == (2, 4, 8, 8) and len(batches) == 20
+        assert set(batches) == kinds, (low, high, batches)
+
+
 # ------------------------------------------------------------------------------------------------------ DDIM
 
 
