@@ -159,7 +159,10 @@ def test_official_repa_last_pt(tmp_path):
     args = argparse.Namespace(model="SiT-B/2", encoder_depth=1, enc_type="dinov2-vit-b", proj_coeff=0.5)
     torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "args": args,
                 "steps": 10}, tmp_path / "last.pt")  # fmt: skip
-    loaded, info = load_official(tmp_path / "last.pt")
+    # the args name SiT-B/2 (width 768), not these width-48 tensors: its 12 heads are not taken on trust
+    with pytest.raises(ValueError, match=r"cannot tell the number of attention heads .* pass --num-heads"):
+        load_official(tmp_path / "last.pt")
+    loaded, info = load_official(tmp_path / "last.pt", num_heads=12)
     assert info["format"] == "repa" and info["ema"] and loaded.num_heads == 12 and loaded.align_depth == 1
     x, t, y = inputs()
     with torch.no_grad():
@@ -168,9 +171,11 @@ def test_official_repa_last_pt(tmp_path):
     torch.testing.assert_close(out, ref_out, atol=0, rtol=0)
     torch.testing.assert_close(zs[0], ref_zs[0], atol=0, rtol=0)
     # fine-tuning with the same encoder keeps the projectors, with another width replaces them
-    ft, report = load_for_finetuning(tmp_path / "last.pt", encoder_dims=[16], align_depth=1, projector_dim=32)
+    ft, report = load_for_finetuning(tmp_path / "last.pt", encoder_dims=[16], align_depth=1, projector_dim=32,
+                                     num_heads=12)  # fmt: skip
     assert report["new_keys"] == [] and report["dropped_keys"] == [] and ft.training
-    ft, report = load_for_finetuning(tmp_path / "last.pt", encoder_dims=[24], align_depth=1, projector_dim=32)
+    ft, report = load_for_finetuning(tmp_path / "last.pt", encoder_dims=[24], align_depth=1, projector_dim=32,
+                                     num_heads=12)  # fmt: skip
     assert len(report["new_keys"]) == 6 and len(report["dropped_keys"]) == 6
 
 
