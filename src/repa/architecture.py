@@ -181,8 +181,9 @@ def infer_model_kwargs(
     _check_fits(state, {**kw, "num_heads": stated or 1})  # no shape depends on the head count without qk-norm
     hidden, depth = kw["hidden_size"], kw["depth"]
     if num_heads is not None and stated is not None and num_heads != stated:
-        raise ValueError(f"num_heads={num_heads} (--num-heads / model.num_heads) contradicts the checkpoint: its qk-norm weights have head dimension "
-                         f"{hidden // stated}, i.e. {stated} heads at width {hidden}")  # fmt: skip
+        raise ValueError(f"num_heads={num_heads} (--num-heads / model.num_heads) contradicts the checkpoint: its "
+                         f"qk-norm weights have head dimension {hidden // stated}, i.e. {stated} heads at width "
+                         f"{hidden}")  # fmt: skip
     candidates = (num_heads, stated, declared.get("num_heads"), _HEADS_BY_WIDTH.get(hidden))
     heads = next((int(v) for v in candidates if v is not None), None)
     unknown = []

@@ -39,9 +39,8 @@ class UpdateGuard:
     gradient is 0, an overflowing learning rate sends weights to inf. Every step ends with one read of the
     parameters (a fused norm, ~0.5% of a configs/tiny.yaml step: `benchmarks.micro --guard`). Undoing needs copies
     of the parameters and the optimizer state from before the step; taking them every step would cost about as much
-    again as the update
-    itself (a read and a write of three times the weights: ~1% of that step, and 3x the weights' memory). They are
-    not needed when the update provably cannot overflow: AdamW moves a weight by at most
+    again as the update itself (a read and a write of three times the weights: ~1% of that step, and 3x the weights'
+    memory). They are not needed when the update provably cannot overflow: AdamW moves a weight by at most
     lr / (1 - beta1) * max|m| / eps (the bias-corrected step size times the first moment over a denominator >= eps),
     and max|m| <= max(its previous bound, the gradient norm). So the copies are taken only when that bound plus the
     largest weight is not far inside the weights' dtype range (eps <= 0, beta >= 1, an absurd lr, another optimizer,
