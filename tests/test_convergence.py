@@ -153,15 +153,36 @@ def test_tiny_benchmark_end_to_end(tmp_path, monkeypatch):
     assert md.count("verdict (FID)") == 3 and "At its own alignment block 2" in md  # vs vanilla x2, vs repa
     assert "## repa-depth2 vs repa" in md and "**Speed-up at every vanilla checkpoint**" in md
     assert summary["arms"]["repa-depth2"]["fid_vs_repa"]["final_verdict"]
+    board = md[md.index("## Leaderboard"):md.index("## Steps to reach")].splitlines()
+    table = [line for line in board if line.startswith("| ")]
+    assert [line.split(" | ")[0] for line in table[1:]] == ["| vanilla", "| repa", "| repa-depth2"]
+    assert table[0].count("FID @ ") == 2 and "speed-up vs repa" in table[0] and "train s/step" in table[0]
+    assert all(line.count(" | ") == table[0].count(" | ") for line in table)
+    assert "**Speed-up at every repa checkpoint**" in md
+    assert [c["base_step"] for c in summary["arms"]["repa-depth2"]["iso_fid_speedups_vs_repa"]] == [2, 4]
     assert [c["base_step"] for c in summary["arms"]["repa"]["iso_fid_speedups"]] == [2, 4]
     assert (out / "convergence.png").stat().st_size > 0
-    assert set(summary["arms"]) == {"repa", "repa-depth2"}
+    assert set(summary["arms"]) == {"vanilla", "repa", "repa-depth2"}  # vanilla: its speed-up vs repa only
+    assert set(summary["arms"]["vanilla"]) == {"speedup_vs_repa"}
     assert {"ratio_grid", "ratio_per_seed", "verdict"} <= set(summary["arms"]["repa"]["speedup"])
 
     # rerunning reuses the finished runs and evaluations; a different budget in the same folder is refused
     before = (out / "results.csv").read_text()
     convergence.run_benchmark(preset, **kwargs)
     assert (out / "results.csv").read_text() == before
+
+    # --report: the finished runs only (nothing trained); an unfinished one is listed, and its arm keeps its other seed
+    last = out / "runs" / "repa-depth2-seed1" / "evals" / "step_00000004.json"
+    kept = last.read_text()
+    last.unlink()
+    partial = convergence.run_benchmark(preset, **kwargs, report_only=True)
+    assert partial["remaining"] == ["repa-depth2-seed1"] and not last.exists()
+    with open(out / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 3 * 2 * 2 - 2
+    assert "Not finished yet" in (out / "results.md").read_text() and "| repa-depth2 | 1 |" in (out / "results.md").read_text()
+    last.write_text(kept)
+    with pytest.raises(FileNotFoundError, match="no benchmark to report"):
+        convergence.run_benchmark(preset, **{**kwargs, "out": tmp_path / "none"}, report_only=True)
     with pytest.raises(ValueError, match="other settings"):
         convergence.run_benchmark(dataclasses.replace(preset, fid_samples=30), **kwargs)
 

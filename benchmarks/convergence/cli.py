@@ -42,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from-bundle", metavar="DIR", default=None,
                    help="run from a bundle alone (no network, no other file; FID deferred: samples are packed into "
                         "<out>/deferred/ for --score-samples); with --score-samples: the FID reference images")  # fmt: skip
+    mode.add_argument("--report", action="store_true",
+                      help="write the report of the runs finished so far in --out (trains and evaluates nothing; "
+                           "lists the runs that remain)")  # fmt: skip
     mode.add_argument("--score-samples", metavar="DIR", default=None,
                       help="score the FID of a packed deferred run (<out>/deferred/ of --from-bundle, or the files a "
                            "GPU run returned) and write the report into --out")  # fmt: skip
@@ -80,8 +83,9 @@ def run(args: argparse.Namespace) -> int:
                      ablations=parse_ablations(args.ablate), data_root=args.data_root, command=command)  # fmt: skip
         return 0
     out = Path(args.out or f"runs/bench-convergence-{name}")
-    run_benchmark(preset, out=out, config=config, overrides=args.overrides,
-                  ablations=parse_ablations(args.ablate), data_root=args.data_root, command=command)  # fmt: skip
+    run_benchmark(preset, out=out, config=config, overrides=args.overrides, ablations=parse_ablations(args.ablate),
+                  data_root=args.data_root, command=command.replace(" --report", ""),
+                  report_only=args.report)  # fmt: skip
     return 0
 
 

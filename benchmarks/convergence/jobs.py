@@ -127,12 +127,15 @@ def _check_out(out: Path, key: dict[str, Any]) -> None:
 
 def run_benchmark(preset: Preset, *, out: Path, config: str, overrides: Sequence[str] = (),
                   ablations: Sequence[Arm] = (), data_root: str | None = None, command: str = "",
-                  defer_fid: bool = False) -> dict[str, Any]:  # fmt: skip
+                  defer_fid: bool = False, report_only: bool = False) -> dict[str, Any]:  # fmt: skip
     """Train and evaluate every (arm, seed), then write the CSV, markdown table, figure and summary.
 
     With `defer_fid` no Inception network is used: every evaluation saves its FID samples, `<out>/deferred.json`
     describes the benchmark, and `benchmarks.convergence.deferred.pack` / `score` finish the FID and the report
     elsewhere (the offline GPU bundle's path).
+
+    With `report_only` nothing is trained or evaluated: the report covers the (arm, seed) runs whose every
+    evaluation is written and lists the others as not finished (a benchmark run over several sittings).
 
     Returns:
         The summary dict (also written to `<out>/summary.json`); with `defer_fid`, the deferred description.
@@ -144,10 +147,14 @@ def run_benchmark(preset: Preset, *, out: Path, config: str, overrides: Sequence
     layers = tuple(sorted({base_depth, *(d for a, d in depths.items() if a != "vanilla")}))
     budget = {k: v for k, v in dataclasses.asdict(preset).items() if k not in ("seeds", "workers", "threads")}
     key = {"config": str(config), "overrides": list(overrides), "data_root": data_root, **budget}
+    if report_only and not (out / "benchmark.json").is_file():
+        raise FileNotFoundError(f"{out}: no benchmark to report (no benchmark.json); run it first, or pass its --out")
     _check_out(out, {**key, "fid": "deferred"} if defer_fid else key)  # never mix deferred and scored runs
     jobs = [dataclasses.replace(probe, arm=arm, seed=seed, layers=layers, defer_fid=defer_fid)
             for seed in preset.seeds for arm in arms]  # fmt: skip
     t0, threads = time.perf_counter(), torch.get_num_threads()
+    if report_only:
+        return _report_finished(jobs, arms, out, base_depth, depths, command, probe.train_config())
     if defer_fid:
         from benchmarks.convergence import deferred
 
@@ -169,6 +176,27 @@ def run_benchmark(preset: Preset, *, out: Path, config: str, overrides: Sequence
     meta = {"preset": preset, "layers": layers, "base_depth": base_depth, "depths": depths, "command": command,
             "wall_s": time.perf_counter() - t0, "config": probe.train_config()}  # fmt: skip
     return write_results(rows, [a.name for a in arms], out, meta)
+
+
+def finished_rows(job: Job) -> list[dict[str, Any]] | None:
+    """The evaluation rows of a run whose every evaluated step is written, else None."""
+    paths = [job.run_dir / "evals" / f"step_{step:08d}.json" for step in eval_steps(job.preset)]
+    return [json.loads(p.read_text()) for p in paths] if all(p.is_file() for p in paths) else None
+
+
+def _report_finished(jobs: list[Job], arms: list[Arm], out: Path, base_depth: int, depths: dict[str, int],
+                     command: str, config: Config) -> dict[str, Any]:  # fmt: skip
+    """`run_benchmark(report_only=True)`: the report of the finished runs; the others are listed as remaining."""
+    done = {job: finished_rows(job) for job in jobs}
+    rows = [{**r, "probe_acc": r[f"probe_acc_l{base_depth}"], "cknna": r[f"cknna_l{base_depth}"]}
+            for res in done.values() if res for r in res]  # fmt: skip
+    names = [a.name for a in arms if any(r["arm"] == a.name for r in rows)]
+    if "vanilla" not in names:
+        raise ValueError(f"{out}: no finished vanilla run yet: the report compares every arm against it")
+    remaining = [f"{job.arm.name}-seed{job.seed}" for job, res in done.items() if res is None]
+    meta = {"preset": jobs[0].preset, "layers": jobs[0].layers, "base_depth": base_depth, "depths": depths,
+            "command": command, "wall_s": None, "config": config, "remaining": remaining}  # fmt: skip
+    return write_results(rows, names, out, meta)
 
 
 def _run_jobs(jobs: list[Job], preset: Preset, after_job=None) -> list[list[dict[str, Any]]]:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.convergence.presets import CKNNA_K, METRICS, PROBE_T, Preset, preset_name
-from benchmarks.convergence.stats import curves, finals, iso_fid_speedups, speedup, verdict
+from benchmarks.convergence.stats import curves, finals, iso_fid_speedups, seed_mean, speedup, verdict
 
 
 def _fmt(values: Sequence[float], digits: int = 4) -> str:
@@ -38,14 +38,24 @@ def metric_table(rows: list[dict], key: str, arm: str, base: str = "vanilla") ->
     return lines
 
 
-def plot(rows: list[dict], arms: list[str], path: Path, title: str) -> None:
-    """Metric vs training steps, one line per arm (mean over seeds) with a min-max band over seeds."""
+def plot(rows: list[dict], arms: list[str], path: Path, title: str, batch_size: int) -> None:
+    """Metric vs training steps, one line per arm (mean over seeds) with a min-max band over seeds; a last panel
+    puts FID against training wall time (step x the arm's measured s/step: what a speed-up costs)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 3.8))
+    fig, axes = plt.subplots(1, len(METRICS) + 1, figsize=(5 * (len(METRICS) + 1), 3.8))
+    for arm in arms:
+        steps, per_seed = curves(rows, arm, "fid")
+        ips = [r["train_images_per_s"] for r in rows if r["arm"] == arm and r.get("train_images_per_s")]
+        if steps and ips:
+            minutes = [s * batch_size / statistics.mean(ips) / 60 for s in steps]
+            axes[-1].plot(minutes, seed_mean(per_seed, len(steps)), marker="o", label=arm)
+    axes[-1].set_xlabel("training wall time (min, one process)")
+    axes[-1].set_title("FID vs training time (lower is better)")
+    axes[-1].grid(alpha=0.3)
     for ax, (key, (label, lower)) in zip(axes, METRICS.items()):
         for arm in arms:
             steps, per_seed = curves(rows, arm, key)
@@ -111,15 +121,25 @@ def speedup_section(rows: list[dict], arms: list[str], summary: dict, printed: l
         printed.append(f"[convergence] {arm}: reaches vanilla's final FID {sp['target_fid']:.4g} at step "
                        f"{sp['grid_step'] or 'never'} (grid; interpolated {interp}) -> speed-up {ratio}; per seed "
                        f"{per_seed}; VERDICT: {sp['verdict']}")  # fmt: skip
-    md += ["", "**Speed-up at every vanilla checkpoint** (seed means): the step at which each arm first reaches "
-           "vanilla's FID at that checkpoint, interpolated linearly between evaluations; ratio = vanilla step / "
-           "arm step. A level reached at the arm's first evaluation gives a lower bound (marked >=).", ""]  # fmt: skip
-    iso = {arm: iso_fid_speedups(rows, arm) for arm in arms[1:]}
+    for base in [b for b in ("vanilla", "repa") if b in arms]:
+        md += iso_table(rows, arms, base, summary)
+    return md
+
+
+def iso_table(rows: list[dict], arms: list[str], base: str, summary: dict) -> list[str]:
+    """Markdown: every other arm's iso-FID speed-up at each of `base`'s checkpoints; fills
+    `summary[arm]["iso_fid_speedups"]` (vs vanilla) or `["iso_fid_speedups_vs_repa"]`."""
+    iso = {arm: iso_fid_speedups(rows, arm, base) for arm in arms if arm not in ("vanilla", base)}
+    if not iso:
+        return []
+    md = ["", f"**Speed-up at every {base} checkpoint** (seed means): the step at which each arm first reaches "
+          f"{base}'s FID at that checkpoint, interpolated linearly between evaluations; ratio = {base} step / arm "
+          "step. A level reached at the arm's first evaluation gives a lower bound (marked >=).", ""]  # fmt: skip
     base_steps = [c["base_step"] for c in next(iter(iso.values()), [])]
-    md += ["| arm | " + " | ".join(f"vanilla step {s}" for s in base_steps) + " |",
+    md += ["| arm | " + " | ".join(f"{base} step {s}" for s in base_steps) + " |",
            "|---|" + "---:|" * len(base_steps)]  # fmt: skip
     for arm, curve in iso.items():
-        summary.setdefault(arm, {})["iso_fid_speedups"] = curve
+        summary.setdefault(arm, {})["iso_fid_speedups" + ("" if base == "vanilla" else f"_vs_{base}")] = curve
         cells = [
             "not reached" if c["arm_step"] is None
             else f"{'>=' if c['lower_bound'] else ''}{c['ratio']:.2f}x (step {round(c['arm_step'])})"
@@ -164,15 +184,61 @@ def ablation_section(rows: list[dict], arm: str, summary: dict, printed: list[st
     return md
 
 
-def cost_section(rows: list[dict], arms: list[str], p: Preset, wall_s: float) -> list[str]:
+def _step_s(rows: list[dict], arm: str, p: Preset) -> str:
+    """Training seconds per step of an arm: the batch over its seed-mean logged images/s."""
+    ips = [r["train_images_per_s"] for r in rows if r["arm"] == arm and r.get("train_images_per_s")]
+    return f"{p.batch_size / statistics.mean(ips):.3f}" if ips else "-"
+
+
+LEADERBOARD_HELP = (
+    "One row per arm. FID: seed mean [min, max] at every evaluated step. Speed-up vs vanilla / vs repa: the steps "
+    "that arm needs to reach the other's final seed-mean FID, as other's final step / arm's step on the evaluation "
+    "grid (interpolated in brackets; 'not reached' within the budget). Probe and CKNNA: final step, at the base "
+    "alignment block for every arm. Verdicts compare the final FIDs against the seed spread (as the sections below)."
+)
+
+
+def _speedup_cell(rows: list[dict], arm: str, base: str, summary: dict) -> str:
+    sp = speedup(rows, arm, base)
+    summary.setdefault(arm, {})[f"speedup_vs_{base}"] = sp
+    if not sp:
+        return "-"
+    if sp["ratio_grid"] is None:
+        return "not reached"
+    return f"{sp['ratio_grid']:.2f}x ({sp['ratio_interp']:.2f}x)"
+
+
+def leaderboard_section(rows: list[dict], arms: list[str], p: Preset, d0: int, summary: dict) -> list[str]:
+    """Markdown: the one table of every arm (FID per step with spread, speed-ups vs vanilla and vs repa, final probe
+    and CKNNA, training s/step, final-FID verdicts); fills `summary[arm]["speedup_vs_<base>"]`."""
+    steps = sorted({r["step"] for r in rows})
+    bases = [b for b in ("vanilla", "repa") if b in arms]
+    head = ["arm", "seeds", *(f"FID @ {s}" for s in steps), *(f"speed-up vs {b}" for b in bases),
+            f"probe (block {d0})", f"CKNNA (block {d0})", "train s/step", *(f"final FID vs {b}" for b in bases)]  # fmt: skip
+    md = ["## Leaderboard", "", LEADERBOARD_HELP, "", "| " + " | ".join(head) + " |",
+          "|---|" + "---:|" * (len(head) - 1 - len(bases)) + "---|" * len(bases)]  # fmt: skip
+    for arm in arms:
+        fid_steps, per_seed = curves(rows, arm, "fid")
+        fids = [_fmt([v[fid_steps.index(s)] for v in per_seed.values()] if s in fid_steps else []) for s in steps]
+        ups = [_speedup_cell(rows, arm, b, summary) if arm != b else "-" for b in bases]
+        verdicts = [verdict(finals(rows, b, "fid"), finals(rows, arm, "fid"), True).split(" (")[0] if arm != b
+                    else "-" for b in bases]  # fmt: skip
+        cells = [arm, str(len(per_seed)), *fids, *ups, _fmt(finals(rows, arm, "probe_acc"), 3),
+                 _fmt(finals(rows, arm, "cknna"), 3), _step_s(rows, arm, p), *verdicts]  # fmt: skip
+        md.append("| " + " | ".join(cells) + " |")
+    return [*md, ""]
+
+
+def cost_section(rows: list[dict], arms: list[str], p: Preset, wall_s: float | None) -> list[str]:
     """Markdown table of the measured training and evaluation cost of each arm."""
     md = ["## Measured cost", "", "| arm | train s/step (median logged images/s) | eval s per checkpoint |",
           "|---|---:|---:|"]  # fmt: skip
     for arm in arms:
-        ips = [r["train_images_per_s"] for r in rows if r["arm"] == arm and r.get("train_images_per_s")]
         ev = [r["eval_s"] for r in rows if r["arm"] == arm]
-        step_s = f"{p.batch_size / statistics.mean(ips):.3f}" if ips else "-"
-        md.append(f"| {arm} | {step_s} | {statistics.mean(ev):.1f} |" if ev else f"| {arm} | {step_s} | - |")
+        md.append(f"| {arm} | {_step_s(rows, arm, p)} | {statistics.mean(ev):.1f} |" if ev
+                  else f"| {arm} | {_step_s(rows, arm, p)} | - |")  # fmt: skip
+    if wall_s is None:  # a report of finished runs (`--report`): nothing ran
+        return [*md, ""]
     return [*md, "", f"Wall time of this invocation: {wall_s / 60:.1f} min (finished runs and evaluations are "
             "reused).", ""]  # fmt: skip
 
@@ -193,6 +259,10 @@ def write_results(rows: list[dict], arms: list[str], out: Path, meta: dict[str, 
     md += [f"Command: `{meta['command']}`", ""] if meta["command"] else []
     md += [setup, "", "Values: mean over seeds [min, max]. Verdict: a mean difference not larger than the seed "
            "spread (the larger of the two arms' max - min over seeds) is **no result**.", ""]  # fmt: skip
+    if meta.get("remaining"):
+        md += [f"Not finished yet (rerun the command without `--report` to train and evaluate them): "
+               f"{', '.join(meta['remaining'])}.", ""]  # fmt: skip
+    md += leaderboard_section(rows, arms, p, d0, per_arm)
     md += speedup_section(rows, arms, per_arm, printed)
     for arm in arms[1:]:
         md += per_step_section(rows, arm, d0, meta["depths"].get(arm), per_arm, printed)
@@ -206,8 +276,10 @@ def write_results(rows: list[dict], arms: list[str], out: Path, meta: dict[str, 
         arms,
         out / "convergence.png",
         f"{preset_name(p)} preset: {p.steps} steps, {len({r['seed'] for r in rows})} seeds, FID-{p.fid_samples}",
+        p.batch_size,
     )
-    summary = {"setup": setup, "command": meta["command"], "wall_s": meta["wall_s"], "rows": len(rows), "arms": per_arm}
+    summary = {"setup": setup, "command": meta["command"], "wall_s": meta["wall_s"], "rows": len(rows), "arms": per_arm,
+               "remaining": meta.get("remaining", [])}  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     for line in printed:
         print(line, flush=True)
