@@ -65,6 +65,28 @@ def test_each_option_trains_and_samples(name, tmp_path, fmnist_root, monkeypatch
     assert len(list((tmp_path / "samples").glob("*.npz"))) == 1
 
 
+def test_after_the_schedule_stop_the_online_encoder_does_not_run(tmp_path, fmnist_root, monkeypatch):
+    """HASTE's stop: steps 0, 1 run the encoder (tokens and attention maps); from step 2 on it does not, and the
+    scheduled terms log 0."""
+    calls = []
+
+    def counted(cfg, device):
+        (enc,) = tiny_dinov2(cfg, device)
+        encode = enc.encode
+        enc.encode = lambda *a, **k: calls.append(1) or encode(*a, **k)
+        return [enc]
+
+    monkeypatch.setattr("repa.training.setup.build_encoders", counted)
+    run = tmp_path / "run"
+    over = tiny_overrides(run, fmnist_root, "train.max_steps=4", "train.checkpoint_every=4", *OPTIONS["schedule-stop"],
+                          *OPTIONS["attention-align"])  # fmt: skip
+    train(load_config(TINY, over))
+    records = metrics(run)
+    assert len(calls) == 2 and [r["align_weight"] for r in records] == [1.0, 1.0, 0.0, 0.0]
+    assert all(r["align"] != 0.0 and r["align_attn"] != 0.0 for r in records[:2])
+    assert all(r["align"] == 0.0 and r["align_attn"] == 0.0 for r in records[2:])
+
+
 def test_resume_with_the_options_on_is_bit_identical(tmp_path, fmnist_root, monkeypatch):
     """Kill-free version of the resume contract: 2 + 2 steps equal 4 steps with every draw-using option on
     (REG's class-token noise and SRA's time gaps come from their own per-step streams)."""

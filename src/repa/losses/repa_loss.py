@@ -162,7 +162,9 @@ class RepaLoss:
             model_kwargs: extra model arguments, e.g. {"force_drop_ids": drop_mask.long()} (SRA's teacher gets the
                 same `force_drop_ids`, so it sees the student's effective labels).
             per_sample: also return (B,) tensors `<term>/per_sample` for denoise, align and the family terms.
-            align_weight: schedule multiplier of align_coeff and attn_coeff (HASTE; 1 = plain).
+            align_weight: schedule multiplier of align_coeff and attn_coeff (HASTE; 1 = plain). At 0 the alignment
+                terms are not computed (no targets or attention maps needed; they log 0) and the projectors get a
+                zero gradient, bit for bit what the computed terms times 0 give.
             attn_targets: HASTE: {encoder layer: (B, H, M, M) patch attention probabilities}.
             class_tokens: REG: (B, D_enc) clean global tokens of encoder 0.
             noise_cls: REG: (B, D_enc) the class token's noise.
@@ -188,10 +190,11 @@ class RepaLoss:
             noise = _normal_like(x, generator)
         if class_tokens is not None and noise_cls is None:
             noise_cls = _normal_like(class_tokens, generator)
+        idle = align_weight == 0.0  # a schedule's zero (HASTE after its stop): the scheduled terms are not computed
         kwargs = dict(model_kwargs or {})
-        if targets is None:
+        if targets is None and not idle:
             kwargs.setdefault("project", False)
-        if attn_targets is not None:
+        if attn_targets is not None and not idle:
             kwargs["attn_blocks"] = tuple(m for m, _ in self.attn_pairs)
         if teacher is not None:
             kwargs["self_align_block"] = self.self_align_blocks[0]
@@ -201,10 +204,11 @@ class RepaLoss:
         )
 
         class_zs = extras.get("class_token_zs") if class_tokens is not None and self.class_token_align else None
-        align_ps = self._align(zs, targets, x, class_tokens, class_zs)
+        align_ps = _idle_align(zs, class_zs, x) if idle else self._align(zs, targets, x, class_tokens, class_zs)
         family: dict[str, Tensor] = {}
         if attn_targets is not None:
-            family["align_attn"] = self._attention(extras, attn_targets)
+            family["align_attn"] = x.new_zeros(x.shape[0], dtype=torch.float32) if idle else self._attention(
+                extras, attn_targets)  # fmt: skip
         if class_tokens is not None:
             family["class_token"] = denoising_loss(extras["class_token"], cls_target)
         if teacher is not None:
@@ -323,6 +327,17 @@ class RepaLoss:
             hidden = teacher.forward_hidden(x_tea, model_t, y, [block], force_drop_ids=kwargs.get("force_drop_ids"),
                                             **extra)[block]  # fmt: skip
         return self_alignment_per_sample(extras["self_align"], hidden, self.self_align_kind)
+
+
+def _idle_align(zs: Sequence[Tensor], class_zs: Sequence[Tensor] | None, x: Tensor) -> dict[Any, Tensor]:
+    """The alignment terms at weight 0, not computed: zeros per encoder that still depend on the projector outputs
+    (a zero gradient, as the computed terms times 0 give, so DDP finds every parameter used and the optimizer state
+    evolves as it would); no encoder targets are needed."""
+    per: dict[Any, Tensor] = {k: _fp32(z).mean(dim=(1, 2)) * 0.0 for k, z in enumerate(zs)}
+    if class_zs and per:
+        per[0] = per[0] + _fp32(class_zs[0]).mean(dim=-1) * 0.0
+    per["all"] = torch.stack(list(per.values())).mean(dim=0) if per else x.new_zeros(x.shape[0], dtype=torch.float32)
+    return per
 
 
 def _rng_device(generator: torch.Generator | None) -> torch.device | str:
