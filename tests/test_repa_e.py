@@ -3,6 +3,7 @@ travel with the checkpoints, resume is exact, `repa sample` and `repa export-vae
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -135,6 +136,16 @@ def test_resume_is_bit_identical(e2e_run, tmp_path, fmnist_root, test_encoder):
     ca, cb = (latest_checkpoint(r / "checkpoints") for r in (full, part))
     va, vb = (load_file(str(c / "vae.safetensors")) for c in (ca, cb))
     assert va.keys() == vb.keys() and all(torch.equal(va[k], vb[k]) for k in va)
+
+
+def test_after_a_schedule_stop_the_vae_keeps_its_alignment_term(tmp_path, fmnist_root, test_encoder):
+    """A schedule weighs the model's alignment term only: past the stop it logs 0, the VAE's term goes on."""
+    run = tmp_path / "run"
+    train(_config(run, fmnist_root, "repa.schedule=stop", "repa.schedule_stop=2"))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["align_weight"] for r in records] == [1.0, 1.0, 0.0, 0.0]
+    assert all(r["align"] != 0.0 for r in records[:2]) and all(r["align"] == 0.0 for r in records[2:])
+    assert all(r["vae/align"] != 0.0 for r in records)
 
 
 def test_repa_sample_decodes_with_the_tuned_vae_and_its_bn_statistics(e2e_run, tmp_path):

@@ -189,8 +189,10 @@ class EndToEnd:
                 terms["vae/perceptual"] = self.perceptual(recon, pixels.float()).mean()
                 total = total + tc.vae_perceptual_coeff * terms["vae/perceptual"]
             no_drop = torch.zeros_like(y)  # REPA-E's VAE pass runs the SiT in eval mode: no label dropout
+            # the raw alignment term, whatever a schedule's weight of the model's term (a weight 0 would skip it)
             terms["vae/align"] = loss_fn(model, self.tuned.bn.normalize_running(z), y, targets, t=t, noise=noise,
-                                         model_kwargs={"force_drop_ids": no_drop}, **extra)["align"]  # fmt: skip
+                                         model_kwargs={"force_drop_ids": no_drop},
+                                         **{**extra, "align_weight": 1.0})["align"]  # fmt: skip
             terms["vae/total"] = total + tc.vae_align_coeff * terms["vae/align"]
         backward(terms["vae/total"])
         with torch.no_grad():

@@ -180,13 +180,15 @@ def family_step(
     arguments: HASTE's schedule weight (a function of the step only, so resume replays it), REG's global token and
     its noise, HASTE's encoder attention maps, SRA's EMA teacher and time-gap draws. Nothing when every option is
     off (the plain REPA call). Where the schedule's weight is 0 (HASTE after its stop) the online encoders do not
-    run unless REG needs the global token: the alignment terms are then not computed (`RepaLoss`)."""
+    run unless REG needs the global token or REPA-E's VAE its alignment term: the model's alignment terms are then
+    not computed (`RepaLoss`)."""
     r = cfg.repa
     extra: dict[str, object] = {}
     if r.schedule != "constant":
         extra["align_weight"] = align_weight(step, r.schedule, stop_step=r.schedule_stop, start_step=r.schedule_start)
     targets = None
-    idle = extra.get("align_weight") == 0.0 and not r.class_token  # after a schedule's stop no target is needed
+    # after a schedule's stop no target is needed, unless REG's global token or REPA-E's VAE alignment reads them
+    idle = extra.get("align_weight") == 0.0 and not r.class_token and not cfg.train.end_to_end
     if idle and r.attention_align:
         extra["attn_targets"] = {}  # the term stays in the logs (as 0) without the encoder's maps
     if online_encoders and not idle:
