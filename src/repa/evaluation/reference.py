@@ -63,6 +63,7 @@ class ReferenceStats:
             "images".
         sources: the same per key (a key missing here has `source`); see `source_of`.
         note: why precomputed statistics in the reference file were not used (None when there is nothing to say).
+        detector: the detector the file says its statistics belong to (`save_reference`; None when it does not).
     """
 
     stats: dict[str, tuple[np.ndarray, np.ndarray]]
@@ -70,6 +71,7 @@ class ReferenceStats:
     source: str
     sources: dict[str, str] = field(default_factory=dict)
     note: str | None = None
+    detector: str | None = None
 
     def source_of(self, key: str) -> str:
         """Where the statistics of `key` come from: "precomputed" or "images"."""
@@ -92,7 +94,8 @@ class ReferenceStats:
                 keys = [k[3:] for k in d.files if k.startswith("mu_")]
                 stats = {k: (d[f"mu_{k}"], d[f"sigma_{k}"]) for k in keys}
                 sources = {k: str(d[f"source_{k}"]) for k in keys if f"source_{k}" in d.files}
-                ref = cls(stats, d["pool"], str(d["source"]), sources, str(d["note"]) if "note" in d.files else None)
+                text = {k: str(d[k]) if k in d.files else None for k in ("note", "detector")}
+                ref = cls(stats, d["pool"], str(d["source"]), sources, **text)
         except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as err:
             if isinstance(err, (FileNotFoundError, PermissionError)):
                 raise
@@ -235,15 +238,8 @@ def load_reference(path: str | Path, detector_name: str | None = None) -> Refere
     With `detector_name`, refuse statistics of another detector and files that do not name their detector (they
     could belong to any network, and a wrong one gives a meaningless FID). EvaluationInputError names the file.
     """
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            stored = str(data["detector"]) if "detector" in data.files else None
-    except (EOFError, ValueError, OSError, zipfile.BadZipFile) as err:
-        if isinstance(err, (FileNotFoundError, PermissionError)):
-            raise
-        raise EvaluationInputError(
-            f"{path}: not readable as reference statistics ({type(err).__name__}: {err})"
-        ) from err
+    ref = ReferenceStats.load(path)
+    stored = ref.detector
     if detector_name is not None and stored is None:
         raise EvaluationInputError(
             f"{path} does not say which detector its statistics belong to (no 'detector' entry), so it cannot be "
@@ -253,7 +249,7 @@ def load_reference(path: str | Path, detector_name: str | None = None) -> Refere
         raise EvaluationInputError(
             f"{path} holds statistics of detector {stored!r}, but scoring uses {detector_name!r}"
         )
-    return ReferenceStats.load(path)
+    return ref
 
 
 def reference_stats(
