@@ -14,7 +14,7 @@ from repa.cli.main import main as cli_main
 from repa.config import ConfigError, load_config
 from repa.encoders import load_encoder
 from repa.training import train
-from tests.helpers.tiny import PatchEncoder, metrics, tiny_overrides
+from tests.helpers.tiny import PatchEncoder, launch_training, metrics, tiny_overrides
 
 ROOT = Path(__file__).parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -85,6 +85,19 @@ def test_after_the_schedule_stop_the_online_encoder_does_not_run(tmp_path, fmnis
     assert len(calls) == 2 and [r["align_weight"] for r in records] == [1.0, 1.0, 0.0, 0.0]
     assert all(r["align"] != 0.0 and r["align_attn"] != 0.0 for r in records[:2])
     assert all(r["align"] == 0.0 and r["align_attn"] == 0.0 for r in records[2:])
+
+
+@pytest.mark.multiproc
+def test_after_the_schedule_stop_ddp_still_finds_every_parameter_used(tmp_path, fmnist_root):
+    """Past the stop the alignment is not computed, yet the projector stays in the graph: DDP (which looks for
+    parameters without gradient) trains on 2 processes as on 1."""
+    runs = {n: tmp_path / f"run{n}" for n in (1, 2)}
+    for n, run in runs.items():
+        launch_training(tmp_path, n, tiny_overrides(run, fmnist_root, "train.max_steps=4", *OPTIONS["schedule-stop"]))
+    m1, m2 = metrics(runs[1]), metrics(runs[2])
+    assert [r["align"] == 0.0 for r in m2] == [False, False, True, True]
+    for a, b in zip(m1, m2):
+        assert a["denoise"] == pytest.approx(b["denoise"], rel=1e-4, abs=1e-6)
 
 
 def test_resume_with_the_options_on_is_bit_identical(tmp_path, fmnist_root, monkeypatch):
