@@ -45,6 +45,10 @@ class Job:
     def run_dir(self) -> Path:
         return Path(self.out) / "runs" / f"{self.arm.name}-seed{self.seed}"
 
+    def eval_path(self, step: int) -> Path:
+        """Where the evaluation of `step` is written (its presence marks it done)."""
+        return self.run_dir / "evals" / f"step_{step:08d}.json"
+
     def train_config(self) -> Config:
         p = self.preset
         evals = len(eval_steps(p))
@@ -80,7 +84,7 @@ def run_job(job: Job) -> list[dict[str, Any]]:
     ckpts = {int(c.name.split("_")[-1]): c for c in list_checkpoints(job.run_dir / "checkpoints")}
     detector, rows = None, []
     for step in eval_steps(job.preset):
-        out = job.run_dir / "evals" / f"step_{step:08d}.json"
+        out = job.eval_path(step)
         if out.is_file():
             row = json.loads(out.read_text())
         else:
@@ -171,16 +175,22 @@ def run_benchmark(preset: Preset, *, out: Path, config: str, overrides: Sequence
         desc = deferred.finish_description(out, wall_s=time.perf_counter() - t0)
         deferred.pack(out)
         return desc
-    rows = [{**r, "probe_acc": r[f"probe_acc_l{base_depth}"], "cknna": r[f"cknna_l{base_depth}"]}
-            for res in results for r in res]  # fmt: skip
     meta = {"preset": preset, "layers": layers, "base_depth": base_depth, "depths": depths, "command": command,
             "wall_s": time.perf_counter() - t0, "config": probe.train_config()}  # fmt: skip
-    return write_results(rows, [a.name for a in arms], out, meta)
+    return _write_report(results, arms, out, meta)
+
+
+def _write_report(results: Sequence[list[dict[str, Any]]], arms: Sequence[Arm], out: Path,
+                  meta: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """`write_results` over the arms that have rows, each row with its probe and CKNNA at the base block."""
+    d0 = meta["base_depth"]
+    rows = [{**r, "probe_acc": r[f"probe_acc_l{d0}"], "cknna": r[f"cknna_l{d0}"]} for res in results for r in res]
+    return write_results(rows, [a.name for a in arms if any(r["arm"] == a.name for r in rows)], out, meta)
 
 
 def finished_rows(job: Job) -> list[dict[str, Any]] | None:
     """The evaluation rows of a run whose every evaluated step is written, else None."""
-    paths = [job.run_dir / "evals" / f"step_{step:08d}.json" for step in eval_steps(job.preset)]
+    paths = [job.eval_path(step) for step in eval_steps(job.preset)]
     return [json.loads(p.read_text()) for p in paths] if all(p.is_file() for p in paths) else None
 
 
@@ -188,15 +198,12 @@ def _report_finished(jobs: list[Job], arms: list[Arm], out: Path, base_depth: in
                      command: str, config: Config) -> dict[str, Any]:  # fmt: skip
     """`run_benchmark(report_only=True)`: the report of the finished runs; the others are listed as remaining."""
     done = {job: finished_rows(job) for job in jobs}
-    rows = [{**r, "probe_acc": r[f"probe_acc_l{base_depth}"], "cknna": r[f"cknna_l{base_depth}"]}
-            for res in done.values() if res for r in res]  # fmt: skip
-    names = [a.name for a in arms if any(r["arm"] == a.name for r in rows)]
-    if "vanilla" not in names:
+    if all(res is None for job, res in done.items() if job.arm.name == "vanilla"):
         raise ValueError(f"{out}: no finished vanilla run yet: the report compares every arm against it")
     remaining = [f"{job.arm.name}-seed{job.seed}" for job, res in done.items() if res is None]
     meta = {"preset": jobs[0].preset, "layers": jobs[0].layers, "base_depth": base_depth, "depths": depths,
             "command": command, "wall_s": None, "config": config, "remaining": remaining}  # fmt: skip
-    return write_results(rows, names, out, meta)
+    return _write_report([res for res in done.values() if res], arms, out, meta)
 
 
 def _run_jobs(jobs: list[Job], preset: Preset, after_job=None) -> list[list[dict[str, Any]]]:

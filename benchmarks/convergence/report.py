@@ -49,9 +49,9 @@ def plot(rows: list[dict], arms: list[str], path: Path, title: str, batch_size: 
     fig, axes = plt.subplots(1, len(METRICS) + 1, figsize=(5 * (len(METRICS) + 1), 3.8))
     for arm in arms:
         steps, per_seed = curves(rows, arm, "fid")
-        ips = [r["train_images_per_s"] for r in rows if r["arm"] == arm and r.get("train_images_per_s")]
-        if steps and ips:
-            minutes = [s * batch_size / statistics.mean(ips) / 60 for s in steps]
+        rate = _train_rate(rows, arm)
+        if steps and rate:
+            minutes = [s * batch_size / rate / 60 for s in steps]
             axes[-1].plot(minutes, seed_mean(per_seed, len(steps)), marker="o", label=arm)
     axes[-1].set_xlabel("training wall time (min, one process)")
     axes[-1].set_title("FID vs training time (lower is better)")
@@ -184,10 +184,16 @@ def ablation_section(rows: list[dict], arm: str, summary: dict, printed: list[st
     return md
 
 
-def _step_s(rows: list[dict], arm: str, p: Preset) -> str:
-    """Training seconds per step of an arm: the batch over its seed-mean logged images/s."""
+def _train_rate(rows: list[dict], arm: str) -> float | None:
+    """An arm's training images/s: the mean over its rows of the runs' median logged rates (None if not logged)."""
     ips = [r["train_images_per_s"] for r in rows if r["arm"] == arm and r.get("train_images_per_s")]
-    return f"{p.batch_size / statistics.mean(ips):.3f}" if ips else "-"
+    return statistics.mean(ips) if ips else None
+
+
+def _step_s(rows: list[dict], arm: str, p: Preset) -> str:
+    """Training seconds per step of an arm, formatted: the batch over `_train_rate`."""
+    rate = _train_rate(rows, arm)
+    return f"{p.batch_size / rate:.3f}" if rate else "-"
 
 
 LEADERBOARD_HELP = (
@@ -200,7 +206,7 @@ LEADERBOARD_HELP = (
 
 def _speedup_cell(rows: list[dict], arm: str, base: str, summary: dict) -> str:
     sp = speedup(rows, arm, base)
-    summary.setdefault(arm, {})[f"speedup_vs_{base}"] = sp
+    summary.setdefault(arm, {})["speedup" if base == "vanilla" else f"speedup_vs_{base}"] = sp  # as speedup_section
     if not sp:
         return "-"
     if sp["ratio_grid"] is None:
@@ -210,7 +216,8 @@ def _speedup_cell(rows: list[dict], arm: str, base: str, summary: dict) -> str:
 
 def leaderboard_section(rows: list[dict], arms: list[str], p: Preset, d0: int, summary: dict) -> list[str]:
     """Markdown: the one table of every arm (FID per step with spread, speed-ups vs vanilla and vs repa, final probe
-    and CKNNA, training s/step, final-FID verdicts); fills `summary[arm]["speedup_vs_<base>"]`."""
+    and CKNNA, training s/step, final-FID verdicts); fills `summary[arm]["speedup"]` (vs vanilla) and
+    `["speedup_vs_repa"]`."""
     steps = sorted({r["step"] for r in rows})
     bases = [b for b in ("vanilla", "repa") if b in arms]
     head = ["arm", "seeds", *(f"FID @ {s}" for s in steps), *(f"speed-up vs {b}" for b in bases),
