@@ -181,6 +181,11 @@ def test_tiny_benchmark_end_to_end(tmp_path, monkeypatch):
         assert len(list(csv.DictReader(f))) == 3 * 2 * 2 - 2
     assert "Not finished yet" in (out / "results.md").read_text() and "| repa-depth2 | 1 |" in (out / "results.md").read_text()
     last.write_text(kept)
+    # --rows-from: a new folder takes the runs of a report's results.csv as finished; their rows come back unchanged
+    (tmp_path / "earlier.csv").write_text(before)
+    imported = convergence.run_benchmark(preset, **{**kwargs, "out": tmp_path / "fresh"}, report_only=True,
+                                         rows_from=tmp_path / "earlier.csv")  # fmt: skip
+    assert imported["remaining"] == [] and (tmp_path / "fresh" / "results.csv").read_text() == before
     with pytest.raises(FileNotFoundError, match="no benchmark to report"):
         convergence.run_benchmark(preset, **{**kwargs, "out": tmp_path / "none"}, report_only=True)
     with pytest.raises(ValueError, match="other settings"):

@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "encoder=random-dinov2-vit-s | all (repeatable)")  # fmt: skip
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override applied to every arm (repeatable)")  # fmt: skip
+    p.add_argument("--rows-from", metavar="CSV", default=None,
+                   help="take the runs that an earlier report's results.csv holds whole as finished (e.g. "
+                        "benchmarks/results/leaderboard-cpu/results.csv): continue that benchmark in a new --out")  # fmt: skip
     for name in ("steps", "eval-every", "fid-samples", "workers", "threads"):
         p.add_argument(f"--{name}", type=int, default=None, help="override the preset's value")
     mode = p.add_mutually_exclusive_group()
@@ -85,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/bench-convergence-{name}")
     run_benchmark(preset, out=out, config=config, overrides=args.overrides, ablations=parse_ablations(args.ablate),
                   data_root=args.data_root, command=command.replace(" --report", ""),
-                  report_only=args.report)  # fmt: skip
+                  report_only=args.report, rows_from=Path(args.rows_from) if args.rows_from else None)  # fmt: skip
     return 0
 
 

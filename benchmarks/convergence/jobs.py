@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import csv
 import dataclasses
 import json
 import multiprocessing
@@ -75,7 +76,10 @@ def _logged(run_dir: Path, step: int) -> dict[str, Any]:
 
 
 def run_job(job: Job) -> list[dict[str, Any]]:
-    """Train one (arm, seed) run to the preset's budget (resuming), then evaluate every saved eval step once."""
+    """Train one (arm, seed) run to the preset's budget (resuming), then evaluate every saved eval step once; a run
+    whose every evaluation is written is returned as it is (its checkpoints may be gone, see `import_rows`)."""
+    if (done := finished_rows(job)) is not None:
+        return done
     torch.set_num_threads(job.preset.threads)
     shared = torch.load(Path(job.out) / "shared.pt", weights_only=True)  # tensors only (see `prepare_shared`)
     t0 = time.perf_counter()
@@ -131,7 +135,8 @@ def _check_out(out: Path, key: dict[str, Any]) -> None:
 
 def run_benchmark(preset: Preset, *, out: Path, config: str, overrides: Sequence[str] = (),
                   ablations: Sequence[Arm] = (), data_root: str | None = None, command: str = "",
-                  defer_fid: bool = False, report_only: bool = False) -> dict[str, Any]:  # fmt: skip
+                  defer_fid: bool = False, report_only: bool = False,
+                  rows_from: Path | None = None) -> dict[str, Any]:  # fmt: skip
     """Train and evaluate every (arm, seed), then write the CSV, markdown table, figure and summary.
 
     With `defer_fid` no Inception network is used: every evaluation saves its FID samples, `<out>/deferred.json`
@@ -140,6 +145,9 @@ def run_benchmark(preset: Preset, *, out: Path, config: str, overrides: Sequence
 
     With `report_only` nothing is trained or evaluated: the report covers the (arm, seed) runs whose every
     evaluation is written and lists the others as not finished (a benchmark run over several sittings).
+
+    With `rows_from` (a `results.csv` of an earlier report of the same benchmark, e.g. the committed one) the runs it
+    holds whole are taken as finished (`import_rows`): a fresh checkout continues where that report stopped.
 
     Returns:
         The summary dict (also written to `<out>/summary.json`); with `defer_fid`, the deferred description.
@@ -151,11 +159,13 @@ def run_benchmark(preset: Preset, *, out: Path, config: str, overrides: Sequence
     layers = tuple(sorted({base_depth, *(d for a, d in depths.items() if a != "vanilla")}))
     budget = {k: v for k, v in dataclasses.asdict(preset).items() if k not in ("seeds", "workers", "threads")}
     key = {"config": str(config), "overrides": list(overrides), "data_root": data_root, **budget}
-    if report_only and not (out / "benchmark.json").is_file():
+    if report_only and rows_from is None and not (out / "benchmark.json").is_file():
         raise FileNotFoundError(f"{out}: no benchmark to report (no benchmark.json); run it first, or pass its --out")
     _check_out(out, {**key, "fid": "deferred"} if defer_fid else key)  # never mix deferred and scored runs
     jobs = [dataclasses.replace(probe, arm=arm, seed=seed, layers=layers, defer_fid=defer_fid)
             for seed in preset.seeds for arm in arms]  # fmt: skip
+    if rows_from is not None:
+        import_rows(Path(rows_from), jobs)
     t0, threads = time.perf_counter(), torch.get_num_threads()
     if report_only:
         return _report_finished(jobs, arms, out, base_depth, depths, command, probe.train_config())
@@ -192,6 +202,40 @@ def finished_rows(job: Job) -> list[dict[str, Any]] | None:
     """The evaluation rows of a run whose every evaluated step is written, else None."""
     paths = [job.eval_path(step) for step in eval_steps(job.preset)]
     return [json.loads(p.read_text()) for p in paths] if all(p.is_file() for p in paths) else None
+
+
+def import_rows(path: Path, jobs: Sequence[Job]) -> list[str]:
+    """Write the evaluation files of every run that `path` (a report's `results.csv`) holds at every evaluated step,
+    unless the run already has them; returns the imported run names. Rows of unknown (arm, seed) pairs and runs
+    missing a step are ignored. The caller checks that the folder's budget is the report's (`_check_out`)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no results.csv to import rows from")
+    with open(path, newline="") as f:
+        table = list(csv.DictReader(f))
+    derived = {"probe_acc", "cknna"}  # added by `_write_report` from the base block's columns
+    imported = []
+    for job in jobs:
+        rows = {int(r["step"]): r for r in table if r["arm"] == job.arm.name and int(r["seed"]) == job.seed}
+        steps = eval_steps(job.preset)
+        if set(steps) - set(rows) or finished_rows(job) is not None:
+            continue
+        for step in steps:
+            row = {k: _csv_value(k, v) for k, v in rows[step].items() if k not in derived}
+            job.eval_path(step).parent.mkdir(parents=True, exist_ok=True)
+            job.eval_path(step).write_text(json.dumps(row, indent=1) + "\n")
+        imported.append(job.run_dir.name)
+    print(f"[convergence] imported {len(imported)} finished runs from {path}: {', '.join(imported) or 'none'}",
+          flush=True)  # fmt: skip
+    return imported
+
+
+def _csv_value(key: str, value: str) -> Any:
+    """A `results.csv` cell as the evaluation file holds it (csv writes None as an empty cell)."""
+    if key == "arm":
+        return value
+    if key in ("seed", "step"):
+        return int(value)
+    return None if value == "" else float(value)
 
 
 def _report_finished(jobs: list[Job], arms: list[Arm], out: Path, base_depth: int, depths: dict[str, int],
