@@ -9,7 +9,9 @@ against the first --ref-num class-balanced Fashion-MNIST test images (the FID In
 the run's wall time from its start (encoder target caching included, as a newcomer's first run pays it) to the
 moment the checkpoint was written, read from the checkpoint files' times. Writes `candidates.json`,
 `candidates.md` and `candidates.png` (FID vs minutes, one line per candidate) into --out; finished candidates
-and scored checkpoints are reused when the command is rerun.
+and scored checkpoints are reused when the command is rerun. `--sample NAME:KEY=V,...` scores every candidate's
+checkpoints once more with those sampling settings (e.g. `cfg:cfg_scale=2`), as the candidate `<candidate>+NAME`,
+without training it again.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/tiny-candidates")
     p.add_argument("--candidate", action="append", required=True, metavar="NAME:KEY=V,KEY=V",
                    help="a name and comma-separated config overrides (repeatable)")  # fmt: skip
+    p.add_argument("--sample", action="append", default=[], metavar="NAME:KEY=V,KEY=V",
+                   help="sampling variant scored on every candidate's checkpoints (keys of the config's sample "
+                        "section, e.g. cfg:cfg_scale=2; repeatable)")  # fmt: skip
     p.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--eval-every", type=int, default=200)
@@ -64,16 +69,26 @@ def train_candidate(name: str, overrides: list[str], args: argparse.Namespace, o
     return minutes
 
 
-def score(name: str, step: int, args: argparse.Namespace, out: Path) -> dict:
+def _overrides(spec: str) -> tuple[str, list[str]]:
+    name, _, over = spec.partition(":")
+    return name, [o for o in over.split(",") if o]
+
+
+def score(name: str, step: int, args: argparse.Namespace, out: Path, variant: str = "") -> dict:
     from repa.checkpoint import list_checkpoints
+    from repa.config.io import parse_overrides
     from repa.evaluation.generation import generate_and_score
 
-    cache = out / "scores" / f"{name}-step{step}.json"
+    sample = None
+    if variant:
+        vname, over = _overrides(variant)
+        sample = parse_overrides([f"sample.{o}" for o in over])["sample"]
+    cache = out / "scores" / f"{name}{'+' + vname if variant else ''}-step{step}.json"
     if cache.exists():
         return json.loads(cache.read_text())
     path = next(p for p in list_checkpoints(out / "runs" / name / "checkpoints") if _step(p) == step)
     t0 = time.time()
-    m = generate_and_score(path, args.num, "fashion-mnist:test", "inception", batch_size=250, seed=args.seed,
+    m = generate_and_score(path, args.num, "fashion-mnist:test", "inception", sample=sample, batch_size=250, seed=args.seed,
                            save=False, ref_limit=args.ref_num, out_dir=out / "scores" / "raw", progress=False)  # fmt: skip
     row = {"fid": m["fid"], "precision": m.get("precision"), "recall": m.get("recall"), "eval_s": time.time() - t0}
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -87,15 +102,17 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     for spec in args.candidate:
-        name, _, over = spec.partition(":")
-        overrides = [o for o in over.split(",") if o]
+        name, overrides = _overrides(spec)
         minutes = train_candidate(name, overrides, args, out)
-        rows = []
-        for step in sorted(minutes):
-            r = score(name, step, args, out)
-            rows.append({"step": step, "minutes": round(minutes[step], 2), **r})
-            print(f"[candidates] {name} step {step}: {minutes[step]:.1f} min, FID {r['fid']:.1f}", flush=True)
-        results[name] = {"overrides": overrides, "rows": rows}
+        for variant in ["", *args.sample]:
+            label = name + (f"+{_overrides(variant)[0]}" if variant else "")
+            rows = []
+            for step in sorted(minutes):
+                r = score(name, step, args, out, variant)
+                rows.append({"step": step, "minutes": round(minutes[step], 2), **r})
+                print(f"[candidates] {label} step {step}: {minutes[step]:.1f} min, FID {r['fid']:.1f}", flush=True)
+            extra = [f"sample.{o}" for o in _overrides(variant)[1]] if variant else []
+            results[label] = {"overrides": overrides + extra, "rows": rows}
     meta = {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "num": args.num,
             "ref_num": args.ref_num, "steps": args.steps, "config": args.config}  # fmt: skip
     (out / "candidates.json").write_text(json.dumps({"meta": meta, "candidates": results}, indent=1) + "\n")
