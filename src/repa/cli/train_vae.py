@@ -8,19 +8,26 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from repa.training.autoencoder import AutoencoderSettings as S
+    from repa.training.autoencoder import AutoencoderSettings as defaults
 
     p.add_argument("config", help="YAML preset whose data section gives the images, e.g. configs/tiny-repa-e.yaml")
     p.add_argument("out", help="the diffusers folder to write (must not exist)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.vae=random:small data.num_train=6000")
-    p.add_argument("--steps", type=int, default=S.steps, help=f"optimizer steps (default {S.steps})")
-    p.add_argument("--batch-size", type=int, default=S.batch_size, help=f"images per step (default {S.batch_size})")
-    p.add_argument("--lr", type=float, default=S.lr, help=f"AdamW learning rate (default {S.lr})")
-    p.add_argument("--kl-coeff", type=float, default=S.kl_coeff, help=f"KL weight (default {S.kl_coeff})")
-    p.add_argument("--seed", type=int, default=S.seed)
-    p.add_argument("--log-every", type=int, default=S.log_every, help=f"steps per logged mean (default {S.log_every})")
-    p.add_argument("--eval-images", type=int, default=S.eval_images,
-                   help=f"Fashion-MNIST test images for the reported reconstruction (default {S.eval_images}; 0: none)")  # fmt: skip
+    p.add_argument("--steps", type=int, default=defaults.steps, help=f"optimizer steps (default {defaults.steps})")
+    p.add_argument(
+        "--batch-size", type=int, default=defaults.batch_size, help=f"images per step (default {defaults.batch_size})"
+    )
+    p.add_argument("--lr", type=float, default=defaults.lr, help=f"AdamW learning rate (default {defaults.lr})")
+    p.add_argument("--kl-coeff", type=float, default=defaults.kl_coeff, help=f"KL weight (default {defaults.kl_coeff})")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument(
+        "--log-every",
+        type=int,
+        default=defaults.log_every,
+        help=f"steps per logged mean (default {defaults.log_every})",
+    )
+    p.add_argument("--eval-images", type=int, default=defaults.eval_images,
+                   help=f"Fashion-MNIST test images for the reported reconstruction (default {defaults.eval_images}; 0: none)")  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
 
 

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -106,8 +107,6 @@ def train_autoencoder(cfg: Config, out: str | Path, settings: AutoencoderSetting
         FileExistsError: `out` exists (nothing is overwritten).
         ValueError: latent shards (`data.kind=latents`) hold latents, not images.
     """
-    import time
-
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists: choose another folder or delete it (nothing was trained)")
