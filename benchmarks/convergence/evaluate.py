@@ -15,14 +15,12 @@ import torch
 from benchmarks.convergence.presets import CKNNA_K, FID_METHOD, PROBE_T, Preset, device_of
 from repa.analysis import alignment, collect_hidden_states, linear_probe
 from repa.analysis.run import encoder_features
-from repa.assets import cache_dir
 from repa.config import Config
-from repa.data.npz import save_samples
 from repa.data.sources import fashion_mnist_images
 from repa.data.vae import load_vae
 from repa.evaluation import InceptionDetector, balanced_labels, compute_activations, frechet_distance
-from repa.evaluation.reference import ReferenceStats, reference_statistics
-from repa.generate import apply_sample_overrides, decoder_for, generate_batches, run_latent_norm, to_adm_nhwc
+from repa.evaluation.reference import ReferenceStats, reference_stats
+from repa.generate import apply_sample_overrides, decoder_for, generate_batches, run_latent_norm
 from repa.loading import load_model
 
 FID_SEED = 1000  # the sampling seed of every FID evaluation: the same noise for every arm and checkpoint
@@ -36,14 +34,8 @@ def make_detector(device: torch.device):
 
 def fid_reference(detector, num: int, root: str | None) -> ReferenceStats:
     """Inception statistics of the first `num // 10` test images of each class (Fashion-MNIST under `root`), cached
-    by (file content, detector) in the repa cache."""
-    images, labels = fashion_mnist_images("test", num, root)
-    npz = cache_dir() / "eval" / f"fashion-mnist-test-balanced{len(images)}.npz"  # ADM layout, usable by `repa eval`
-    npz.parent.mkdir(parents=True, exist_ok=True)
-    tmp = npz.with_name(f"{npz.stem}.{os.getpid()}.tmp.npz")
-    save_samples(tmp, to_adm_nhwc(images), labels.numpy())
-    tmp.replace(npz)
-    return reference_statistics(npz, detector, use_precomputed=False, progress=True)
+    by (file content, detector) in the repa cache: the reference `repa eval ... fashion-mnist:test` uses too."""
+    return reference_stats("fashion-mnist:test", detector, limit=num, data_root=root)
 
 
 def cknna_targets(cfg: Config, images: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -28,6 +28,7 @@ from repa.data.sources import FASHION_MNIST, fashion_mnist_images, fashion_split
 from repa.evaluation.detectors import Detector
 from repa.evaluation.metrics import EvaluationInputError, check_gaussian
 from repa.evaluation.pipeline import compute_activations
+from repa.generate import to_adm_nhwc
 
 # The detector whose features ADM's precomputed `mu`/`sigma` (pool_3) and `mu_s`/`sigma_s` describe: the 2015 TF
 # Inception graph fed through TensorFlow's legacy bilinear resize (`InceptionDetector(resize="tf")`); a
@@ -259,6 +260,7 @@ def reference_stats(
     limit: int | None = None,
     resolution: int | None = None,
     progress: bool = True,
+    data_root: str | Path | None = None,
 ) -> ReferenceStats:
     """Reference statistics of any source; ADM `.npz` and Fashion-MNIST are cached per (content, detector).
 
@@ -271,17 +273,18 @@ def reference_stats(
             are then those of its first `limit` images, never the file's precomputed ones (`note` says so).
         resolution: folders: ADM centre-crop side.
         progress: tqdm bars.
+        data_root: Fashion-MNIST: the IDX folder searched first (then the places `repa.data.fashion_mnist` knows).
     """
     text = str(source)
     if not text.startswith(FASHION_MNIST) and is_stats_file(text):
         return load_reference(text, detector.name)
-    if text.startswith(FASHION_MNIST):  # write the images as an ADM .npz: the statistics cache keys on its content
+    if text.startswith(FASHION_MNIST):  # written as an ADM .npz (RGB, as samples are): the cache keys on its content
         split = fashion_split(text)
         path = cache_dir() / "eval" / f"fashion-mnist-{split}-{'all' if limit is None else limit}.npz"
-        images, labels = fashion_mnist_images(split, limit)
+        images, labels = fashion_mnist_images(split, limit, data_root)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_samples(path, images.permute(0, 2, 3, 1).numpy(), labels.numpy())
-        return reference_statistics(path, detector, batch_size, progress=progress)
+        save_samples(path, to_adm_nhwc(images), labels.numpy())
+        return reference_statistics(path, detector, batch_size, use_precomputed=False, progress=progress)
     if Path(text).is_file() and limit is None:
         return reference_statistics(text, detector, batch_size, progress=progress)
     note = None
