@@ -34,6 +34,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ref", default="fashion-mnist:test", help="FID reference (see `repa eval`)")
     p.add_argument("--ref-num", type=int, default=2000, help="reference images (class-balanced)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's config)")
+    p.add_argument("--sample", action="append", default=[], metavar="KEY=V",
+                   help="sampling setting for both runs, a key of the config's sample section (e.g. sampler=sde, "
+                        "cfg_scale=2.5; repeatable; default: each run's config)")  # fmt: skip
     p.add_argument("--times", default="0,0.5", help="noise levels t for probes and CKNNA")
     p.add_argument("--probe-train", type=int, default=2000, help="class-balanced train images for the probe")
     p.add_argument("--probe-test", type=int, default=1000, help="class-balanced test images for the probe")
@@ -50,13 +53,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def evaluate_run(name: str, path: str, encoder: tuple, detector, args: argparse.Namespace, device) -> dict[str, Any]:
     """FID, probe and CKNNA rows of one run."""
     from repa.analysis.run import run_align, run_probe
+    from repa.config.io import parse_overrides
     from repa.evaluation.generation import generate_and_score
     from repa.loading import load_model
 
     progress = not args.no_progress
     t0 = time.time()
     loaded = load_model(path, device=device)
-    fid = generate_and_score(loaded.path, args.num_samples, args.ref, detector, sample={"num_steps": args.steps},
+    sample = {"num_steps": args.steps, **parse_overrides([f"sample.{o}" for o in args.sample]).get("sample", {})}
+    fid = generate_and_score(loaded.path, args.num_samples, args.ref, detector, sample=sample,
                                batch_size=args.batch_size, seed=args.seed, out_dir=Path(args.out) / f"samples-{name}",
                                ref_limit=args.ref_num, progress=progress)  # fmt: skip
     probe = run_probe(loaded, "all", args.times, args.probe_train, args.probe_test, args.epochs, seed=args.seed,
