@@ -226,7 +226,7 @@ def test_checkpoint_content_cannot_redirect_writes(tmp_path, monkeypatch, capsys
     over = [f"train.run_dir={run}", f"data.root={data}", "data.num_train=null", "model.hidden_size=32",
             "model.depth=2", "model.num_heads=2", "model.align_depth=1", "model.projector_dim=32",
             "train.global_batch_size=4", "train.max_steps=2", "train.checkpoint_every=1", "train.progress=false",
-            "train.sample_every=1000", "sample.num_images=2", "sample.num_steps=1"]  # fmt: skip
+            "train.sample_every=1000", "sample.num_images=2", "sample.num_steps=2"]  # fmt: skip
     train(load_config(ROOT / "configs" / "tiny.yaml", over))
     before = _files(tmp_path)
     state_file = run / "checkpoints" / "step_00000002" / "state.json"
@@ -234,7 +234,7 @@ def test_checkpoint_content_cannot_redirect_writes(tmp_path, monkeypatch, capsys
     state["config"]["train"]["run_dir"] = str(elsewhere / "hijacked")  # what a tampered checkpoint could say
     state_file.write_text(json.dumps(state))
     train(load_config(ROOT / "configs" / "tiny.yaml", [*over, "train.max_steps=3"]))
-    assert cli_main(["sample", str(run), "--num", "2", "--steps", "1"]) == 0
+    assert cli_main(["sample", str(run), "--num", "2", "--steps", "2"]) == 0
     new = _files(tmp_path) - before
     assert new and all(p.is_relative_to(run) for p in new), sorted(map(str, new))
     assert not any(elsewhere.iterdir())
@@ -242,5 +242,5 @@ def test_checkpoint_content_cannot_redirect_writes(tmp_path, monkeypatch, capsys
     state_file = run / "checkpoints" / "step_00000003" / "state.json"
     state["step"] = 3
     state_file.write_text(json.dumps(state))
-    assert cli_main(["sample", str(run), "--num", "2", "--steps", "1"]) == 2
+    assert cli_main(["sample", str(run), "--num", "2", "--steps", "2"]) == 2
     assert "sample.sampler: '../../escape' is not one of" in capsys.readouterr().err
