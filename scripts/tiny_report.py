@@ -92,7 +92,7 @@ def markdown(runs: dict[str, dict[str, Any]], args: argparse.Namespace, detector
     """The report: what was measured (with N), FID per run, then one table per (layer, t)."""
     r, v = runs["repa"], runs["vanilla"]
     s = r["sample"]
-    sampler = f"{s['sampler']}{' (Heun)' if s['heun'] else ''}, {s['num_steps']} steps, CFG {s['cfg_scale']:g}"
+    sampler = f"{s['sampler']}{' (Heun)' if s['heun'] and s['sampler'] == 'ode' else ''}, {s['num_steps']} steps, CFG {s['cfg_scale']:g}"
     lines = [
         "# Tiny REPA vs vanilla SiT on Fashion-MNIST",
         "",
