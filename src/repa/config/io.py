@@ -31,14 +31,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, key)
-            except ValueError as err:
-                errors.append(str(err))
+            except ValueError:
+                continue
         raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
     if origin is Literal:
         if isinstance(value, bool) and "no" in args and not value:  # YAML 1.1 reads a bare `no` as false

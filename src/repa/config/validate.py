@@ -97,9 +97,14 @@ def _check_ranges(cfg: Config) -> None:
     for key, value in positive.items():
         if value is not None and value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
+    r = cfg.repa
     non_negative = {"train.keep_checkpoints": t.keep_checkpoints, "train.max_nonfinite_steps": t.max_nonfinite_steps,
                     "optim.lr": o.lr, "optim.warmup_steps": o.warmup_steps, "optim.grad_clip": o.grad_clip,
-                    "optim.weight_decay": o.weight_decay, "data.num_workers": d.num_workers}  # fmt: skip
+                    "optim.weight_decay": o.weight_decay, "data.num_workers": d.num_workers,
+                    "repa.attention_coeff": r.attention_coeff, "repa.class_token_coeff": r.class_token_coeff,
+                    "repa.self_align_coeff": r.self_align_coeff, "train.vae_lr": t.vae_lr,
+                    "train.vae_align_coeff": t.vae_align_coeff, "train.vae_recon_coeff": t.vae_recon_coeff,
+                    "train.vae_kl_coeff": t.vae_kl_coeff, "train.vae_perceptual_coeff": t.vae_perceptual_coeff}  # fmt: skip
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
@@ -216,10 +221,6 @@ def _check_family(cfg: Config) -> None:
         if stop is None or stop < 0 or (r.schedule != "stop" and not 0 <= start < stop):
             raise ConfigError(f"repa.schedule={r.schedule} needs repa.schedule_stop >= 0"
                               + ("" if r.schedule == "stop" else " > repa.schedule_start >= 0"))  # fmt: skip
-    for key, coeff in (("attention_coeff", r.attention_coeff), ("class_token_coeff", r.class_token_coeff),
-                       ("self_align_coeff", r.self_align_coeff)):  # fmt: skip
-        if coeff < 0:
-            raise ConfigError(f"repa.{key} must be >= 0, got {coeff}")
     if (r.attention_align or r.class_token) and not r.enabled:
         what = "attention_align" if r.attention_align else "class_token"
         raise ConfigError(f"repa.{what}=true needs a target encoder (repa.encoders and repa.align_coeff > 0)")
@@ -242,12 +243,6 @@ def _check_family(cfg: Config) -> None:
 def _check_end_to_end(cfg: Config) -> None:
     """REPA-E (`train.end_to_end`): images encoded every step by a trainable VAE, tuned through the alignment loss."""
     t, d = cfg.train, cfg.data
-    coeffs = {"train.vae_lr": t.vae_lr, "train.vae_align_coeff": t.vae_align_coeff,
-              "train.vae_recon_coeff": t.vae_recon_coeff, "train.vae_kl_coeff": t.vae_kl_coeff,
-              "train.vae_perceptual_coeff": t.vae_perceptual_coeff}  # fmt: skip
-    for key, value in coeffs.items():
-        if value < 0:
-            raise ConfigError(f"{key} must be >= 0, got {value}")
     if t.vae_lr > MAX_LR:
         raise ConfigError(f"train.vae_lr={t.vae_lr} is far too large for AdamW: use a value <= {MAX_LR}, e.g. 1e-4")
     if not 0.0 < t.latent_bn_momentum <= 1.0:
@@ -285,12 +280,19 @@ def _check_sample(cfg: Config) -> None:
     if s.cfg_scale > 1.0 and cfg.model.class_dropout_prob == 0:
         raise ConfigError(f"sample.cfg_scale={s.cfg_scale} needs the unconditional (null) class that "
                           "model.class_dropout_prob > 0 trains: set one, or sample.cfg_scale=1")  # fmt: skip
-    if cfg.transport.diffusion == "ddpm" or MODELS[cfg.model.name]["learn_sigma"]:
-        why = "transport.diffusion=ddpm" if cfg.transport.diffusion == "ddpm" else f"model.name={cfg.model.name}"
-        if s.num_steps > DDPM_STEPS:
-            raise ConfigError(f"sample.num_steps={s.num_steps}: {why} samples with DDPM, which respaces its "
-                              f"{DDPM_STEPS} steps: use at most {DDPM_STEPS}")  # fmt: skip
+    why = _ddpm_reason(cfg)
+    if why is not None and s.num_steps > DDPM_STEPS:
+        raise ConfigError(f"sample.num_steps={s.num_steps}: {why} samples with DDPM, which respaces its "
+                          f"{DDPM_STEPS} steps: use at most {DDPM_STEPS}")  # fmt: skip
     check_sampler(cfg)
+
+
+def _ddpm_reason(cfg: Config) -> str | None:
+    """The setting that makes the config's model sample with DDPM (`transport.diffusion=ddpm` or a learned-Sigma
+    `model.name`); None for a flow model."""
+    if cfg.transport.diffusion == "ddpm":
+        return "transport.diffusion=ddpm"
+    return f"model.name={cfg.model.name}" if MODELS.get(cfg.model.name, {}).get("learn_sigma", False) else None
 
 
 DDPM_SAMPLERS = ("ode", "sde", "ddim")  # DDPM models: ancestral sampling for ode/sde (as before), or DDIM
@@ -307,15 +309,16 @@ def check_sampler(cfg: Config, ddpm: bool | None = None) -> None:
             the config (`transport.diffusion` and the registry entry of `model.name`).
     """
     s = cfg.sample
+    why = _ddpm_reason(cfg)
     if ddpm is None:
-        ddpm = cfg.transport.diffusion == "ddpm" or bool(MODELS.get(cfg.model.name, {}).get("learn_sigma", False))
+        ddpm = why is not None
     for key, value in (("sample.atol", s.atol), ("sample.rtol", s.rtol)):
         if not (math.isfinite(value) and value > 0):
             raise ConfigError(f"{key} must be a finite number > 0 (a dopri5 tolerance), got {value}")
     if not (math.isfinite(s.ddim_eta) and 0.0 <= s.ddim_eta <= 1.0):
         raise ConfigError(f"sample.ddim_eta must be in [0, 1] (0 = deterministic DDIM), got {s.ddim_eta}")
     if ddpm and s.sampler not in DDPM_SAMPLERS:
-        why = "transport.diffusion=ddpm" if cfg.transport.diffusion == "ddpm" else f"model.name={cfg.model.name}"
+        why = why or f"model.name={cfg.model.name}"
         raise ConfigError(f"sample.sampler={s.sampler} integrates a flow model's velocity, but {why} is a DDPM "
                           "(eps-prediction) model: use sample.sampler=ddim (DDIM) or sde (ancestral)")  # fmt: skip
     if not ddpm and s.sampler not in FLOW_SAMPLERS:
