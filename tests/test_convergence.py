@@ -191,6 +191,23 @@ def test_tiny_benchmark_end_to_end(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="other settings"):
         convergence.run_benchmark(dataclasses.replace(preset, fid_samples=30), **kwargs)
 
+    # --time-steps: every arm timed side by side (real loop, fresh runs, 2 rounds); the report then uses those s/step
+    timed = convergence.time_arms(preset, kwargs["ablations"], out=out, config=kwargs["config"], overrides=overrides,
+                                  data_root=str(root), steps=3, rounds=2)  # fmt: skip
+    assert torch.get_num_threads() == threads
+    assert set(timed["arms"]) == {"vanilla", "repa", "repa-depth2"}
+    for v in timed["arms"].values():  # 3 steps -> one window of 5 after the dropped warm-up window, per round
+        assert len(v["windows"]) == 2 and all(w > 0 for w in v["windows"])
+        assert v["s_per_step"] == pytest.approx(sum(v["windows"]) / 2)
+    assert json.loads((out / "step_times.json").read_text())["arms"] == timed["arms"]
+    convergence.run_benchmark(preset, **kwargs, report_only=True)
+    md = (out / "results.md").read_text()
+    assert "train s/step (timed side by side by `--time-steps`" in md
+    for arm, v in timed["arms"].items():
+        assert f"| {arm} | {v['s_per_step']:.3f} |" in md
+    with pytest.raises(ValueError, match="at least one step"):
+        convergence.time_arms(preset, [], out=out, config=kwargs["config"], steps=0)
+
 
 def _fake_focus_weights(path: Path) -> Path:
     """A small state dict named like a 12-block Dinov2Model (the bundle keeps blocks 1..8 of it)."""

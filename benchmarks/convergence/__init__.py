@@ -21,6 +21,9 @@ vs steps, mean over seeds with a min-max band), `summary.json`; per-run folders 
 Offline (`bundle`, `deferred`): `--bundle DIR` packs what a preset needs (images, float16 encoder weights, config)
 into one folder; `--from-bundle DIR` runs from it alone with the FID deferred (samples packed into
 `<out>/deferred/`); `--score-samples DIR` scores them where the Inception network is and writes the same report.
+
+Cost (`timing`): `--time-steps N` times every arm's training step side by side in one process into
+`<out>/step_times.json`; the report's s/step column uses it instead of the runs' logged rates.
 """
 
 from benchmarks.convergence import bundle, deferred, evaluate
@@ -28,6 +31,7 @@ from benchmarks.convergence.cli import add_arguments, main, run
 from benchmarks.convergence.jobs import run_benchmark
 from benchmarks.convergence.presets import PRESETS, Arm, Preset, parse_ablations
 from benchmarks.convergence.stats import iso_fid_speedups, speedup, steps_to_reach, verdict
+from benchmarks.convergence.timing import time_arms
 
 __all__ = ["PRESETS", "Arm", "Preset", "add_arguments", "bundle", "deferred", "evaluate", "iso_fid_speedups", "main",
-           "parse_ablations", "run", "run_benchmark", "speedup", "steps_to_reach", "verdict"]  # fmt: skip
+           "parse_ablations", "run", "run_benchmark", "speedup", "steps_to_reach", "time_arms", "verdict"]  # fmt: skip

@@ -13,6 +13,7 @@ from benchmarks.convergence.bundle import DATA, build_bundle, manifest_preset, r
 from benchmarks.convergence.estimate import estimate
 from benchmarks.convergence.jobs import run_benchmark
 from benchmarks.convergence.presets import PRESETS, ROOT, Preset, parse_ablations
+from benchmarks.convergence.timing import time_arms
 
 DESCRIPTION = (
     "Convergence benchmark (issue #5): vanilla vs REPA on Fashion-MNIST, FID / linear probe / CKNNA vs training steps."
@@ -39,6 +40,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--{name}", type=int, default=None, help="override the preset's value")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--estimate", action="store_true", help="measure costs and project the wall time; train nothing")
+    mode.add_argument("--time-steps", type=int, metavar="N", default=None,
+                      help="time N training steps of every arm side by side in this process (fresh short runs, "
+                           "arms interleaved over --time-rounds rounds) into <out>/step_times.json, which the "
+                           "report's s/step column then uses; trains nothing else (run it on a quiet machine)")  # fmt: skip
+    p.add_argument("--time-rounds", type=int, default=2, help="rounds of --time-steps (default 2)")
     mode.add_argument("--bundle", metavar="DIR", default=None,
                       help="write everything the preset needs offline (images, encoder weights in float16, config) "
                            "into the new folder DIR; trains nothing")  # fmt: skip
@@ -86,6 +92,10 @@ def run(args: argparse.Namespace) -> int:
                      ablations=parse_ablations(args.ablate), data_root=args.data_root, command=command)  # fmt: skip
         return 0
     out = Path(args.out or f"runs/bench-convergence-{name}")
+    if args.time_steps is not None:
+        time_arms(preset, parse_ablations(args.ablate), out=out, config=config, overrides=args.overrides,
+                  data_root=args.data_root, steps=args.time_steps, rounds=args.time_rounds)  # fmt: skip
+        return 0
     run_benchmark(preset, out=out, config=config, overrides=args.overrides, ablations=parse_ablations(args.ablate),
                   data_root=args.data_root, command=command.replace(" --report", ""),
                   report_only=args.report, rows_from=Path(args.rows_from) if args.rows_from else None)  # fmt: skip

@@ -20,7 +20,7 @@ import torch
 from benchmarks.common import temporary_environ
 from benchmarks.convergence import evaluate
 from benchmarks.convergence.presets import REPA, VANILLA, Arm, Preset, device_of, eval_steps
-from benchmarks.convergence.report import write_results
+from benchmarks.convergence.report import read_step_times, write_results
 from repa.checkpoint import list_checkpoints
 from repa.config import Config, load_config
 from repa.training import train
@@ -193,7 +193,7 @@ def run_benchmark(preset: Preset, *, out: Path, config: str, overrides: Sequence
 def _write_report(results: Sequence[list[dict[str, Any]]], arms: Sequence[Arm], out: Path,
                   meta: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
     """`write_results` over the arms that have rows, each row with its probe and CKNNA at the base block."""
-    d0 = meta["base_depth"]
+    d0, meta = meta["base_depth"], {**meta, "step_times": read_step_times(out)}
     rows = [{**r, "probe_acc": r[f"probe_acc_l{d0}"], "cknna": r[f"cknna_l{d0}"]} for res in results for r in res]
     return write_results(rows, [a.name for a in arms if any(r["arm"] == a.name for r in rows)], out, meta)
 

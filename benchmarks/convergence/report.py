@@ -12,6 +12,8 @@ from typing import Any
 from benchmarks.convergence.presets import CKNNA_K, METRICS, PROBE_T, Preset, preset_name
 from benchmarks.convergence.stats import curves, finals, iso_fid_speedups, seed_mean, speedup, verdict
 
+TIMES = "step_times.json"  # `--time-steps` writes it into the benchmark's --out; the report prefers it to the logs
+
 
 def _fmt(values: Sequence[float], digits: int = 4) -> str:
     if not values:
@@ -38,7 +40,7 @@ def metric_table(rows: list[dict], key: str, arm: str, base: str = "vanilla") ->
     return lines
 
 
-def plot(rows: list[dict], arms: list[str], path: Path, title: str, batch_size: int) -> None:
+def plot(rows: list[dict], arms: list[str], path: Path, title: str, seconds: dict[str, float | None]) -> None:
     """Metric vs training steps, one line per arm (mean over seeds) with a min-max band over seeds; a last panel
     puts FID against training wall time (step x the arm's measured s/step: what a speed-up costs)."""
     import matplotlib
@@ -49,9 +51,8 @@ def plot(rows: list[dict], arms: list[str], path: Path, title: str, batch_size: 
     fig, axes = plt.subplots(1, len(METRICS) + 1, figsize=(5 * (len(METRICS) + 1), 3.8))
     for arm in arms:
         steps, per_seed = curves(rows, arm, "fid")
-        rate = _train_rate(rows, arm)
-        if steps and rate:
-            minutes = [s * batch_size / rate / 60 for s in steps]
+        if steps and seconds.get(arm):
+            minutes = [s * seconds[arm] / 60 for s in steps]
             axes[-1].plot(minutes, seed_mean(per_seed, len(steps)), marker="o", label=arm)
     axes[-1].set_xlabel("training wall time (min, one process)")
     axes[-1].set_title("FID vs training time (lower is better)")
@@ -184,16 +185,27 @@ def ablation_section(rows: list[dict], arm: str, summary: dict, printed: list[st
     return md
 
 
-def _train_rate(rows: list[dict], arm: str) -> float | None:
-    """An arm's training images/s: the mean over its rows of the runs' median logged rates (None if not logged)."""
-    ips = [r["train_images_per_s"] for r in rows if r["arm"] == arm and r.get("train_images_per_s")]
-    return statistics.mean(ips) if ips else None
+def read_step_times(out: Path) -> dict[str, float]:
+    """{arm: s/step} from `<out>/step_times.json`, or {} when the arms were not timed side by side."""
+    path = out / TIMES
+    if not path.is_file():
+        return {}
+    return {name: v["s_per_step"] for name, v in json.loads(path.read_text())["arms"].items()}
 
 
-def _step_s(rows: list[dict], arm: str, p: Preset) -> str:
-    """Training seconds per step of an arm, formatted: the batch over `_train_rate`."""
-    rate = _train_rate(rows, arm)
-    return f"{p.batch_size / rate:.3f}" if rate else "-"
+def train_seconds(rows: list[dict], arms: Sequence[str], batch_size: int,
+                  timed: dict[str, float] | None = None) -> dict[str, float | None]:  # fmt: skip
+    """Training s/step of each arm: measured side by side (`timed`, from `--time-steps`) where given, else the batch
+    over the mean of the runs' median logged images/s (None if neither)."""
+    out: dict[str, float | None] = {}
+    for arm in arms:
+        ips = [r["train_images_per_s"] for r in rows if r["arm"] == arm and r.get("train_images_per_s")]
+        out[arm] = (timed or {}).get(arm) or (batch_size / statistics.mean(ips) if ips else None)
+    return out
+
+
+def _step_s(seconds: dict[str, float | None], arm: str) -> str:
+    return f"{seconds[arm]:.3f}" if seconds.get(arm) else "-"
 
 
 LEADERBOARD_HELP = (
@@ -214,7 +226,8 @@ def _speedup_cell(rows: list[dict], arm: str, base: str, summary: dict) -> str:
     return f"{sp['ratio_grid']:.2f}x ({sp['ratio_interp']:.2f}x)"
 
 
-def leaderboard_section(rows: list[dict], arms: list[str], p: Preset, d0: int, summary: dict) -> list[str]:
+def leaderboard_section(rows: list[dict], arms: list[str], p: Preset, d0: int, summary: dict,
+                        seconds: dict[str, float | None]) -> list[str]:  # fmt: skip
     """Markdown: the one table of every arm (FID per step with spread, speed-ups vs vanilla and vs repa, final probe
     and CKNNA, training s/step, final-FID verdicts); fills `summary[arm]["speedup"]` (vs vanilla) and
     `["speedup_vs_repa"]`."""
@@ -231,19 +244,21 @@ def leaderboard_section(rows: list[dict], arms: list[str], p: Preset, d0: int, s
         verdicts = [verdict(finals(rows, b, "fid"), finals(rows, arm, "fid"), True).split(" (")[0] if arm != b
                     else "-" for b in bases]  # fmt: skip
         cells = [arm, str(len(per_seed)), *fids, *ups, _fmt(finals(rows, arm, "probe_acc"), 3),
-                 _fmt(finals(rows, arm, "cknna"), 3), _step_s(rows, arm, p), *verdicts]  # fmt: skip
+                 _fmt(finals(rows, arm, "cknna"), 3), _step_s(seconds, arm), *verdicts]  # fmt: skip
         md.append("| " + " | ".join(cells) + " |")
     return [*md, ""]
 
 
-def cost_section(rows: list[dict], arms: list[str], p: Preset, wall_s: float | None) -> list[str]:
+def cost_section(rows: list[dict], arms: list[str], seconds: dict[str, float | None], timed: bool,
+                 wall_s: float | None) -> list[str]:  # fmt: skip
     """Markdown table of the measured training and evaluation cost of each arm."""
-    md = ["## Measured cost", "", "| arm | train s/step (median logged images/s) | eval s per checkpoint |",
-          "|---|---:|---:|"]  # fmt: skip
+    source = ("timed side by side by `--time-steps` (step_times.json)" if timed
+              else "batch / median logged images/s of the runs")  # fmt: skip
+    md = ["## Measured cost", "", f"| arm | train s/step ({source}) | eval s per checkpoint |", "|---|---:|---:|"]
     for arm in arms:
         ev = [r["eval_s"] for r in rows if r["arm"] == arm]
-        md.append(f"| {arm} | {_step_s(rows, arm, p)} | {statistics.mean(ev):.1f} |" if ev
-                  else f"| {arm} | {_step_s(rows, arm, p)} | - |")  # fmt: skip
+        md.append(f"| {arm} | {_step_s(seconds, arm)} | {statistics.mean(ev):.1f} |" if ev
+                  else f"| {arm} | {_step_s(seconds, arm)} | - |")  # fmt: skip
     if wall_s is None:  # a report of finished runs (`--report`): nothing ran
         return [*md, ""]
     return [*md, "", f"Wall time of this invocation: {wall_s / 60:.1f} min (finished runs and evaluations are "
@@ -269,21 +284,23 @@ def write_results(rows: list[dict], arms: list[str], out: Path, meta: dict[str, 
     if meta.get("remaining"):
         md += [f"Not finished yet (rerun the command without `--report` to train and evaluate them): "
                f"{', '.join(meta['remaining'])}.", ""]  # fmt: skip
-    md += leaderboard_section(rows, arms, p, d0, per_arm)
+    timed = meta.get("step_times") or {}
+    seconds = train_seconds(rows, arms, p.batch_size, timed)
+    md += leaderboard_section(rows, arms, p, d0, per_arm, seconds)
     md += speedup_section(rows, arms, per_arm, printed)
     for arm in arms[1:]:
         md += per_step_section(rows, arm, d0, meta["depths"].get(arm), per_arm, printed)
     if "repa" in arms:
         for arm in (a for a in arms[1:] if a != "repa"):
             md += ablation_section(rows, arm, per_arm, printed)
-    md += [*cost_section(rows, arms, p, meta["wall_s"]), "![convergence](convergence.png)", ""]
+    md += [*cost_section(rows, arms, seconds, bool(timed), meta["wall_s"]), "![convergence](convergence.png)", ""]
     (out / "results.md").write_text("\n".join(md))
     plot(
         rows,
         arms,
         out / "convergence.png",
         f"{preset_name(p)} preset: {p.steps} steps, {len({r['seed'] for r in rows})} seeds, FID-{p.fid_samples}",
-        p.batch_size,
+        seconds,
     )
     summary = {"setup": setup, "command": meta["command"], "wall_s": meta["wall_s"], "rows": len(rows), "arms": per_arm,
                "remaining": meta.get("remaining", [])}  # fmt: skip
