@@ -21,8 +21,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from repa.errors import ReportedError
-from repa.fileio import write_error_reason
+from repa.errors import ReportedError, brief
+from repa.fileio import fsync_file, write_error_reason
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _OLD_DIR = re.compile(r"^\.old_step_(\d{8})_\d+$")
@@ -48,11 +48,6 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
 
 
 def _fault_point(point: str, step: int) -> None:
@@ -114,7 +109,7 @@ def save_checkpoint(
         (tmp / "state.json").write_text(json.dumps({"step": step, **meta}, indent=1), encoding="utf-8")
         _fault_point("state.json", step)
         for f in tmp.iterdir():
-            _fsync_file(f)
+            fsync_file(f)
         _fsync_dir(tmp)
         _fault_point("fsync", step)
         if final.exists():  # the same step written again (e.g. a second run in this folder): replace it
@@ -130,9 +125,7 @@ def save_checkpoint(
     except Exception as err:  # noqa: BLE001 - safetensors and torch.save wrap a full disk in their own errors
         reason = write_error_reason(err, root)  # before the partial files go: deleting them frees the full disk
         shutil.rmtree(tmp, ignore_errors=True)
-        prev = latest_checkpoint(root)
-        kept = f"; the previous checkpoint {prev} is intact" if prev else ""
-        raise CheckpointError(f"could not write checkpoint {final}: {reason}{kept}") from err
+        raise CheckpointError(f"could not write checkpoint {final}: {reason}{_intact(root)}") from err
     prune_checkpoints(root, keep, step=step)
     return final
 
@@ -156,6 +149,12 @@ def list_checkpoints(ckpt_root: str | Path) -> list[Path]:
 def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
     found = list_checkpoints(ckpt_root)
     return found[-1] if found else None
+
+
+def _intact(ckpt_root: str | Path) -> str:
+    """The end of a failed write's message: the newest checkpoint, untouched."""
+    prev = latest_checkpoint(ckpt_root)
+    return f"; the previous checkpoint {prev} is intact" if prev else ""
 
 
 def load_latest_checkpoint(ckpt_root: str | Path) -> tuple[Path | None, dict[str, Any] | None]:
@@ -277,8 +276,7 @@ def read_checkpoint_state(path: str | Path) -> dict[str, Any]:
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))
         _check_state(path, state)
     except Exception as err:  # noqa: BLE001 - OSError, JSON errors, the checks' ValueError
-        first = str(err).splitlines()[0] if str(err) else ""
-        raise CheckpointError(f"could not read checkpoint {path}: {type(err).__name__}: {first}") from err
+        raise CheckpointError(f"could not read checkpoint {path}: {brief(err)}") from err
     return state
 
 
@@ -293,8 +291,7 @@ def model_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
         with safe_open(str(file), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as err:  # noqa: BLE001 - OSError, SafetensorError
-        first = str(err).splitlines()[0] if str(err) else ""
-        raise CheckpointError(f"could not read checkpoint {file}: {type(err).__name__}: {first}") from err
+        raise CheckpointError(f"could not read checkpoint {file}: {brief(err)}") from err
 
 
 def load_checkpoint(path: str | Path, *, optimizer: bool = True) -> dict[str, Any]:
@@ -304,21 +301,18 @@ def load_checkpoint(path: str | Path, *, optimizer: bool = True) -> dict[str, An
         dict with `model`, `ema` (or None), `optimizer` (or None), and the JSON metadata under `state`.
     """
     path = Path(path)
-    state_file = path / "state.json"
-    if not state_file.is_file():
+    if not (path / "state.json").is_file():
         raise CheckpointError(f"{path} is not a repa checkpoint (no state.json)")
+    out: dict[str, Any] = {"state": read_checkpoint_state(path)}
     try:
-        state = json.loads(state_file.read_text(encoding="utf-8"))
-        _check_state(path, state)
-        out: dict[str, Any] = {"state": state, "model": load_file(str(path / "model.safetensors"))}
+        out["model"] = load_file(str(path / "model.safetensors"))
         out["ema"] = load_file(str(path / "ema.safetensors")) if (path / "ema.safetensors").exists() else None
         out["vae"] = load_file(str(path / "vae.safetensors")) if (path / "vae.safetensors").exists() else None
         out["optimizer"] = None
         if optimizer and (path / "optimizer.pt").exists():
             out["optimizer"] = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - OSError, JSON, SafetensorError, UnpicklingError, EOFError, zip errors
-        first = str(err).splitlines()[0] if str(err) else ""
-        raise CheckpointError(f"could not read checkpoint {path}: {type(err).__name__}: {first}") from err
+    except Exception as err:  # noqa: BLE001 - OSError, SafetensorError, UnpicklingError, EOFError, zip errors
+        raise CheckpointError(f"could not read checkpoint {path}: {brief(err)}") from err
     return out
 
 
@@ -366,10 +360,8 @@ def save_training_checkpoint(
     tuned = vae.state_dict() if vae is not None else None
     bad = nonfinite_tensors({"model": weights, "ema": averaged, "optimizer": opt_state, "vae": tuned or {}})
     if bad:
-        prev = latest_checkpoint(ckpt_root)
-        kept = f"; the previous checkpoint {prev} is intact" if prev else ""
         raise CheckpointError(f"refusing to write checkpoint step {step}: NaN/inf in {len(bad)} tensors (e.g. "
-                              f"{bad[0]}){kept}")  # fmt: skip
+                              f"{bad[0]}){_intact(ckpt_root)}")  # fmt: skip
     vae_meta = vae.file_metadata() if vae is not None else None  # type: ignore[attr-defined]
     return save_checkpoint(ckpt_root, step, model=weights, ema=averaged, optimizer=opt_state, meta=meta, keep=keep,
                            vae=tuned, vae_metadata=vae_meta)  # fmt: skip

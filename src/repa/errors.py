@@ -16,3 +16,9 @@ class ReportedError(Exception):
     message says what went wrong, which file, and what to do."""
 
     exit_code: int = 3  # a subclass without its own code (1 is a bug's, 2 a usage mistake's)
+
+
+def brief(err: BaseException) -> str:
+    """`TypeName: first line of the message`: a wrapped exception in a one-line report."""
+    text = str(err)
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"

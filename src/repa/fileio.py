@@ -10,6 +10,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from repa.errors import brief
+
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write a whole text file (UTF-8) or nothing: a temporary file beside it, then a rename."""
@@ -17,6 +19,12 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush a written file's data to the disk (before the rename that publishes it)."""
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
 
 
 def write_json(obj: Any, path: str | Path, indent: int = 2) -> None:
@@ -42,7 +50,7 @@ def write_error_reason(err: BaseException, root: Path) -> str:
         code = int(m.group(1)) if m else None
     if code in _REASONS:
         return _REASONS[code]
-    text = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    text = brief(err)
     try:
         free = shutil.disk_usage(root).free
     except OSError:

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from repa.errors import ReportedError
+from repa.fileio import fsync_file, write_text_atomic
 
 FORMAT_VERSION = 1
 _ST_DTYPES = {torch.float16: ("F16", np.float16), torch.float32: ("F32", np.float32)}
@@ -184,12 +185,6 @@ def _encode_batch(
     return stored[0], (stored[1] if with_global else None)
 
 
-def _write_progress(path: Path, note: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(note))
-    os.replace(tmp, path)
-
-
 @torch.no_grad()
 def build_target_cache(
     encoder: torch.nn.Module,
@@ -282,13 +277,12 @@ def build_target_cache(
             out.flush()  # data first, then the note that claims it: a crash loses at most `flush_seconds` of work
             if out_global is not None:
                 out_global.flush()
-            _write_progress(note_path, {**note, "done": j + 1})
+            write_text_atomic(note_path, json.dumps({**note, "done": j + 1}))
             last_flush = time.monotonic()
         bar.update(len(x))
     bar.close()
     del out, out_global
-    with open(partial, "rb+") as f:
-        os.fsync(f.fileno())
+    fsync_file(partial)
     os.replace(partial, path)
     note_path.unlink(missing_ok=True)
     return TargetCache.load(path)

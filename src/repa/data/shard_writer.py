@@ -17,7 +17,7 @@ from torch import nn
 from repa.assets import sha256_file
 from repa.data.shards import FORMAT, STORAGE_DTYPES, VERSION, ShardError
 from repa.data.vae import LatentNorm
-from repa.fileio import write_json
+from repa.fileio import fsync_file, write_json
 
 LATENT_NORMS = ("vae", "dataset")  # `repa prepare --latent-norm`
 
@@ -55,8 +55,7 @@ def _save_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # plain file permissions (the writer may create it private)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
+    fsync_file(tmp)
     digest = sha256_file(tmp)
     os.replace(tmp, path)
     return {"path": path.name, "sha256": digest, "bytes": path.stat().st_size}

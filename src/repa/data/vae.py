@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from repa.assets import hub_offline
+from repa.errors import brief
 
 LATENT_SCALE = 0.18215  # SD-VAE latent scaling (Rombach et al. 2022), used by DiT/SiT/REPA
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
@@ -282,7 +283,7 @@ class VAE(AutoencoderGeometry):
                                                 torch_dtype=dtype)  # fmt: skip
         except Exception as e:  # OSError / hub HTTP errors: the weights are not available here
             raise RuntimeError(
-                f"cannot load the VAE {name_or_path!s}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                f"cannot load the VAE {name_or_path!s}: {brief(e)}"
                 f". To fix: download it once with network access (`hf download {name_or_path}`; it is then cached), "
                 "run with HF_HUB_OFFLINE=1 to use the local Hugging Face cache only, pass a local folder saved "
                 "with `AutoencoderKL.save_pretrained`, or train a small one on the run's images with `repa train-vae "

@@ -23,7 +23,7 @@ from repa.encoders.base import Encoder
 from repa.encoders.focus import focus_weights
 from repa.encoders.hf import HFEncoder, build_random, from_pretrained, mocov3_to_vit
 from repa.encoders.mobilenet import MobileNetV2Encoder
-from repa.errors import ReportedError
+from repa.errors import ReportedError, brief
 
 
 @dataclass(frozen=True)
@@ -218,7 +218,7 @@ def _hf_model(name: str, spec: EncoderSpec, weights: str | Path | None, random_i
     try:
         return from_pretrained(family, spec.hub_id, local_files_only=hub_offline()), spec.hub_id
     except Exception as e:  # OSError, hub/HTTP errors: all mean "weights unavailable here"
-        raise _weights_error(name, spec, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        raise _weights_error(name, spec, brief(e)) from e
 
 
 def load_encoder(

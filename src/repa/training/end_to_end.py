@@ -33,6 +33,7 @@ from repa.config import Config
 from repa.data.shards import LatentShards
 from repa.data.tuned_vae import TunedVAE
 from repa.data.vae import load_vae
+from repa.errors import brief
 from repa.losses import RepaLoss
 from repa.models import MODELS
 from repa.training.data import InMemoryImages, TrainingData
@@ -254,6 +255,6 @@ def _perceptual(coeff: float, device: torch.device | str) -> nn.Module | None:
         net = lpips.LPIPS(net="vgg", verbose=False)
     except Exception as err:  # noqa: BLE001 - ImportError, a failed download of the VGG weights
         raise ValueError(f"train.vae_perceptual_coeff={coeff} needs LPIPS-VGG (`pip install lpips`; torchvision "
-                         f"fetches its VGG-16 weights once): {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}; "
+                         f"fetches its VGG-16 weights once): {brief(err)}; "
                          "or set train.vae_perceptual_coeff=0 (the default)") from err  # fmt: skip
     return net.eval().requires_grad_(False).to(device)
