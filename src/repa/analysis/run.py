@@ -20,9 +20,16 @@ from repa.analysis.inputs import default_device, load_inputs
 from repa.analysis.probe import probe_layers, split_indices
 from repa.analysis.report import write_csv, write_tables
 from repa.analysis.similarity import alignment, alignment_table
-from repa.analysis.structure import SPATIAL, SpatialMean, encoder_features, long_rows, ranked
+from repa.analysis.structure import (
+    SPATIAL,
+    SpatialMean,
+    encoder_features,
+    encoder_layers,
+    long_rows,
+    ranked,
+    source_images,
+)
 from repa.convert import DDPMAnalysisView
-from repa.data.sources import source_batches
 from repa.loading import LoadedModel, load_model
 
 METRICS = ("cknna", "cka", "unbiased_cka", "mutual_knn")
@@ -285,26 +292,6 @@ def run_align(
     return {"rows": rows, "out_dir": str(out), "meta": meta}
 
 
-def _source_images(source: str | Path, num: int, resolution: int) -> Tensor:
-    batches, _ = source_batches(source, 250, num, resolution=resolution)
-    return torch.cat([b if isinstance(b, Tensor) else torch.from_numpy(b).permute(0, 3, 1, 2) for b in batches])
-
-
-def _encoder_layers(
-    name: str, images: Tensor, layers: Sequence[int | None], res: int, device: torch.device, progress: bool,
-    spatial_rows: list[dict[str, Any]] | None = None,
-) -> dict[str, Tensor]:  # fmt: skip
-    """{"L04" | "final": mean patch tokens} of an encoder's layers; with `spatial_rows`, one row
-    {encoder, resolution, layer, lds, cds, rmsc} per layer is appended (same pass)."""
-    out = {}
-    for lay in layers:
-        key, acc = "final" if lay is None else f"L{lay:02d}", SpatialMean() if spatial_rows is not None else None
-        out[key] = encoder_features(name, images, res, lay, device=device, progress=progress, spatial=acc)
-        if acc is not None:
-            spatial_rows.append({"encoder": name, "resolution": res, "layer": key, **acc.result()})  # type: ignore[union-attr]
-    return out
-
-
 def run_align_encoders(
     encoder_a: str,
     encoder_b: str,
@@ -342,10 +329,10 @@ def run_align_encoders(
     outlier_quantile = check_outlier_quantile(outlier_quantile)
     device = device or default_device()
     metric_list = _parse_metrics(metrics)
-    images = _source_images(source, num, max(resolution_a, resolution_b))
+    images = source_images(source, num, max(resolution_a, resolution_b))
     spatial_rows: list[dict[str, Any]] | None = [] if spatial else None
-    fa = _encoder_layers(encoder_a, images, layers_a, resolution_a, device, progress, spatial_rows)
-    fb = _encoder_layers(encoder_b, images, layers_b, resolution_b, device, progress, spatial_rows)
+    fa = encoder_layers(encoder_a, images, layers_a, resolution_a, device, progress, spatial_rows)
+    fb = encoder_layers(encoder_b, images, layers_b, resolution_b, device, progress, spatial_rows)
     measure = partial(alignment, k=k, outlier_quantile=outlier_quantile)
     rows = [
         {"a": encoder_a, "b": encoder_b, "layer_a": la, "layer_b": lb, "metric": m, "value": measure(xa, xb, m)}

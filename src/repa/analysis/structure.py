@@ -109,6 +109,27 @@ def encoder_features(
     return torch.cat(out)
 
 
+def source_images(source: str | Path, num: int, resolution: int) -> Tensor:
+    """uint8 images (N, C, H, W) of `source` (`fashion-mnist:<split>`, an image folder or an ADM `.npz`)."""
+    batches, _ = source_batches(source, 250, num, resolution=resolution)
+    return torch.cat([b if isinstance(b, Tensor) else torch.from_numpy(b).permute(0, 3, 1, 2) for b in batches])
+
+
+def encoder_layers(
+    name: str, images: Tensor, layers: Sequence[int | None], res: int, device: torch.device, progress: bool,
+    spatial_rows: list[dict[str, Any]] | None = None,
+) -> dict[str, Tensor]:  # fmt: skip
+    """{"L04" | "final": mean patch tokens} of an encoder's layers; with `spatial_rows`, one row
+    {encoder, resolution, layer, lds, cds, rmsc} per layer is appended (same pass)."""
+    out = {}
+    for lay in layers:
+        key, acc = "final" if lay is None else f"L{lay:02d}", SpatialMean() if spatial_rows is not None else None
+        out[key] = encoder_features(name, images, res, lay, device=device, progress=progress, spatial=acc)
+        if acc is not None:
+            spatial_rows.append({"encoder": name, "resolution": res, "layer": key, **acc.result()})  # type: ignore[union-attr]
+    return out
+
+
 def run_rank_encoders(
     names: Sequence[str],
     layers: Sequence[int | None] = (None,),
@@ -137,15 +158,10 @@ def run_rank_encoders(
         labels are "L04" or "final".
     """
     device = device or default_device()
-    batches, _ = source_batches(source, 250, num, resolution=resolution)
-    images = torch.cat([b if isinstance(b, Tensor) else torch.from_numpy(b).permute(0, 3, 1, 2) for b in batches])
-    rows = []
+    images = source_images(source, num, resolution)
+    rows: list[dict[str, Any]] = []
     for name in names:
-        for lay in layers:
-            acc = SpatialMean()
-            encoder_features(name, images, resolution, lay, device=device, progress=progress, spatial=acc)
-            rows.append({"encoder": name, "resolution": resolution, "layer": "final" if lay is None else f"L{lay:02d}",
-                         **acc.result()})  # fmt: skip
+        encoder_layers(name, images, layers, resolution, device, progress, spatial_rows=rows)
     rows = ranked(rows)
     meta = {"source": str(source), "num": len(images), "resolution": resolution, "ranked_by": "lds"}
     out = Path(out_dir) if out_dir else Path("analysis") / "rank-encoders"
