@@ -6,6 +6,12 @@ from __future__ import annotations
 
 import argparse
 
+# the `AutoencoderSettings` fields with a flag each (`--batch-size`, ...) and its help, {} = the default
+_FLAGS = {"steps": "optimizer steps (default {})", "batch_size": "images per step (default {})",
+          "lr": "AdamW learning rate (default {})", "kl_coeff": "KL weight (default {})", "seed": None,
+          "log_every": "steps per logged mean (default {})",
+          "eval_images": "Fashion-MNIST test images for the reported reconstruction (default {}; 0: none)"}  # fmt: skip
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from repa.training.autoencoder import AutoencoderSettings as defaults
@@ -13,21 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML preset whose data section gives the images, e.g. configs/tiny-repa-e.yaml")
     p.add_argument("out", help="the diffusers folder to write (must not exist)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.vae=random:small data.num_train=6000")
-    p.add_argument("--steps", type=int, default=defaults.steps, help=f"optimizer steps (default {defaults.steps})")
-    p.add_argument(
-        "--batch-size", type=int, default=defaults.batch_size, help=f"images per step (default {defaults.batch_size})"
-    )
-    p.add_argument("--lr", type=float, default=defaults.lr, help=f"AdamW learning rate (default {defaults.lr})")
-    p.add_argument("--kl-coeff", type=float, default=defaults.kl_coeff, help=f"KL weight (default {defaults.kl_coeff})")
-    p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument(
-        "--log-every",
-        type=int,
-        default=defaults.log_every,
-        help=f"steps per logged mean (default {defaults.log_every})",
-    )
-    p.add_argument("--eval-images", type=int, default=defaults.eval_images,
-                   help=f"Fashion-MNIST test images for the reported reconstruction (default {defaults.eval_images}; 0: none)")  # fmt: skip
+    for name, text in _FLAGS.items():
+        default, flag = getattr(defaults, name), f"--{name.replace('_', '-')}"
+        p.add_argument(flag, type=type(default), default=default, help=text and text.format(default))
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
 
 
@@ -40,8 +34,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = AutoencoderSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, kl_coeff=args.kl_coeff,
-                                   seed=args.seed, log_every=args.log_every, eval_images=args.eval_images)  # fmt: skip
+    settings = AutoencoderSettings(**{name: getattr(args, name) for name in _FLAGS})
     summary = train_autoencoder(cfg, args.out, settings, progress=cfg.train.progress)
     rec = summary["test_reconstruction"] or summary["train_reconstruction"]
     print(f"[repa] wrote {args.out} ({summary['train_seconds']:.0f} s): reconstruction L1 {rec['l1']:.4f}, PSNR "

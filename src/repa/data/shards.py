@@ -45,7 +45,6 @@ from repa.errors import ReportedError
 FORMAT = "repa-latent-shards"
 VERSION = 1
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}  # what latents and targets are stored as
-_DTYPES = STORAGE_DTYPES  # the reader's name
 _ST = {"F32": torch.float32, "F16": torch.float16, "I64": torch.int64, "BF16": torch.bfloat16, "U8": torch.uint8}
 
 
@@ -156,7 +155,8 @@ class LatentShards:
         self.encoders: list[dict[str, Any]] = cfg["encoders"]
         self.has_images: bool = bool(cfg.get("images"))
         self.name = f"latents:{self.root}"
-        ldt, tdt, f, r = _DTYPES[cfg["latent_dtype"]], _DTYPES[cfg["target_dtype"]], len(self.flips), cfg["resolution"]
+        ldt, tdt = STORAGE_DTYPES[cfg["latent_dtype"]], STORAGE_DTYPES[cfg["target_dtype"]]
+        f, r = len(self.flips), cfg["resolution"]
         self._latents, self._tokens, self._images, counts = [], [], [], []
         self._globals: list[list[torch.Tensor | None]] = []  # per shard, per encoder: (K, F, D) or None
         self.class_token = False  # REG: `batch` puts encoder 0's global token in front of its targets

@@ -4,7 +4,7 @@ terms as options (off = plain REPA, bit for bit)."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -83,14 +83,12 @@ class RepaLoss:
             raise ValueError(
                 f"prediction {prediction!r} is not supported; use 'v' (DDPM uses eps via diffusion='ddpm')"
             )
-        if time_sampling not in ("uniform", "lognormal"):
-            raise ValueError(f"unknown time sampling {time_sampling!r}; choose 'uniform' or 'lognormal'")
-        if align_kind not in ("cos", "ntxent"):
-            raise ValueError(f"unknown alignment kind {align_kind!r}; choose 'cos' or 'ntxent'")
-        if diffusion not in ("flow", "ddpm"):
-            raise ValueError(f"unknown diffusion {diffusion!r}; choose 'flow' or 'ddpm'")
-        if self_align_kind not in ("cos", "smooth_l1"):
-            raise ValueError(f"unknown self-alignment kind {self_align_kind!r}; choose 'cos' or 'smooth_l1'")
+        choices = {"time sampling": (time_sampling, TimeSampling), "alignment kind": (align_kind, AlignKind),
+                   "diffusion": (diffusion, Literal["flow", "ddpm"]),
+                   "self-alignment kind": (self_align_kind, SelfAlignKind)}  # fmt: skip
+        for what, (value, kind) in choices.items():
+            if value not in get_args(kind):
+                raise ValueError(f"unknown {what} {value!r}; choose {' or '.join(map(repr, get_args(kind)))}")
         if not 0.0 <= self_align_gap <= 1.0:
             raise ValueError(f"self_align_gap must be in [0, 1], got {self_align_gap}")
         self.path = get_path(path)
