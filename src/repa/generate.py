@@ -19,7 +19,7 @@ from repa.config import Config
 from repa.config.validate import check_sampler
 from repa.data.npz import save_samples
 from repa.data.shards import read_latent_norm
-from repa.data.vae import VAE, LatentNorm, load_vae
+from repa.data.vae import VAE, LatentNorm, load_vae, to_uint8
 from repa.samplers import (
     dopri5_sampler,
     euler_maruyama_sampler,
@@ -116,11 +116,6 @@ def generate_batches(
     bar.close()
 
 
-def decode_pixels(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float images -> uint8 (B, C, H, W)."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
 _VAES: dict[tuple[str, str], VAE] = {}
 _VAE_DECODERS: dict[tuple[str, str, LatentNorm | None], Decoder] = {}
 NormSpec = LatentNorm | Mapping[str, Any] | str | Path | None
@@ -159,7 +154,7 @@ def decoder_for(vae: str | None, device: torch.device | str = "cpu", norm: NormS
             None = the VAE's own (SD-VAE: x / 0.18215, as before).
     """
     if vae is None:
-        return decode_pixels
+        return to_uint8
     latent_norm = latent_norm_from(norm)
     key = (vae, str(device), latent_norm)
     if key not in _VAE_DECODERS:

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from repa.data.vae import VAE, AutoencoderGeometry, LatentNorm
+from repa.data.vae import VAE, AutoencoderGeometry, LatentNorm, to_uint8
 
 FILE_FORMAT = "repa-tuned-vae/1"
 LATENT_BN_EPS = 1e-4  # REPA-E's latent BatchNorm eps (official models/sit.py: BatchNorm2d(eps=1e-4))
@@ -101,7 +101,7 @@ class TunedVAE(AutoencoderGeometry):
         param = next(self.vae.parameters())
         x = x.to(device=param.device, dtype=param.dtype)
         z = x * self.bn.std().view(-1, 1, 1).to(x.dtype) + self.bn.running_mean.view(-1, 1, 1).to(x.dtype)
-        return ((self.decode_latents(z).float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return to_uint8(self.decode_latents(z))
 
     def latent_norm(self) -> LatentNorm:
         return self.bn.latent_norm()

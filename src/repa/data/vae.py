@@ -163,6 +163,11 @@ class LatentNorm:
         return cls(scale=tuple(1.0 / float(s) for s in std), shift=tuple(float(m) for m in mean), source="dataset")
 
 
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float images (B, C, H, W) -> uint8, clamped and rounded (the one decoder of pixels to bytes)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def _sd_layout(block_out_channels: tuple[int, ...], layers_per_block: int, norm_num_groups: int) -> dict[str, Any]:
     """AutoencoderKL kwargs with SD-VAE's block layout at the given widths (4 widths = 4 levels = /8 latents)."""
     levels = len(block_out_channels)
@@ -342,7 +347,7 @@ class VAE(AutoencoderGeometry):
 
     def decode_to_uint8(self, latents: torch.Tensor, norm: LatentNorm | None = None) -> torch.Tensor:
         """Normalised latents -> uint8 images (B, 3, H, W)."""
-        return ((self.decode(latents, norm).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return to_uint8(self.decode(latents, norm))
 
 
 def sample_latents(

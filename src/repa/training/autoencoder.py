@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from repa.config import Config
 from repa.data.fashion_mnist import load_fashion_mnist
 from repa.data.sources import balanced_subset
-from repa.data.vae import load_vae
+from repa.data.vae import load_vae, to_uint8
 from repa.generate import save_grid
 from repa.training.data import InMemoryImages, load_train_images
 
@@ -170,7 +170,7 @@ def train_autoencoder(cfg: Config, out: str | Path, settings: AutoencoderSetting
     with torch.no_grad():
         r = ae.decode(ae.encode(_pixels(shown, channels)).latent_dist.mean).sample.clamp(-1, 1)
     pairs = torch.cat([_pixels(shown, channels), r])  # originals, then reconstructions
-    save_grid(((pairs + 1) * 127.5).round().to(torch.uint8), tmp / "reconstructions.png", nrow=len(shown))
+    save_grid(to_uint8(pairs), tmp / "reconstructions.png", nrow=len(shown))
     out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, out)
     return summary
