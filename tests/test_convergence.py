@@ -81,7 +81,8 @@ def test_parse_ablations():
     with pytest.raises(ValueError, match="unknown method"):
         convergence.parse_ablations(["method=repa-x"])
     board = convergence.parse_ablations(["leaderboard"])
-    assert [a.name for a in board] == ["irepa", "haste", "reg", "sra", "repa-ntxent", "repa-depth4", "ntxent-depth4"]
+    assert [a.name for a in board] == ["irepa", "haste", "reg", "sra", "repa-ntxent", "repa-depth4", "ntxent-depth4",
+                                         "irepa-ntxent"]
 
 
 def test_method_arms_resolve_to_valid_configs(tmp_path):
@@ -89,7 +90,7 @@ def test_method_arms_resolve_to_valid_configs(tmp_path):
     from benchmarks.convergence.jobs import Job
 
     preset = convergence.PRESETS["cpu"]
-    for arm in convergence.parse_ablations(["method=irepa,haste,reg,sra,ntxent-depth4"]):
+    for arm in convergence.parse_ablations(["method=irepa,haste,reg,sra,ntxent-depth4,irepa-ntxent"]):
         job = Job(arm, 0, preset, str(ROOT / "configs/tiny.yaml"), (), str(tmp_path), None, (2,))
         cfg = job.train_config()
         if arm.name == "haste":
@@ -103,6 +104,8 @@ def test_method_arms_resolve_to_valid_configs(tmp_path):
             assert cfg.repa.class_token
         if arm.name == "ntxent-depth4":
             assert cfg.repa.align_kind == "ntxent" and cfg.model.align_depth == 4
+        if arm.name == "irepa-ntxent":
+            assert cfg.model.projector == "conv" and cfg.repa.spatial_norm and cfg.repa.align_kind == "ntxent"
     latent = ("data.space=latent", "data.vae=random:tiny", "model.name=SiT-T/2")  # REPA-E: latent space only
     (arm,) = convergence.parse_ablations(["method=repa-e"])
     cfg = Job(arm, 0, preset, str(ROOT / "configs/tiny.yaml"), latent, str(tmp_path), None, (2,)).train_config()
