@@ -195,19 +195,26 @@ def test_tiny_benchmark_end_to_end(tmp_path, monkeypatch):
         convergence.run_benchmark(dataclasses.replace(preset, fid_samples=30), **kwargs)
 
     # --time-steps: every arm timed side by side (real loop, fresh runs, 2 rounds); the report then uses those s/step
-    timed = convergence.time_arms(preset, kwargs["ablations"], out=out, config=kwargs["config"], overrides=overrides,
-                                  data_root=str(root), steps=3, rounds=2)  # fmt: skip
+    # (an arm whose alignment stops inside the budget is timed before and after the stop, weighted by their steps)
+    stop = convergence.Arm("repa-stop1", ("repa.schedule=stop", "repa.schedule_stop=1"))
+    timed = convergence.time_arms(preset, [*kwargs["ablations"], stop], out=out, config=kwargs["config"],
+                                  overrides=overrides, data_root=str(root), steps=3, rounds=2)  # fmt: skip
     assert torch.get_num_threads() == threads
-    assert set(timed["arms"]) == {"vanilla", "repa", "repa-depth2"}
-    for v in timed["arms"].values():  # 3 steps -> one window of 5 after the dropped warm-up window, per round
-        assert len(v["windows"]) == 2 and all(w > 0 for w in v["windows"])
-        assert v["s_per_step"] == pytest.approx(sum(v["windows"]) / 2)
+    assert set(timed["arms"]) == {"vanilla", "repa", "repa-depth2", "repa-stop1"}
+    for name, v in timed["arms"].items():  # 3 steps -> one window of 5 after the dropped warm-up window, per round
+        phases = v["phases"].values()
+        assert list(v["phases"]) == (["aligned", "after-stop"] if name == "repa-stop1" else ["aligned"])
+        assert [ph["steps"] for ph in phases] == ([1, 3] if name == "repa-stop1" else [4])
+        for ph in phases:
+            assert len(ph["windows"]) == 2 and all(w > 0 for w in ph["windows"])
+            assert ph["s_per_step"] == pytest.approx(sum(ph["windows"]) / 2)
+        assert v["s_per_step"] == pytest.approx(sum(ph["steps"] * ph["s_per_step"] for ph in phases) / 4)
     assert json.loads((out / "step_times.json").read_text())["arms"] == timed["arms"]
     convergence.run_benchmark(preset, **kwargs, report_only=True)
     md = (out / "results.md").read_text()
     assert "train s/step (timed side by side by `--time-steps`" in md
-    for arm, v in timed["arms"].items():
-        assert f"| {arm} | {v['s_per_step']:.3f} |" in md
+    for arm in ("vanilla", "repa", "repa-depth2"):  # the report's arms (repa-stop1 was timed only)
+        assert f"| {arm} | {timed['arms'][arm]['s_per_step']:.3f} |" in md
     with pytest.raises(ValueError, match="at least one step"):
         convergence.time_arms(preset, [], out=out, config=kwargs["config"], steps=0)
 
