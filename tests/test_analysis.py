@@ -288,8 +288,11 @@ def test_run_align_records_and_applies_the_outlier_quantile(monkeypatch, tmp_pat
         align(write=False, outlier_quantile=1.5)
 
     # encoder vs encoder, through the command line: --outlier-quantile 0.9 / none reach the driver and align.json
-    monkeypatch.setattr(run_mod, "source_batches", lambda *a, **k: ([torch.zeros(n, 3, 8, 8, dtype=torch.uint8)], n))
-    monkeypatch.setattr(run_mod, "encoder_features", lambda name, *a, **k: feats if name == "a" else target)
+    import repa.analysis.structure as structure_mod  # encoder-vs-encoder reads images and features through it
+
+    monkeypatch.setattr(structure_mod, "source_batches",
+                        lambda *a, **k: ([torch.zeros(n, 3, 8, 8, dtype=torch.uint8)], n))  # fmt: skip
+    monkeypatch.setattr(structure_mod, "encoder_features", lambda name, *a, **k: feats if name == "a" else target)
     for flag, want in (([], 0.95), (["--outlier-quantile", "0.9"], 0.9), (["--outlier-quantile", "none"], None)):
         out = tmp_path / f"enc{want}"
         argv = ["align", "--encoder", "a", "--encoder-b", "b", "--num", str(n), "--k", "5", "--out", str(out),
