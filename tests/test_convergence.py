@@ -212,7 +212,7 @@ def test_tiny_benchmark_end_to_end(tmp_path, monkeypatch):
     assert json.loads((out / "step_times.json").read_text())["arms"] == timed["arms"]
     convergence.run_benchmark(preset, **kwargs, report_only=True)
     md = (out / "results.md").read_text()
-    assert "train s/step (timed side by side by `--time-steps`" in md
+    assert "train s/step (timed side by side: `--time-steps`" in md
     for arm in ("vanilla", "repa", "repa-depth2"):  # the report's arms (repa-stop1 was timed only)
         assert f"| {arm} | {timed['arms'][arm]['s_per_step']:.3f} |" in md
     with pytest.raises(ValueError, match="at least one step"):

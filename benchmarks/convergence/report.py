@@ -252,7 +252,7 @@ def leaderboard_section(rows: list[dict], arms: list[str], p: Preset, d0: int, s
 def cost_section(rows: list[dict], arms: list[str], seconds: dict[str, float | None], timed: bool,
                  wall_s: float | None) -> list[str]:  # fmt: skip
     """Markdown table of the measured training and evaluation cost of each arm."""
-    source = ("timed side by side by `--time-steps` (step_times.json)" if timed
+    source = ("timed side by side: `--time-steps`, step_times.json" if timed
               else "batch / median logged images/s of the runs")  # fmt: skip
     md = ["## Measured cost", "", f"| arm | train s/step ({source}) | eval s per checkpoint |", "|---|---:|---:|"]
     for arm in arms:
