@@ -316,6 +316,20 @@ def test_sigkill_mid_checkpoint_and_at_random_times_then_resume_is_bit_exact(tra
     assert_same_training_state(reference, run)
 
 
+@pytest.mark.slow
+def test_rerun_of_a_finished_run_killed_before_pruning_prunes(trainer, reference):
+    """Killed after renaming its last checkpoint into place but before pruning, a run leaves keep + 1 checkpoints;
+    the rerun has no step left to train (so no save that would prune): it prunes on resuming."""
+    run = trainer.tmp / "killed_before_prune"
+    res = trainer.run(run, "rename@12")
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    assert _visible(run) == [8, 10, 12]
+    res = trainer.run(run)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000010", "step_00000012"]
+    assert_same_training_state(reference, run)
+
+
 def _private_mounts(script: str) -> list[str]:
     """`unshare -m sh -c script "$@"`: mounts private to the child. Skips the test where mounts are not allowed
     (not root, no CAP_SYS_ADMIN, no unshare); the monkeypatched tests cover those machines."""

@@ -17,6 +17,7 @@ from repa import distributed
 from repa.checkpoint import (
     check_writable,
     load_latest_checkpoint,
+    prune_checkpoints,
     restore_training_checkpoint,
     save_training_checkpoint,
 )
@@ -178,6 +179,8 @@ def train(cfg: Config, *, allow_config_change: bool = False) -> dict[str, Any]:
                 )
                 nonfinite = 0
             distributed.print0(f"[repa] resuming from {ckpt_path} (step {start_step})")
+            if acc.is_main_process:  # a run killed between renaming its last checkpoint into place and pruning
+                prune_checkpoints(run_dir / "checkpoints", tc.keep_checkpoints)  # may have nothing left to save
             if resume.changes:
                 distributed.print0(f"[repa] config changed since {ckpt_path.name}: {'; '.join(map(str, resume.changes))} "
                                    f"(recorded in {run_dir / CHANGES_LOG})")  # fmt: skip
