@@ -50,3 +50,19 @@ def test_precision_line_says_what_runs_and_why(monkeypatch):
 def test_this_machine_is_described():
     info = hardware.cpu_bf16()
     assert isinstance(info.native, bool) and info.describe()
+
+
+def test_auto_precision_is_bf16_only_where_it_runs_natively(monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_bf16", lambda: hardware.parse_cpuinfo(ZEN3))
+    assert hardware.resolve_precision("auto", "cpu") == "no"
+    assert hardware.precision_line("auto", "cpu").startswith("precision: fp32 (train.mixed_precision=auto; AMD EPYC")
+    monkeypatch.setattr(hardware, "cpu_bf16", lambda: hardware.parse_cpuinfo(SAPPHIRE))
+    assert hardware.resolve_precision("auto", "cpu") == "bf16"
+    assert hardware.precision_line("auto", "cpu").startswith("precision: bf16 autocast (train.mixed_precision=auto;")
+    for explicit in ("no", "bf16", "fp16"):  # an explicit choice is kept, whatever the hardware
+        assert hardware.resolve_precision(explicit, "cpu") == explicit
+    monkeypatch.setattr(hardware.torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert hardware.resolve_precision("auto", "cuda") == "no"
+    monkeypatch.setattr(hardware.torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert hardware.resolve_precision("auto", "cuda") == "bf16"
+    assert hardware.precision_line("auto", "cuda") == "precision: bf16 autocast (train.mixed_precision=auto; cuda has bf16)"

@@ -55,7 +55,8 @@ class Job:
         evals = len(eval_steps(p))
         return load_config(self.config, [
             f"train.run_dir={self.run_dir}", f"train.seed={self.seed}", f"train.max_steps={p.steps}",
-            f"train.global_batch_size={p.batch_size}", f"optim.lr={p.lr}", f"train.checkpoint_every={p.eval_every}",
+            f"train.global_batch_size={p.batch_size}", f"optim.lr={p.lr}", f"train.mixed_precision={p.precision}",
+            f"train.checkpoint_every={p.eval_every}",
             f"train.keep_checkpoints={evals + 1}", f"train.sample_every={p.steps}", "train.progress=false",
             f"train.num_threads={p.threads}", f"data.num_train={'null' if p.num_train is None else p.num_train}",
             "sample.num_images=20", *([f"data.root={self.data_root}"] if self.data_root else []),

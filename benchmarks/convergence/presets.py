@@ -42,6 +42,7 @@ class Preset:
     eval_batch: int = 250
     probe_lr: float = 0.03
     lr: float = 3e-4  # training lr of every arm, fixed here so a change of configs/tiny.yaml's lr keeps the results
+    precision: str = "no"  # train.mixed_precision of every arm, fixed for the same reason (tiny.yaml says auto)
 
 
 PRESETS: dict[str, Preset] = {

@@ -14,6 +14,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 # /proc/cpuinfo flag -> the name people know it by
 _X86_BF16 = {"avx512_bf16": "AVX-512 BF16", "amx_bf16": "AMX-BF16"}
 _ARM_BF16 = {"bf16": "Arm BF16"}
@@ -68,8 +70,27 @@ def cpu_bf16() -> CpuBf16:
     return CpuBf16(False, (), platform.processor())
 
 
+def resolve_precision(mixed_precision: str, device_type: str) -> str:
+    """`train.mixed_precision` as it runs on this machine: "auto" becomes "bf16" where bf16 matmuls run natively
+    (a CUDA GPU that supports bf16, a CPU with bf16 instructions) and "no" (fp32) elsewhere; other values unchanged."""
+    if mixed_precision != "auto":
+        return mixed_precision
+    if device_type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if device_type == "cpu" and cpu_bf16().native else "no"
+
+
 def precision_line(mixed_precision: str, device_type: str) -> str:
     """One line for a run's start-up: the precision that runs and why (with advice where another would be faster)."""
+    if mixed_precision == "auto":
+        chosen = resolve_precision(mixed_precision, device_type)
+        what = "bf16 autocast" if chosen == "bf16" else "fp32"
+        why = (
+            cpu_bf16().describe()
+            if device_type == "cpu"
+            else f"{device_type} {'has' if chosen == 'bf16' else 'lacks'} bf16"
+        )
+        return f"precision: {what} (train.mixed_precision=auto; {why})"
     if device_type != "cpu":
         return f"precision: {'fp32' if mixed_precision == 'no' else mixed_precision + ' autocast'} on {device_type}"
     info = cpu_bf16()

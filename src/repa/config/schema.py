@@ -138,7 +138,8 @@ class TrainConfig:
     global_batch_size: int = 256
     grad_accum_steps: int = 1
     max_steps: int = 400_000
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # auto: bf16 where it runs natively (a CUDA GPU with bf16, a CPU with AVX-512 BF16 / AMX / Arm BF16), else fp32
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"
     allow_tf32: bool = True
     compile: bool = False
     # with compile: the share of activations the backward may keep (torch._functorch activation_memory_budget);
