@@ -17,7 +17,7 @@ from repa.analysis import alignment, collect_hidden_states, linear_probe
 from repa.analysis.run import encoder_features
 from repa.config import Config
 from repa.data.sources import fashion_mnist_images
-from repa.data.vae import load_vae
+from repa.data.vae import from_uint8, load_vae
 from repa.evaluation import InceptionDetector, balanced_labels, compute_activations, frechet_distance
 from repa.evaluation.reference import ReferenceStats, reference_stats
 from repa.generate import apply_sample_overrides, decoder_for, generate_batches, run_latent_norm
@@ -89,7 +89,7 @@ def save_fid_samples(path: Path, images: torch.Tensor, labels: torch.Tensor) -> 
 def model_inputs(loaded: Any, images: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
     """Clean inputs of uint8 images in the model's space: pixels / 127.5 - 1, or for latent arms the normalised
     posterior mean of the run's VAE (REPA-E: the checkpoint's tuned VAE with its BatchNorm's statistics)."""
-    x = images.float() / 127.5 - 1.0
+    x = from_uint8(images)
     spec = loaded.vae()
     if spec is None:
         return x

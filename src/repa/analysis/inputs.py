@@ -17,7 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from repa.data.sources import fashion_mnist_images, folder_images
-from repa.data.vae import VAE, load_vae
+from repa.data.vae import VAE, from_uint8, load_vae
 from repa.loading import LoadedModel
 
 
@@ -41,7 +41,7 @@ def _encode(vae: VAE, images: Tensor, batch_size: int, progress: bool) -> Tensor
     """uint8 images -> scaled VAE posterior means (the latents the model was trained on), on the CPU."""
     chunks = []
     for batch in tqdm(images.split(batch_size), desc="VAE encode", disable=not progress):
-        mean, _ = vae.encode_moments(batch.float() / 127.5 - 1.0)
+        mean, _ = vae.encode_moments(from_uint8(batch))
         chunks.append(vae.normalize(mean).cpu())
     return torch.cat(chunks)
 
@@ -82,7 +82,7 @@ def load_inputs(
         images, labels = folder_images(root, num, size * (vae_model.downsample if vae_model else 1), progress)
         if vae_model is not None:
             return Inputs(_encode(vae_model, images, batch_size, progress), labels, images)
-    x = images.float() / 127.5 - 1.0
+    x = from_uint8(images)
     if tuple(x.shape[1:]) != (c, size, size):
         raise ValueError(f"data of shape {tuple(x.shape[1:])} does not fit the model's input {(c, size, size)}")
     return Inputs(x, labels, images)

@@ -23,6 +23,7 @@ from repa.data.shard_writer import (
     write_manifest,
     write_shard,
 )
+from repa.data.vae import from_uint8
 
 StorageDtype = Literal["float32", "float16"]
 
@@ -167,7 +168,7 @@ def encode_images(
         tokens: list[list[torch.Tensor]] = [[] for _ in encoders]
         globs: list[list[torch.Tensor]] = [[] for _ in encoders]
         for view in views:
-            mean, std = vae.encode_moments(view.float() / 127.5 - 1.0)
+            mean, std = vae.encode_moments(from_uint8(view))
             means.append(mean.float().cpu())
             stds.append(std.float().cpu())
             for k, enc in enumerate(encoders):

@@ -163,6 +163,11 @@ class LatentNorm:
         return cls(scale=tuple(1.0 / float(s) for s in std), shift=tuple(float(m) for m in mean), source="dataset")
 
 
+def from_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float32 in [-1, 1] (x = image / 127.5 - 1: the pixel convention of training and encoding)."""
+    return images.float() / 127.5 - 1.0
+
+
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] float images (B, C, H, W) -> uint8, clamped and rounded (the one decoder of pixels to bytes)."""
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from repa.config import Config
 from repa.data.fashion_mnist import load_fashion_mnist
 from repa.data.sources import balanced_subset
-from repa.data.vae import load_vae, to_uint8
+from repa.data.vae import from_uint8, load_vae, to_uint8
 from repa.generate import save_grid
 from repa.training.data import InMemoryImages, load_train_images
 
@@ -51,7 +51,7 @@ class AutoencoderSettings:
 
 def _pixels(images: torch.Tensor, channels: int) -> torch.Tensor:
     """uint8 (B, C, H, W) -> float [-1, 1] with the VAE's channel count (grayscale repeated)."""
-    x = images.float() / 127.5 - 1.0
+    x = from_uint8(images)
     return x.expand(-1, channels, -1, -1) if x.shape[1] == 1 and channels != 1 else x
 
 

@@ -17,7 +17,7 @@ from repa.data.fashion_mnist import load_fashion_mnist
 from repa.data.folder import load_image_folder
 from repa.data.shards import LatentShards
 from repa.data.sources import balanced_subset, check_labels
-from repa.data.vae import LatentNorm, load_vae
+from repa.data.vae import LatentNorm, from_uint8, load_vae
 
 TargetSpec = tuple[str, int, tuple[int, int]]  # (encoder name, embed_dim, token grid)
 
@@ -102,7 +102,7 @@ class InMemoryImages:
             images = torch.where(flips[:, None, None, None], images.flip(-1), images)
         out = {
             "images": images.to(device),
-            "x": (images.to(device=device, dtype=torch.float32) / 127.5 - 1.0),
+            "x": from_uint8(images.to(device)),
             "y": self.labels[idx].to(device),
         }
         if self.targets:
@@ -162,7 +162,7 @@ def encode_images(data: InMemoryImages, vae_spec: str, hflip: bool, batch_size: 
     for flip in (False, True)[: 1 + hflip]:
         means, stds = [], []
         for batch in data.images.split(batch_size):
-            x = (batch.flip(-1) if flip else batch).float() / 127.5 - 1.0
+            x = from_uint8(batch.flip(-1) if flip else batch)
             m, s = vae.encode_moments(x.expand(-1, vae_c, -1, -1) if c == 1 else x)
             means.append(m)
             stds.append(s)

@@ -32,7 +32,7 @@ from repa import distributed
 from repa.config import Config
 from repa.data.shards import LatentShards
 from repa.data.tuned_vae import TunedVAE
-from repa.data.vae import load_vae
+from repa.data.vae import from_uint8, load_vae
 from repa.errors import brief
 from repa.losses import RepaLoss
 from repa.models import MODELS
@@ -94,7 +94,7 @@ class EncodedShards:
         self, idx: torch.Tensor, flips: torch.Tensor, device: torch.device, *, eps: torch.Tensor | None = None
     ) -> dict[str, Any]:
         out = self.shards.items(idx, flips, device)
-        out["pixels"] = out["images"].float() / 127.5 - 1.0
+        out["pixels"] = from_uint8(out["images"])
         return out
 
 
