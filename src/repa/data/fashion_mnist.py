@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import tempfile
 import urllib.request
 from pathlib import Path
 from typing import Literal
@@ -19,6 +18,7 @@ import torch
 
 from repa.assets import cache_dir
 from repa.errors import ReportedError
+from repa.fileio import atomic_file
 
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 SPLIT_SIZES = {"train": 60000, "test": 10000}
@@ -92,12 +92,9 @@ def _download(stem: str, dest: Path) -> Path:
         except OSError as e:
             errors.append(f"{base}: {e}")
             continue
-        fd, tmp = tempfile.mkstemp(dir=dest, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
         out = dest / f"{stem}.gz"
-        os.replace(tmp, out)
+        with atomic_file(out) as f:
+            f.write(data)
         return out
     raise OSError("; ".join(errors))
 

