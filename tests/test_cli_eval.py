@@ -59,7 +59,8 @@ def env(tmp_path_factory):
             over = [f"train.run_dir={base / name}", f"data.root={data}", "data.num_train=null", "model.hidden_size=32",
                     "model.depth=2", "model.num_heads=2", "model.align_depth=1", "model.projector_dim=32",
                     "train.global_batch_size=8", "train.max_steps=2", "train.sample_every=1000",
-                    "train.checkpoint_every=2", "train.progress=false", "sample.num_images=4", "sample.num_steps=2"]  # fmt: skip
+                    "train.checkpoint_every=2", "train.progress=false", "sample.num_images=4", "sample.num_steps=2",
+                    "train.mixed_precision=no"]  # fmt: skip
             train(load_config(ROOT / "configs" / preset, over))
             runs[name] = base / name
         yield {"base": base, "data": data, **runs}

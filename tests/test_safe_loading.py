@@ -226,7 +226,7 @@ def test_checkpoint_content_cannot_redirect_writes(tmp_path, monkeypatch, capsys
     over = [f"train.run_dir={run}", f"data.root={data}", "data.num_train=null", "model.hidden_size=32",
             "model.depth=2", "model.num_heads=2", "model.align_depth=1", "model.projector_dim=32",
             "train.global_batch_size=4", "train.max_steps=2", "train.checkpoint_every=1", "train.progress=false",
-            "train.sample_every=1000", "sample.num_images=2", "sample.num_steps=2"]  # fmt: skip
+            "train.sample_every=1000", "sample.num_images=2", "sample.num_steps=2", "train.mixed_precision=no"]  # fmt: skip
     train(load_config(ROOT / "configs" / "tiny.yaml", over))
     before = _files(tmp_path)
     state_file = run / "checkpoints" / "step_00000002" / "state.json"
