@@ -337,6 +337,7 @@ def test_end_to_end_on_latent_shards_encodes_their_stored_images(tmp_path):
         "repa.encoder_resolution=28", "repa.encoder_layer=null", "model.name=SiT-T/2", "model.hidden_size=32", "model.depth=2",
         "model.num_heads=2", "model.align_depth=1", "model.projector_dim=32", "train.global_batch_size=4",
         "train.max_steps=2", "train.log_every=1", "train.progress=false", "sample.num_images=2", "sample.num_steps=2",
+        "train.mixed_precision=no",
     ]  # fmt: skip
     import repa.data.shards as shards_module
 
