@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from repa import hardware
@@ -66,3 +69,14 @@ def test_auto_precision_is_bf16_only_where_it_runs_natively(monkeypatch):
     monkeypatch.setattr(hardware.torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert hardware.resolve_precision("auto", "cuda") == "bf16"
     assert hardware.precision_line("auto", "cuda") == "precision: bf16 autocast (train.mixed_precision=auto; cuda has bf16)"
+
+
+def test_the_accelerator_runs_what_auto_resolves_to():
+    """`make_accelerator("auto")` hands Accelerate the machine's choice (a subprocess: Accelerate's state is
+    process-wide, and the other tests run fp32)."""
+    code = ("from repa import distributed, hardware; acc = distributed.make_accelerator('auto', cpu=True); "
+            "print(acc.mixed_precision, hardware.resolve_precision('auto', 'cpu'))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ran, chosen = out.stdout.split()
+    assert ran == chosen and chosen in ("bf16", "no")

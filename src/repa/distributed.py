@@ -11,6 +11,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from repa.hardware import resolve_precision
+
 
 def make_accelerator(
     mixed_precision: str = "no",
@@ -23,7 +25,8 @@ def make_accelerator(
 
     One process, `torchrun`/`accelerate launch` multi-process, and multi-node launches all come through here;
     on CPU the process group uses gloo. Gradient accumulation is done by the loop (it needs exact control
-    of which micro-batch each rank sees), so Accelerate is told 1. `trackers` (`train.trackers`: "tensorboard",
+    of which micro-batch each rank sees), so Accelerate is told 1. `mixed_precision` "auto" becomes bf16 or "no" for
+    this machine (`repa.hardware.resolve_precision`). `trackers` (`train.trackers`: "tensorboard",
     "wandb") become Accelerate's `log_with`, writing under `project_dir`; none = no tracker (Accelerate's default).
     """
     from accelerate import Accelerator  # imported on use: loading it costs every `repa` command start-up time
@@ -31,6 +34,7 @@ def make_accelerator(
 
     if cpu is None:
         cpu = not torch.cuda.is_available()
+    mixed_precision = resolve_precision(mixed_precision, "cpu" if cpu else "cuda")  # "auto": what this machine runs
     ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=False)
     return Accelerator(
         mixed_precision=mixed_precision,

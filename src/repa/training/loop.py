@@ -23,7 +23,7 @@ from repa.checkpoint import (
 )
 from repa.config import Config, dump_config, to_dict, validate
 from repa.fileio import write_error_reason
-from repa.hardware import precision_line, resolve_precision
+from repa.hardware import precision_line
 from repa.losses import RepaLoss
 from repa.training import setup
 from repa.training.batches import GlobalOrder, MicroBatchPlan, step_draws
@@ -98,8 +98,7 @@ def train(cfg: Config, *, allow_config_change: bool = False) -> dict[str, Any]:
     tc = cfg.train
     run_dir = Path(tc.run_dir)
     check_installed(tc.trackers)  # Accelerate would silently drop a tracker whose package is missing
-    precision = resolve_precision(tc.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu")
-    acc = distributed.make_accelerator(precision, trackers=tc.trackers, project_dir=tracker_dir(run_dir))
+    acc = distributed.make_accelerator(tc.mixed_precision, trackers=tc.trackers, project_dir=tracker_dir(run_dir))
     world, rank, device = acc.num_processes, acc.process_index, acc.device
     if acc.distributed_type.name == "FSDP":  # Accelerate's plugin would wrap the model behind the loop's back
         raise ValueError("an Accelerate FSDP config launches this run: use a plain multi-GPU config (or torchrun) and "
