@@ -38,10 +38,12 @@ class TargetCacheMismatch(ReportedError, ValueError):
     exit_code = 9
 
 
-def images_fingerprint(images: torch.Tensor) -> str:
-    """SHA-1 (16 hex) of a uint8 image tensor's shape and bytes: identifies the exact image set and order."""
+def images_fingerprint(images: torch.Tensor, *extra: torch.Tensor) -> str:
+    """SHA-1 (16 hex) of a uint8 image tensor's shape and bytes, then of the `extra` tensors' bytes (labels):
+    identifies the exact image set and order."""
     h = hashlib.sha1(str(tuple(images.shape)).encode())
-    h.update(np.ascontiguousarray(images.cpu().numpy()).tobytes())
+    for t in (images, *extra):
+        h.update(np.ascontiguousarray(t.cpu().numpy()).tobytes())
     return h.hexdigest()[:16]
 
 
@@ -247,18 +249,18 @@ def build_target_cache(
     partial, note_path = Path(f"{path}.partial"), Path(f"{path}.partial.json")
     header = _header(meta, shape, global_shape)
     note = json.loads(note_path.read_text()) if note_path.exists() and partial.exists() else {}
-    itemsize = np.dtype(_ST_DTYPES[dtype][1]).itemsize
+    np_dtype, num_tokens = _ST_DTYPES[dtype][1], int(np.prod(shape))
+    num_values = num_tokens + int(np.prod(global_shape or 0))
     if note.get("meta") != meta or note.get("batch_size") != batch_size:
         note = {"meta": meta, "batch_size": batch_size, "done": 0}
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(partial, "wb") as f:
             f.write(header)
-            f.truncate(len(header) + (int(np.prod(shape)) + int(np.prod(global_shape or 0))) * itemsize)
-    out = np.memmap(partial, dtype=_ST_DTYPES[dtype][1], mode="r+", offset=len(header), shape=shape)
-    out_global = None
-    if global_shape is not None:
-        offset = len(header) + int(np.prod(shape)) * itemsize
-        out_global = np.memmap(partial, dtype=_ST_DTYPES[dtype][1], mode="r+", offset=offset, shape=global_shape)
+            f.truncate(len(header) + num_values * np.dtype(np_dtype).itemsize)
+    # the data region, mapped once: the patch tokens, then the global tokens (views of the same map)
+    values = np.memmap(partial, dtype=np_dtype, mode="r+", offset=len(header), shape=(num_values,))
+    out = values[:num_tokens].reshape(shape)
+    out_global = None if global_shape is None else values[num_tokens:].reshape(global_shape)
     device = next((b.device for b in encoder.buffers()), torch.device("cpu"))
     starts = [(fi, s) for fi in range(len(flips)) for s in range(0, len(images), batch_size)]
     bar = tqdm(total=len(flips) * len(images), desc=f"targets {encoder.name}", disable=not progress)
@@ -274,14 +276,12 @@ def build_target_cache(
         if out_global is not None:
             out_global[fi, s : s + len(x)] = stored_global.numpy()
         if time.monotonic() - last_flush > flush_seconds or j + 1 == len(starts):
-            out.flush()  # data first, then the note that claims it: a crash loses at most `flush_seconds` of work
-            if out_global is not None:
-                out_global.flush()
+            values.flush()  # data first, then the note that claims it: a crash loses at most `flush_seconds` of work
             write_text_atomic(note_path, json.dumps({**note, "done": j + 1}))
             last_flush = time.monotonic()
         bar.update(len(x))
     bar.close()
-    del out, out_global
+    del values, out, out_global
     fsync_file(partial)
     os.replace(partial, path)
     note_path.unlink(missing_ok=True)

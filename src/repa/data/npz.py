@@ -10,7 +10,6 @@ an object array is reported as `NpzError` naming the file (a ValueError, as call
 
 from __future__ import annotations
 
-import os
 import struct
 import zipfile
 import zlib
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from repa.errors import ReportedError
+from repa.fileio import atomic_file
 
 # what zipfile / numpy raise on a damaged archive or member (FileNotFoundError & co. already name the file)
 _DAMAGED = (zipfile.BadZipFile, zlib.error, EOFError, ValueError, NotImplementedError, struct.error, IndexError)
@@ -210,9 +210,7 @@ def save_samples(path: str | Path, images: np.ndarray | Sequence[np.ndarray], la
     for part in parts:
         if part.dtype != np.uint8 or part.ndim != 4 or part.shape[1:] != parts[0].shape[1:]:
             raise ValueError(f"images must be uint8 (N, H, W, C) of one shape, got {part.dtype} {part.shape}")
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with atomic_file(path, suffix=".npz") as out, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         with zf.open("arr_0.npy", "w", force_zip64=True) as f:
             shape = (sum(len(p) for p in parts), *parts[0].shape[1:])
             np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
@@ -222,4 +220,3 @@ def save_samples(path: str | Path, images: np.ndarray | Sequence[np.ndarray], la
         if labels is not None:
             with zf.open("arr_1.npy", "w") as f:
                 np.lib.format.write_array(f, np.asarray(labels, dtype=np.int64), allow_pickle=False)
-    os.replace(tmp, path)

@@ -28,7 +28,6 @@ versions) mean x = z * config.latent_scale.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from collections.abc import Sequence
@@ -217,14 +216,6 @@ class LatentShards:
     def encoder_names(self) -> list[str]:
         return [e["name"] for e in self.encoders]
 
-    def fingerprint(self) -> str:
-        """Identifies these shards' contents (hash of the per-file sha256 in the manifest)."""
-        h = hashlib.sha1()
-        for shard in self.manifest["shards"]:
-            for key in sorted(shard["files"]):
-                h.update(shard["files"][key]["sha256"].encode())
-        return h.hexdigest()[:16]
-
     def check_encoders(self, names: Sequence[str], resolution: int | None = None, layer: int | None = None) -> None:
         """Raise ValueError unless targets of exactly these encoders (at this resolution and layer) are stored."""
         want = [(n, resolution, layer) for n in names]
@@ -245,6 +236,7 @@ class LatentShards:
     def _gather(self, tensors: Sequence[torch.Tensor], idx: torch.Tensor, flips: torch.Tensor | None) -> torch.Tensor:
         """Items `idx` of per-shard tensors (K_s, F, ...) (version `flips`) -> (B, ...) float32, or of per-shard
         tensors (K_s, ...) with flips=None -> (B, ...) in their dtype."""
+        idx = torch.as_tensor(idx, dtype=torch.long).cpu()
         shard, local = self._locate(idx)
         rest = tensors[0].shape[1 if flips is None else 2 :]
         out = torch.empty((len(idx), *rest), dtype=tensors[0].dtype if flips is None else torch.float32)
@@ -263,14 +255,12 @@ class LatentShards:
 
     def moments(self, idx: torch.Tensor, flips: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior (mean, std) (B, C, h, w) float32 of items `idx` (of the mirrored image where `flips`)."""
-        idx = torch.as_tensor(idx, dtype=torch.long).cpu()
         f = self._flip_index(flips, len(idx))
         return (self._gather([s["mean"] for s in self._latents], idx, f),
                 self._gather([s["std"] for s in self._latents], idx, f))  # fmt: skip
 
     def targets(self, idx: torch.Tensor, flips: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Per encoder, the stored tokens (B, N, D) float32 of items `idx` (of the mirrored image where `flips`)."""
-        idx = torch.as_tensor(idx, dtype=torch.long).cpu()
         f = self._flip_index(flips, len(idx))
         return [self._gather([s[k] for s in self._tokens], idx, f) for k in range(len(self.encoders))]
 
@@ -286,14 +276,12 @@ class LatentShards:
         """The stored global tokens (B, D) float32 of encoder `encoder` for items `idx` (mirrored where `flips`)."""
         if self.encoders and not self.encoders[encoder].get("global_token"):
             raise ShardError(f"{self.root}: no global tokens stored for {self.encoders[encoder]['name']}")
-        idx = torch.as_tensor(idx, dtype=torch.long).cpu()
         return self._gather([s[encoder] for s in self._globals], idx, self._flip_index(flips, len(idx)))  # type: ignore[misc]
 
     def images(self, idx: torch.Tensor, flips: torch.Tensor | None = None) -> torch.Tensor:
         """The stored centre crops uint8 (B, 3, R, R) of items `idx`, mirrored where `flips` (`repa prepare --images`)."""
         if not self.has_images:
             raise ValueError(f"{self.root} holds no images: rerun `repa prepare --images` to run encoders online")
-        idx = torch.as_tensor(idx, dtype=torch.long).cpu()
         crops = self._gather(self._images, idx, None)
         if flips is not None and bool(torch.as_tensor(flips).any()):
             crops = torch.where(
@@ -325,7 +313,6 @@ class LatentShards:
             dict(x=(B, C, h, w) float32, y=(B,) int64, targets=[(B, N, D) float32 per encoder], images=uint8
             (B, 3, R, R)) on `device`; `targets` only when encoders were stored, `images` only with `--images`.
         """
-        idx = torch.as_tensor(idx, dtype=torch.long).cpu()
         mean, std = self.moments(idx, flips)
         if eps is None:
             g_dev = generator.device if generator is not None else torch.device("cpu")

@@ -142,17 +142,24 @@ class TunedVAE(AutoencoderGeometry):
         """A diffusers folder (`save_pretrained`) whose config's `latents_mean` / `latents_std` are the BatchNorm's
         running mean and sqrt(running_var + eps), with scaling_factor 1 (`LatentNorm.from_vae_config`'s rule:
         x = (z - latents_mean) * scaling_factor / latents_std, REPA-E's BatchNorm)."""
-        from diffusers import AutoencoderKL
-
-        config = {**_config_dict(self.vae), "scaling_factor": 1.0, "shift_factor": None,
-                  "latents_mean": self.bn.running_mean.double().tolist(), "latents_std": self.bn.std().double().tolist()}  # fmt: skip
-        if not all(math.isfinite(v) for v in config["latents_mean"] + config["latents_std"]):
+        mean, std = self.bn.running_mean.double().tolist(), self.bn.std().double().tolist()
+        if not all(math.isfinite(v) for v in mean + std):
             raise ValueError("the latent BatchNorm's running statistics are not finite: nothing to export")
-        exported = AutoencoderKL.from_config(config)
-        exported.load_state_dict(self.vae.state_dict(), strict=True)
-        out = Path(out)
-        exported.save_pretrained(str(out), safe_serialization=True)
-        return out
+        return save_with_latent_statistics(self.vae, out, mean, std)
+
+
+def save_with_latent_statistics(autoencoder: nn.Module, out: str | Path, mean: list[float], std: list[float]) -> Path:
+    """Write an AutoencoderKL as a diffusers folder (`save_pretrained`) whose config carries per-channel latent
+    statistics as `latents_mean` / `latents_std` with scaling_factor 1, so that `load_vae(out)` normalises x = (z -
+    mean) / std (`LatentNorm.from_vae_config`): REPA-E's exported VAE, `repa train-vae`'s."""
+    from diffusers import AutoencoderKL  # lazy: heavy, only latent runs need it
+
+    config = {**_config_dict(autoencoder), "scaling_factor": 1.0, "shift_factor": None, "latents_mean": mean,
+              "latents_std": std}  # fmt: skip
+    exported = AutoencoderKL.from_config(config)
+    exported.load_state_dict(autoencoder.state_dict(), strict=True)
+    exported.save_pretrained(str(out), safe_serialization=True)
+    return Path(out)
 
 
 def load_tuned_vae(path: str | Path, device: str | torch.device = "cpu") -> VAE:

@@ -314,11 +314,7 @@ class VAE(AutoencoderGeometry):
         """
         from diffusers import AutoencoderKL
 
-        config = dict(
-            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
-        )  # fmt: skip
-        config.update(overrides)
+        config = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, **_sd_layout((16, 32), 1, 8), **overrides}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             vae = AutoencoderKL(**config)

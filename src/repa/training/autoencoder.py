@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from repa.config import Config
-from repa.data.fashion_mnist import load_fashion_mnist
-from repa.data.sources import balanced_subset
+from repa.data.sources import fashion_mnist_images
+from repa.data.tuned_vae import save_with_latent_statistics
 from repa.data.vae import from_uint8, load_vae, to_uint8
 from repa.generate import save_grid
 from repa.training.data import InMemoryImages, load_train_images
@@ -59,9 +59,7 @@ def _held_out(cfg: Config, num: int) -> torch.Tensor | None:
     """The first `num` class-balanced test images of Fashion-MNIST (None for other data, or num = 0)."""
     if cfg.data.kind != "fashion-mnist" or num == 0:
         return None
-    images, labels = load_fashion_mnist("test", root=cfg.data.root)
-    keep = balanced_subset(torch.as_tensor(labels).long(), num, 10)
-    return torch.as_tensor(images)[keep][:, None].contiguous()
+    return fashion_mnist_images("test", num, cfg.data.root)[0]
 
 
 @torch.no_grad()
@@ -115,10 +113,9 @@ def train_autoencoder(cfg: Config, out: str | Path, settings: AutoencoderSetting
         raise ValueError("repa train-vae trains on images: use data.kind=fashion-mnist or folder, not latent shards")
     s = settings
     torch.manual_seed(s.seed)
-    ae = load_vae(cfg.data.vae).vae  # the AutoencoderKL inside the frozen wrapper
+    vae = load_vae(cfg.data.vae)
+    ae, channels, f = vae.vae, vae.in_channels, vae.downsample  # the AutoencoderKL inside the frozen wrapper
     ae.requires_grad_(True).train()
-    channels = int(ae.config.in_channels)
-    f = 2 ** (len(ae.config.block_out_channels) - 1)
     if data.images.shape[-1] % f or data.images.shape[-2] % f:
         raise ValueError(f"the VAE {cfg.data.vae} downsamples by {f}: {tuple(data.images.shape[-2:])} images do not "
                          "divide")  # fmt: skip
@@ -156,15 +153,9 @@ def train_autoencoder(cfg: Config, out: str | Path, settings: AutoencoderSetting
         "train_reconstruction": _reconstruction(ae, data.images[: s.eval_images or 1000], channels),
         "test_reconstruction": None if held_out is None else _reconstruction(ae, held_out, channels),
     }  # fmt: skip
-    from diffusers import AutoencoderKL
-
-    config = {k: v for k, v in dict(ae.config).items() if not k.startswith("_")}
-    config.update(scaling_factor=1.0, shift_factor=None, latents_mean=mean, latents_std=std)
-    written = AutoencoderKL.from_config(config)
-    written.load_state_dict(ae.state_dict(), strict=True)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    written.save_pretrained(str(tmp), safe_serialization=True)
+    save_with_latent_statistics(ae, tmp, mean, std)
     (tmp / "train_vae.json").write_text(json.dumps(summary, indent=1))
     shown = (held_out if held_out is not None else data.images)[:10]
     with torch.no_grad():

@@ -6,17 +6,16 @@ Three kinds follow the one protocol: `InMemoryImages` (pixel space; encoder targ
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import torch
 
 from repa.config import Config
-from repa.data.fashion_mnist import load_fashion_mnist
+from repa.data.features import images_fingerprint
 from repa.data.folder import load_image_folder
 from repa.data.shards import LatentShards
-from repa.data.sources import balanced_subset, check_labels
+from repa.data.sources import balanced_subset, check_labels, fashion_mnist_images
 from repa.data.vae import LatentNorm, from_uint8, load_vae
 
 TargetSpec = tuple[str, int, tuple[int, int]]  # (encoder name, embed_dim, token grid)
@@ -86,11 +85,7 @@ class InMemoryImages:
 
     def fingerprint(self) -> str:
         """Content hash (images + labels) identifying this exact training set for target caches."""
-        h = hashlib.sha1()
-        h.update(str(tuple(self.images.shape)).encode())
-        h.update(self.images.contiguous().numpy().tobytes())
-        h.update(self.labels.numpy().tobytes())
-        return h.hexdigest()[:16]
+        return images_fingerprint(self.images, self.labels)
 
     def batch(
         self, idx: torch.Tensor, flips: torch.Tensor, device: torch.device, *, eps: torch.Tensor | None = None
@@ -106,7 +101,7 @@ class InMemoryImages:
             "y": self.labels[idx].to(device),
         }
         if self.targets:
-            f = flips.long() if any(t.shape[0] > 1 for t in self.targets) else torch.zeros_like(flips, dtype=torch.long)
+            f = flips.long()  # clamped to 0 where the targets were cached without mirror images
             out["targets"] = [
                 t[f.clamp(max=t.shape[0] - 1), idx].to(device=device, dtype=torch.float32) for t in self.targets
             ]
@@ -158,18 +153,15 @@ def encode_images(data: InMemoryImages, vae_spec: str, hflip: bool, batch_size: 
     if c not in (1, vae_c) or h % f or w % f:
         raise ValueError(f"the VAE {vae_spec} encodes {vae_c}-channel images with sides divisible by {f}; the training "
                          f"images are {c}x{h}x{w}")  # fmt: skip
-    moments = []
+    means, stds = [], []  # per flip: (N, C, h, w)
     for flip in (False, True)[: 1 + hflip]:
-        means, stds = [], []
-        for batch in data.images.split(batch_size):
-            x = from_uint8(batch.flip(-1) if flip else batch)
-            m, s = vae.encode_moments(x.expand(-1, vae_c, -1, -1) if c == 1 else x)
-            means.append(m)
-            stds.append(s)
-        moments.append((torch.cat(means), torch.cat(stds)))
+        pixels = (from_uint8(batch.flip(-1) if flip else batch) for batch in data.images.split(batch_size))
+        m, s = zip(*(vae.encode_moments(x.expand(-1, vae_c, -1, -1) if c == 1 else x) for x in pixels))
+        means.append(torch.cat(m))
+        stds.append(torch.cat(s))
     return PrecomputedLatents(data.images, data.labels, data.num_classes, data.name, targets=data.targets,
-                         class_tokens=data.class_tokens, mean=torch.stack([m for m, _ in moments]),
-                         std=torch.stack([s for _, s in moments]), vae_spec=vae_spec, norm=vae.norm)  # fmt: skip
+                         class_tokens=data.class_tokens, mean=torch.stack(means), std=torch.stack(stds),
+                         vae_spec=vae_spec, norm=vae.norm)  # fmt: skip
 
 
 def load_train_images(cfg: Config) -> TrainingData:
@@ -177,14 +169,9 @@ def load_train_images(cfg: Config) -> TrainingData:
     d = cfg.data
     if d.kind == "latents":
         return load_latent_shards(cfg)
-    if d.kind == "fashion-mnist":
-        images, labels = load_fashion_mnist("train", root=d.root)
-        images = torch.as_tensor(images)
-        labels = torch.as_tensor(labels).long()
-        check_labels(labels, 10, f"fashion-mnist train labels (data.root={d.root})")  # before subsetting drops them
-        keep = balanced_subset(labels, d.num_train, 10)
-        data = InMemoryImages(images[keep][:, None].contiguous(), labels[keep], 10, "fashion-mnist")
-        return _in_space(cfg, data)
+    if d.kind == "fashion-mnist":  # the IDX reader refuses labels outside [0, 10) before the subset could drop them
+        images, labels = fashion_mnist_images("train", d.num_train, d.root)
+        return _in_space(cfg, InMemoryImages(images, labels, 10, "fashion-mnist"))
     if d.kind == "folder":
         if d.root is None:
             raise ValueError("data.kind=folder needs data.root (an ImageNet-layout folder of class subfolders)")

@@ -38,15 +38,10 @@ class EMA:
         keys = [k for k in dst if dst[k].is_floating_point()]
         return [dst[k] for k in keys], keys
 
-    def decay_at(self, step: int) -> float:
-        if self.warmup:
-            return min(self.decay, (1.0 + step) / (10.0 + step))
-        return self.decay
-
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         """shadow <- decay * shadow + (1 - decay) * params  (step = optimizer steps taken before this one)."""
-        decay = self.decay_at(step)
+        decay = min(self.decay, (1.0 + step) / (10.0 + step)) if self.warmup else self.decay
         params = dict(model.named_parameters())
         shadow, keys = self._pairs
         # FSDP: each rank averages its own shards (the model's and the shadow's are laid out alike)

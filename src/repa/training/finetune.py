@@ -94,6 +94,7 @@ def initialise_from(cfg: Config, model: nn.Module, path: Path, run_dir: Path) ->
         for k, v in copied.items():
             ours[k].copy_(v)
     fresh = sorted(set(ours) - set(copied))
+    fresh_modules = sorted({k.split(".")[0] for k in fresh})  # `projectors.0.0.weight` -> `projectors`
     dropped = sorted(set(report["dropped_keys"]) | {k for k in theirs if k not in ours})
     record = {"path": str(path.resolve()), "sha256": sha256_of(path) if distributed.is_main() else None,
               "format": report["format"], "source": report.get("source_format"), "fresh": fresh,
@@ -102,12 +103,7 @@ def initialise_from(cfg: Config, model: nn.Module, path: Path, run_dir: Path) ->
         write_json(record, run_dir / RECORD)
     distributed.print0(
         f"[repa] model.init_from: {len(copied)} tensors from {path} ({report['format']} conventions, sha256 "
-        f"{str(record['sha256'])[:12]}...); {len(fresh)} fresh ({', '.join(_groups(fresh)) or 'none'}); "
+        f"{str(record['sha256'])[:12]}...); {len(fresh)} fresh ({', '.join(fresh_modules) or 'none'}); "
         f"recorded in {run_dir / RECORD}"
     )
     return record
-
-
-def _groups(keys: list[str]) -> list[str]:
-    """`projectors.0.0.weight` -> `projectors`: the modules the fresh tensors belong to."""
-    return sorted({k.split(".")[0] for k in keys})

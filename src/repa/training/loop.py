@@ -266,12 +266,11 @@ def train(cfg: Config, *, allow_config_change: bool = False) -> dict[str, Any]:
                 )
             if done % tc.sample_every == 0 or done == tc.max_steps:
                 grid = run_dir / "samples" / f"step_{done:08d}.png"
-                if tc.fsdp:  # the sharded EMA model samples on every rank (each forward gathers); rank 0 writes
+                # FSDP: the sharded EMA model samples on every rank (each forward gathers); rank 0 writes
+                if tc.fsdp or acc.is_main_process:
                     with _reported_write(grid, "the sample grid", run_dir):
-                        setup.sample_grid(cfg, ema.model, data, grid if acc.is_main_process else None)
-                elif acc.is_main_process:
-                    with _reported_write(grid, "the sample grid", run_dir):
-                        setup.sample_grid(cfg, ema.model, data, grid, e2e and e2e.tuned.decode_to_uint8)
+                        setup.sample_grid(cfg, ema.model, data, grid if acc.is_main_process else None,
+                                          e2e and e2e.tuned.decode_to_uint8)  # fmt: skip
                 if acc.is_main_process:
                     trackers.log_grid(grid, done)
                 acc.wait_for_everyone()

@@ -76,11 +76,12 @@ def _show(value: Any) -> str:
     return "(absent)" if value is _ABSENT else json.dumps(value)
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts (a config's `to_dict`) as one dict of dotted keys (`train.max_steps`), in their order."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -97,7 +98,7 @@ def _normalised(stored: dict[str, Any]) -> dict[str, Any]:
 
 def diff_configs(old: dict[str, Any], new: dict[str, Any]) -> list[ConfigChange]:
     """The dotted keys whose values differ, in the order of the new config."""
-    a, b = _flatten(_normalised(old)), _flatten(new)
+    a, b = flatten(_normalised(old)), flatten(new)
     keys = [k for k in list(b) + [k for k in a if k not in b] if k not in IGNORED]
     return [
         ConfigChange(k, a.get(k, _ABSENT), b.get(k, _ABSENT)) for k in keys if a.get(k, _ABSENT) != b.get(k, _ABSENT)

@@ -21,6 +21,7 @@ from PIL import Image
 
 from repa.config import Config, ConfigError, to_dict
 from repa.config.validate import TRACKERS
+from repa.training.resume import flatten
 
 TRACKERS_DIR = "trackers"
 PROJECT = "repa"  # the W&B project unless WANDB_PROJECT names one; TensorBoard writes to trackers/<project>/
@@ -48,25 +49,13 @@ def tracker_dir(run_dir: str | Path) -> Path:
 
 def flat_config(cfg: Config) -> dict[str, Any]:
     """The config as dotted keys with scalar values (lists as JSON): TensorBoard's hparams take only scalars."""
-    out: dict[str, Any] = {}
-
-    def walk(d: dict[str, Any], prefix: str) -> None:
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            else:
-                out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, (list, tuple)) else v
-
-    walk(to_dict(cfg), "")
-    return out
+    return {k: json.dumps(v) if isinstance(v, (list, tuple)) else v for k, v in flatten(to_dict(cfg)).items()}
 
 
 def wandb_mode() -> str | None:
     """`WANDB_MODE` when set (wandb reads it itself: None), else offline without `WANDB_API_KEY` (no account needed),
     else wandb's default (online)."""
-    if os.environ.get("WANDB_MODE"):
-        return None
-    return None if os.environ.get("WANDB_API_KEY") else "offline"
+    return None if os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY") else "offline"
 
 
 def _wandb_kwargs(run_dir: Path) -> dict[str, Any]:
