@@ -9,6 +9,7 @@ is a test hook: the process SIGKILLs itself at that point of a checkpoint write 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -38,16 +39,12 @@ class CheckpointError(ReportedError, RuntimeError):
 
 
 def _fsync_dir(path: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):  # best effort: not every file system opens or fsyncs a folder
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _fault_point(point: str, step: int) -> None:
@@ -252,17 +249,13 @@ def check_writable(directory: str | Path) -> None:
     probe = directory / f".write_test_{os.getpid()}"
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        with open(probe, "wb") as f:
-            f.write(b"ok")
-            f.flush()
-            os.fsync(f.fileno())
+        probe.write_bytes(b"ok")
+        fsync_file(probe)
     except OSError as err:
         raise CheckpointError(f"run directory {directory} is not writable: {err.strerror or err}") from err
     finally:
-        try:
+        with contextlib.suppress(OSError):
             probe.unlink()
-        except OSError:
-            pass
 
 
 def read_checkpoint_state(path: str | Path) -> dict[str, Any]:

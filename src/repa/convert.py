@@ -82,9 +82,7 @@ def detect_format(state_dict: Mapping[str, Tensor], hints: Mapping[str, Any] | N
     c, c_out, _ = _channels(state_dict)
     args = dict(hints.get("args") or {})
     repa_args = any(k in args for k in ("proj_coeff", "enc_type", "encoder_depth"))  # official REPA train.py
-    if any(k.startswith("projectors.") for k in state_dict) or hints.get("source") == "repa" or repa_args:
-        return "repa"
-    if c_out == c:
+    if any(k.startswith("projectors.") for k in state_dict) or hints.get("source") == "repa" or repa_args or c_out == c:
         return "repa"
     if c_out != 2 * c:
         raise ValueError(f"final layer predicts {c_out} channels for {c} input channels: neither C nor 2C")

@@ -16,21 +16,14 @@ from typing import Any, BinaryIO
 from repa.errors import brief
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write a whole text file (UTF-8) or nothing: a temporary file beside it, then a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 @contextlib.contextmanager
 def atomic_file(dest: str | Path, suffix: str = "") -> Iterator[BinaryIO]:
-    """A binary file to write `dest` through: a temporary file beside it that replaces `dest` (mode 0644) when the
-    block ends, and is deleted if the block raises, so `dest` is never half-written."""
+    """A binary file to write `dest` through: a temporary file beside it (`.<name>.tmp-*`, hidden) that replaces
+    `dest` (mode 0644, whatever the umask) when the block ends, and is deleted if the block raises, so `dest` is
+    never half-written."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-", suffix=suffix)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.tmp-", suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -42,6 +35,12 @@ def atomic_file(dest: str | Path, suffix: str = "") -> Iterator[BinaryIO]:
         raise
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a whole text file (UTF-8) or nothing, through `atomic_file`."""
+    with atomic_file(path) as f:
+        f.write(text.encode("utf-8"))
+
+
 def fsync_file(path: str | Path) -> None:
     """Flush a written file's data to the disk (before the rename that publishes it)."""
     with open(path, "rb+") as f:
@@ -50,7 +49,6 @@ def fsync_file(path: str | Path) -> None:
 
 def write_json(obj: Any, path: str | Path, indent: int = 2) -> None:
     """Write any JSON-serialisable object (rows, metrics dicts) with indentation, atomically (temp file + rename)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(obj, indent=indent) + "\n")
 
 

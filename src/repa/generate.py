@@ -121,16 +121,6 @@ _VAE_DECODERS: dict[tuple[str, str, LatentNorm | None], Decoder] = {}
 NormSpec = LatentNorm | Mapping[str, Any] | str | Path | None
 
 
-def latent_norm_from(norm: NormSpec) -> LatentNorm | None:
-    """A `LatentNorm` from what a caller holds: itself, a manifest `latent_norm` entry (dict), or the folder (or
-    `manifest.json`) of `repa prepare` shards; None stays None (the VAE's own normalisation)."""
-    if norm is None or isinstance(norm, LatentNorm):
-        return norm
-    if isinstance(norm, Mapping):
-        return LatentNorm.from_json(norm)
-    return read_latent_norm(norm)
-
-
 def run_latent_norm(cfg: Config) -> LatentNorm | None:
     """The normalisation a latent run's data was made with: the manifest's of `data.root` for `data.kind=latents`
     when that folder is here, else None (decode with the VAE's own normalisation, which is the manifest's unless
@@ -150,12 +140,14 @@ def decoder_for(vae: str | None, device: torch.device | str = "cpu", norm: NormS
         vae: the VAE spec, or None for pixel-space models.
         device: where the VAE runs.
         norm: the latent normalisation x was made with, inverted before decoding: a `LatentNorm`, a manifest's
-            `latent_norm` entry, or a `repa prepare` folder (`LatentShards.latent_norm`, `run_latent_norm(cfg)`);
-            None = the VAE's own (SD-VAE: x / 0.18215, as before).
+            `latent_norm` entry (dict), or a `repa prepare` folder or its `manifest.json` (`LatentShards.latent_norm`,
+            `run_latent_norm(cfg)`); None = the VAE's own (SD-VAE: x / 0.18215, as before).
     """
     if vae is None:
         return to_uint8
-    latent_norm = latent_norm_from(norm)
+    latent_norm = LatentNorm.from_json(norm) if isinstance(norm, Mapping) else norm
+    if latent_norm is not None and not isinstance(latent_norm, LatentNorm):
+        latent_norm = read_latent_norm(latent_norm)
     key = (vae, str(device), latent_norm)
     if key not in _VAE_DECODERS:
         if (vae, str(device)) not in _VAES:

@@ -59,15 +59,21 @@ def load_model_weights(path: str | Path, prefer_ema: bool = True) -> tuple[dict[
     raise CheckpointError(f"{path}: unrecognised checkpoint layout (keys: {list(obj)[:8]})")
 
 
-def _read(source: str | Path | Mapping[str, Tensor], prefer_ema: bool) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def _read(
+    source: str | Path | Mapping[str, Tensor], prefer_ema: bool, format: Format | None, convert_sit: bool,
+    num_heads: int | None, align_depth: int | None,
+) -> tuple[dict[str, Tensor], dict[str, Any], Format, dict[str, Any]]:  # fmt: skip
+    """(state dict, info, convention, model kwargs) of a source, SiT weights in REPA's convention if `convert_sit`."""
     if isinstance(source, Mapping):
-        return dict(source), {"format": "state_dict", "ema": False}
-    state, info = load_model_weights(source, prefer_ema=prefer_ema)
-    return dict(state), {**info, "filename": Path(source).name}
-
-
-def _hints(info: Mapping[str, Any], fmt: str | None) -> dict[str, Any]:
-    return {"format": fmt, "filename": info.get("filename"), "source": info.get("format"), "args": info.get("args")}
+        state, info = dict(source), {"format": "state_dict", "ema": False}
+    else:
+        state, info = load_model_weights(source, prefer_ema=prefer_ema)
+        state, info = dict(state), {**info, "filename": Path(source).name}
+    hints = {"format": format, "filename": info.get("filename"), "source": info.get("format"), "args": info.get("args")}
+    fmt = detect_format(state, hints)
+    if fmt == "sit" and convert_sit:
+        state = sit_to_repa_state_dict(state)
+    return state, info, fmt, infer_model_kwargs(state, num_heads, align_depth=align_depth, info=info)
 
 
 def load_official(
@@ -98,11 +104,7 @@ def load_official(
         converted DiffusionTransformer or a SiTWrapper. info has `format` (the detected convention), `model_kwargs`
         and what `load_model_weights` reports.
     """
-    state, info = _read(source, prefer_ema)
-    fmt = detect_format(state, _hints(info, format))
-    if fmt == "sit" and sit == "convert":
-        state = sit_to_repa_state_dict(state)
-    kwargs = infer_model_kwargs(state, num_heads, align_depth=align_depth, info=info)
+    state, info, fmt, kwargs = _read(source, prefer_ema, format, sit == "convert", num_heads, align_depth)
     model = DiffusionTransformer(**kwargs)
     model.load_state_dict(state, strict=True)
     model.eval()
@@ -120,15 +122,13 @@ def load_for_finetuning(
     prefer_ema: bool = True,
     num_heads: int | None = None,
     class_dropout_prob: float = 0.1,
-    keep_projectors: bool = True,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """An official SiT/DiT (or REPA) checkpoint as a repa model with REPA projectors, ready for training.
 
     SiT weights are converted to REPA's convention (`sit_to_repa_state_dict`, C outputs); DiT weights stay a
     learned-Sigma DDPM model (train with `transport.diffusion=ddpm`). Backbone keys load strictly: a missing
     or unexpected backbone key is an error. Projectors are freshly initialised (the model's own init; seed the
-    global RNG first for reproducibility) unless the checkpoint has projectors of exactly these shapes and
-    `keep_projectors`.
+    global RNG first for reproducibility) unless the checkpoint has projectors of exactly these shapes.
 
     Args:
         source: file, repa checkpoint folder, or state dict.
@@ -139,26 +139,19 @@ def load_for_finetuning(
         prefer_ema: start from the EMA weights when present.
         num_heads: attention heads (default: inferred, see `load_official`).
         class_dropout_prob: label dropout for classifier-free guidance.
-        keep_projectors: reuse matching projectors of a REPA checkpoint.
 
     Returns:
         (model in train mode, report) with report keys `format`, `new_keys` (freshly initialised),
         `dropped_keys` (checkpoint projectors not used), `model_kwargs`.
     """
-    state, info = _read(source, prefer_ema)
-    fmt = detect_format(state, _hints(info, format))
-    if fmt == "sit":
-        state = sit_to_repa_state_dict(state)
-    kwargs = infer_model_kwargs(state, num_heads, align_depth=align_depth, info=info)
+    state, info, fmt, kwargs = _read(source, prefer_ema, format, True, num_heads, align_depth)
     kwargs.update(encoder_dims=[int(d) for d in encoder_dims], align_depth=align_depth, projector_dim=projector_dim,
                   class_dropout_prob=class_dropout_prob)  # fmt: skip
     model = DiffusionTransformer(**kwargs)
     own = model.state_dict()
     old_proj = {k: v for k, v in state.items() if k.startswith("projectors.")}
-    reuse = (
-        keep_projectors
-        and old_proj.keys() == {k for k in own if k.startswith("projectors.")}
-        and all(own[k].shape == v.shape for k, v in old_proj.items())
+    reuse = old_proj.keys() == {k for k in own if k.startswith("projectors.")} and all(
+        own[k].shape == v.shape for k, v in old_proj.items()
     )
     load = {k: v for k, v in state.items() if reuse or not k.startswith("projectors.")}
     try:

@@ -66,11 +66,6 @@ def model_joint_velocity_fn(model: nn.Module) -> JointVelocityFn:
     return fn
 
 
-def _check_cfg(cfg_scale: float, null_label: int | None) -> None:
-    if cfg_scale > 1.0 and null_label is None:
-        raise ValueError("cfg_scale > 1 needs null_label (the model's unconditional class, = num_classes)")
-
-
 def _use_cfg(t_cur: Tensor, cfg_scale: float, guidance_low: float, guidance_high: float) -> bool:
     return cfg_scale > 1.0 and guidance_low <= float(t_cur) <= guidance_high
 
@@ -106,10 +101,20 @@ def _guide(d: Tensor, use_cfg: bool, cfg_scale: float) -> Tensor:
     return d_uncond + cfg_scale * (d_cond - d_uncond)  # Ho & Salimans 2022, on all channels
 
 
-def _states(noise: Tensor, cls_noise: Tensor | None) -> list[Tensor]:
+def _setup(
+    noise: Tensor, cls_noise: Tensor | None, cfg_scale: float, cls_cfg_scale: float | None, null_label: int | None,
+    model_dtype: torch.dtype | None,
+) -> tuple[list[Tensor], list[float], torch.dtype]:  # fmt: skip
+    """What every sampler starts from: the float64 states [x] (or [x, cls] for REG), the guidance scale of each, and
+    the dtype of the model's inputs (default float32 for float64 noise, else noise.dtype)."""
+    if cfg_scale > 1.0 and null_label is None:
+        raise ValueError("cfg_scale > 1 needs null_label (the model's unconditional class, = num_classes)")
     if cls_noise is not None and (cls_noise.ndim != 2 or cls_noise.shape[0] != noise.shape[0]):
         raise ValueError(f"cls_noise must have shape ({noise.shape[0]}, D_enc), got {tuple(cls_noise.shape)}")
-    return [noise.to(torch.float64)] + ([] if cls_noise is None else [cls_noise.to(noise.device, torch.float64)])
+    xs = [noise.to(torch.float64)] + ([] if cls_noise is None else [cls_noise.to(noise.device, torch.float64)])
+    if model_dtype is None:
+        model_dtype = torch.float32 if noise.dtype == torch.float64 else noise.dtype
+    return xs, [cfg_scale, cfg_scale if cls_cfg_scale is None else cls_cfg_scale], model_dtype
 
 
 def _finish(xs: list[Tensor], return_class_token: bool) -> Tensor | tuple[Tensor, Tensor]:
@@ -118,12 +123,6 @@ def _finish(xs: list[Tensor], return_class_token: bool) -> Tensor | tuple[Tensor
             raise ValueError("return_class_token needs cls_noise (a REG model)")
         return xs[0], xs[1]
     return xs[0]
-
-
-def _model_dtype(noise: Tensor, model_dtype: torch.dtype | None) -> torch.dtype:
-    if model_dtype is not None:
-        return model_dtype
-    return torch.float32 if noise.dtype == torch.float64 else noise.dtype
 
 
 @torch.no_grad()
@@ -170,9 +169,7 @@ def euler_sampler(
     Returns:
         (B, C, H, W) float64 samples at t = 0 (and the (B, D_enc) class tokens with `return_class_token`).
     """
-    _check_cfg(cfg_scale, null_label)
-    scales = [cfg_scale, cfg_scale if cls_cfg_scale is None else cls_cfg_scale]
-    dtype = _model_dtype(noise, model_dtype)
+    xs_next, scales, dtype = _setup(noise, cls_noise, cfg_scale, cls_cfg_scale, null_label, model_dtype)
     if t_steps is None:
         t_steps = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64, device=noise.device)
     else:
@@ -180,7 +177,6 @@ def euler_sampler(
         if t_steps.ndim != 1 or len(t_steps) < 2 or not bool((t_steps[1:] < t_steps[:-1]).all()):
             raise ValueError("t_steps must be a strictly decreasing 1-D grid")
     num = len(t_steps) - 1
-    xs_next = _states(noise, cls_noise)
     for i in tqdm(range(num), disable=not progress, desc="ode"):
         t_cur, t_next = t_steps[i], t_steps[i + 1]
         xs_cur = xs_next
@@ -249,19 +245,16 @@ def euler_maruyama_sampler(
     Returns:
         (B, C, H, W) float64 samples at t = 0 (and the (B, D_enc) class tokens with `return_class_token`).
     """
-    _check_cfg(cfg_scale, null_label)
+    xs, scales, dtype = _setup(noise, cls_noise, cfg_scale, cls_cfg_scale, null_label, model_dtype)
     if num_steps < 2:
         raise ValueError("euler_maruyama_sampler needs num_steps >= 2")
     if eps is not None and len(eps) < num_steps - 1:
         raise ValueError(f"eps holds {len(eps)} noises, {num_steps - 1} are needed")
     if cls_noise is not None and eps is not None and (cls_eps is None or len(cls_eps) < num_steps - 1):
         raise ValueError(f"with eps and cls_noise, cls_eps must hold {num_steps - 1} class-token noises")
-    scales = [cfg_scale, cfg_scale if cls_cfg_scale is None else cls_cfg_scale]
     p = get_path(path)
-    dtype = _model_dtype(noise, model_dtype)
     t_steps = torch.linspace(1, last_step, num_steps, dtype=torch.float64, device=noise.device)
     t_steps = torch.cat([t_steps, torch.zeros(1, dtype=torch.float64, device=noise.device)])
-    xs = _states(noise, cls_noise)
     injected = [eps, cls_eps]
     for i in tqdm(range(num_steps), disable=not progress, desc="sde"):
         t_cur, t_next = t_steps[i], t_steps[i + 1]
@@ -343,12 +336,9 @@ def dopri5_sampler(
             "the dopri5 sampler needs torchdiffeq, which is not installed: run `pip install torchdiffeq` "
             "(or install repa with the `samplers` extra: pip install 'repa[samplers]')"
         ) from e
-    _check_cfg(cfg_scale, null_label)
+    xs, scales, dtype = _setup(noise, cls_noise, cfg_scale, cls_cfg_scale, null_label, model_dtype)
     if not (atol > 0 and rtol > 0):
         raise ValueError(f"dopri5 tolerances must be > 0, got atol={atol}, rtol={rtol}")
-    scales = [cfg_scale, cfg_scale if cls_cfg_scale is None else cls_cfg_scale]
-    dtype = _model_dtype(noise, model_dtype)
-    xs = _states(noise, cls_noise)
     nfe = 0
 
     def rhs(t: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:

@@ -19,6 +19,4 @@ def derive_seed(seed: int, *parts: int) -> int:
 
 def generator(seed: int, *parts: int) -> torch.Generator:
     """A CPU generator seeded with `derive_seed(seed, *parts)`."""
-    g = torch.Generator(device="cpu")
-    g.manual_seed(derive_seed(seed, *parts))
-    return g
+    return torch.Generator(device="cpu").manual_seed(derive_seed(seed, *parts))

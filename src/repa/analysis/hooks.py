@@ -69,8 +69,8 @@ def hidden_states(
     if pool not in ("mean", None):
         raise ValueError(f"pool must be 'mean' or None, got {pool!r}")
     batch = x.shape[0]
+    gen_device = x.device if generator is None else generator.device
     if noise is None:
-        gen_device = x.device if generator is None else generator.device
         noise = torch.randn(x.shape, generator=generator, device=gen_device).to(x)
     t_B = torch.as_tensor(t, dtype=x.dtype, device=x.device)
     if t_B.ndim == 0:
@@ -81,7 +81,6 @@ def hidden_states(
         dim = model.class_token_dim
         clean = torch.zeros(batch, dim, dtype=x.dtype, device=x.device) if class_token is None else class_token.to(x)
         if class_noise is None:
-            gen_device = x.device if generator is None else generator.device
             class_noise = torch.randn((batch, dim), generator=generator, device=gen_device)
         extra["cls_t"] = get_path(path).interpolate(clean, class_noise.to(x), t_B)
     y = _null_labels(model, batch, x.device) if y is None else y.to(x.device)

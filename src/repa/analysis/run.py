@@ -215,10 +215,6 @@ def default_encoder(
     return name, None if layer is None else int(layer), resolution or (r.encoder_resolution if same else 224), weights
 
 
-def _encoder_label(name: str, layer: int | None, resolution: int) -> str:
-    return f"{name}@{resolution}/{'final' if layer is None else f'l{layer}'}"
-
-
 def run_align(
     checkpoint: str | Path | LoadedModel,
     encoder: str | None = None,
@@ -278,7 +274,7 @@ def run_align(
                               spatial=target_spatial)  # fmt: skip
     feats = model_features(loaded, inputs.x, layer_list, parse_floats(times), batch_size, seed, progress,
                            spatial=layer_spatial)  # fmt: skip
-    label = _encoder_label(name, layer, resolution)
+    label = f"{name}@{resolution}/{'final' if layer is None else f'l{layer}'}"
     rows = alignment_table(feats, {label: target}, tuple(metric_list), k=k,  # type: ignore[arg-type]
                            outlier_quantile=outlier_quantile)  # fmt: skip
     meta = {**_meta(loaded), "encoder": label, "num": len(inputs.labels), "k": k, "split": split,

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from repa import encoders
 from repa.analysis.inputs import default_device
 from repa.analysis.report import write_csv, write_json
-from repa.analysis.spatial import cds, lds, rmsc
+from repa.analysis.spatial import _grid, cds, lds, rmsc
 from repa.data.sources import source_batches
 
 __all__ = ["SPATIAL", "SpatialMean", "encoder_features", "grid_scores", "long_rows", "ranked", "run_rank_encoders"]
@@ -37,10 +37,7 @@ def grid_scores(tokens_NTD: Tensor, grid_hw: tuple[int, int] | None = None) -> d
         tokens_NTD: (num_images, T, D) tokens on a row-major grid.
         grid_hw: the grid (square when None).
     """
-    t = tokens_NTD.shape[1] if tokens_NTD.ndim == 3 else 0
-    h, w = (math.isqrt(t), math.isqrt(t)) if grid_hw is None else (int(grid_hw[0]), int(grid_hw[1]))
-    if h * w != t:
-        raise ValueError(f"tokens of shape {tuple(tokens_NTD.shape)} are not a {h}x{w} grid; pass grid_hw")
+    h, w = _grid(tokens_NTD, grid_hw)
     span = h + w - 2  # the largest Manhattan distance on the grid
     return {
         "lds": lds(tokens_NTD, (h, w), far_dist=FAR_DIST) if span >= FAR_DIST else math.nan,

@@ -96,7 +96,6 @@ class EncoderClsDetector:
         resolution: the side images are resized to (224 in EDM2).
         device: where to run.
         resize: "torch" (EDM2's default) or "pil" (dgm-eval's reference).
-        hub_positions: resample DINOv2 position tables as the torch-hub models do (DINOv2 families only).
         **encoder_kwargs: forwarded to `load_encoder` (e.g. `weights=`).
     """
 
@@ -106,7 +105,6 @@ class EncoderClsDetector:
         resolution: int = FD_DINOV2_RESOLUTION,
         device: str | torch.device = "cpu",
         resize: str = "torch",
-        hub_positions: bool = True,
         **encoder_kwargs,
     ) -> None:
         if resize not in ("torch", "pil"):
@@ -122,7 +120,7 @@ class EncoderClsDetector:
         if getattr(encoder, "resolution", self.resolution) != self.resolution:
             raise ValueError(f"the encoder runs at {encoder.resolution} px but the detector resizes to {resolution}")
         family = getattr(encoder, "family", None)
-        if hub_positions and family in HUB_POSITION_INTERPOLATION:
+        if family in HUB_POSITION_INTERPOLATION:
             use_hub_position_interpolation(encoder.model, family)
         self.encoder = encoder.to(self.device).eval()
         name = getattr(encoder, "name", type(encoder).__name__)

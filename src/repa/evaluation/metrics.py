@@ -239,12 +239,9 @@ def inception_score(
     Returns:
         (mean, std) of the per-chunk scores.
     """
-    x = (
-        probs_or_logits.detach().cpu().double().numpy()
-        if isinstance(probs_or_logits, torch.Tensor)
-        else probs_or_logits
-    )
-    x = np.asarray(x, dtype=np.float64)
+    if isinstance(probs_or_logits, torch.Tensor):
+        probs_or_logits = probs_or_logits.detach().cpu().double().numpy()
+    x = np.asarray(probs_or_logits, dtype=np.float64)
     if logits:
         x = np.exp(x - x.max(axis=1, keepdims=True))
         x /= x.sum(axis=1, keepdims=True)

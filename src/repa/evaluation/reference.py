@@ -13,21 +13,21 @@ that reproduces it (`inception-2015-12-05/tf`, see `ADM_STATISTICS_DETECTOR`) an
 from __future__ import annotations
 
 import hashlib
-import io
-import os
 import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
-from repa.assets import cache_dir
+from repa.assets import cache_dir, update_digest
 from repa.data.npz import image_batches, npz_keys, num_images, read_npz_arrays, save_samples
 from repa.data.sources import FASHION_MNIST, fashion_mnist_images, fashion_split, source_batches
 from repa.evaluation.detectors import Detector
 from repa.evaluation.metrics import EvaluationInputError, check_gaussian
 from repa.evaluation.pipeline import compute_activations
+from repa.fileio import atomic_file
 from repa.generate import to_adm_nhwc
 
 # The detector whose features ADM's precomputed `mu`/`sigma` (pool_3) and `mu_s`/`sigma_s` describe: the 2015 TF
@@ -46,9 +46,7 @@ def uses_adm_statistics(detector_name: str) -> bool:
 def file_fingerprint(path: str | Path, extra: str = "") -> str:
     """BLAKE2b of a file's bytes plus `extra` (e.g. the detector name): the key of cached statistics."""
     h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
+    update_digest(h, path, 1 << 24)
     h.update(extra.encode())
     return h.hexdigest()
 
@@ -78,14 +76,15 @@ class ReferenceStats:
         """Where the statistics of `key` come from: "precomputed" or "images"."""
         return self.sources.get(key, self.source)
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path | BinaryIO, **extra: np.ndarray) -> None:
+        """An `.npz` of the statistics, pool features, sources and note (plus `extra` arrays); no pickle."""
         arrays = {"pool": self.pool, "source": np.array(self.source)}
         for key, (mu, sigma) in self.stats.items():
             arrays[f"mu_{key}"], arrays[f"sigma_{key}"] = mu, sigma
             arrays[f"source_{key}"] = np.array(self.source_of(key))
         if self.note:
             arrays["note"] = np.array(self.note)
-        np.savez(path, **arrays)
+        np.savez(path, **arrays, **extra)
 
     @classmethod
     def load(cls, path: str | Path) -> ReferenceStats:
@@ -204,10 +203,8 @@ def reference_statistics(
         warnings.warn(note, stacklevel=2)
     ref = ReferenceStats(stats, acts.pool, sources.get("pool", "images"), sources, note)
     if cache:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(f"{cached.stem}.{os.getpid()}.tmp.npz")
-        ref.save(tmp)
-        tmp.replace(cached)
+        with atomic_file(cached, suffix=".npz") as f:
+            ref.save(f)
     return ref
 
 
@@ -222,15 +219,8 @@ def is_stats_file(path: str | Path) -> bool:
 
 def save_reference(ref: ReferenceStats, path: str | Path, detector_name: str, source: str = "") -> None:
     """Write reference statistics (the `ReferenceStats.save` arrays) plus the detector's name and the source."""
-    buf = io.BytesIO()
-    ref.save(buf)
-    buf.seek(0)
-    with np.load(buf, allow_pickle=False) as data:
-        arrays = {k: data[k] for k in data.files}
-    arrays.update(detector=np.array(detector_name), reference=np.array(str(source)))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **arrays)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    ref.save(path, detector=np.array(detector_name), reference=np.array(str(source)))
 
 
 def load_reference(path: str | Path, detector_name: str | None = None) -> ReferenceStats:
