@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import PHASES, BenchConfig, StepRunner, parse_mode
 from benchmarks.step import TINY, add_ratios, markdown_table, summarize
+from repa.fileio import write_json
 
 DEFAULT_MODES = "official-like,ours-online,ours-online+compile,ours-cached,ours-cached+compile"
 DEFAULT_BATCH = {"SiT-B/2": 256, "SiT-XL/2": 64}  # XL/2 at 256 needs ~85 GB of bf16 activations in eager mode
@@ -93,10 +92,6 @@ def measure_mode(cfg: BenchConfig, mode: str, steps: int, warmup: int) -> dict[s
         _free(cfg.device)
 
 
-def _is_oom(err: BaseException) -> bool:
-    return "out of memory" in str(err).lower()
-
-
 def run(args: argparse.Namespace) -> int:
     """Sweep models x modes within the time budget; print one markdown table per model and write JSON."""
     import torch
@@ -112,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
         parse_mode(m)
     batches = _batches(args.batch, models, args.tiny)
     began = time.perf_counter()
-    record: dict[str, Any] = {"meta": {"torch": torch.__version__, "device": _device_name(args.device),
+    device = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else args.device
+    record: dict[str, Any] = {"meta": {"torch": torch.__version__, "device": device,
                                        "args": {k: v for k, v in vars(args).items() if not k.startswith("_")}},
                               "results": {}}  # fmt: skip
     for model in models:
@@ -130,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
                     raw = measure_mode(cfg, mode, args.steps, args.warmup)
                     break
                 except RuntimeError as err:
-                    if not _is_oom(err) or batch <= 8:
+                    if "out of memory" not in str(err).lower() or batch <= 8:
                         raise
                     notes.append(f"{mode}: batch {batch} ran out of memory, retried at {batch // 2}")
                     batch //= 2
@@ -153,17 +149,9 @@ def run(args: argparse.Namespace) -> int:
     record["meta"]["total_s"] = time.perf_counter() - began
     print(f"\n[bench-gpu] total {record['meta']['total_s']:.0f} s")
     if args.json:
-        Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+        write_json(record, args.json, indent=1)
         print(f"[bench-gpu] wrote {args.json}")
     return 0
-
-
-def _device_name(device: str) -> str:
-    import torch
-
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.device(device))
-    return device
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import multiprocessing
 import os
 import platform
@@ -27,6 +26,7 @@ from typing import Any
 
 from benchmarks.common import temporary_environ
 from benchmarks.harness import PHASE_HELP, PHASES, BenchConfig, median_phases, parse_mode
+from repa.fileio import write_json
 from repa.hardware import cpu_bf16
 
 DEFAULT_MODES = "official-like,ours-online,ours-cached,vanilla"
@@ -94,8 +94,7 @@ def run(args: argparse.Namespace) -> int:
     record["meta"]["loadavg_end"] = _loadavg()
     record["meta"]["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+        write_json(record, args.json, indent=1)
         print(f"[bench] wrote {args.json}")
     return 0
 
@@ -146,19 +145,11 @@ def measure(
     warmup: int,
     schedule: str,
     gemm_reps: int = 3,
-    verbose: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """Raw measurements per mode: describe() facts, per-step rows, per-step GEMM rates, peak memory, final loss."""
     ctx = multiprocessing.get_context("spawn")
     chunk = steps if cfg.device.startswith("cuda") else 1  # GPU: no sync between measured steps
     out: dict[str, dict[str, Any]] = {}
-
-    def collect(w: _Worker, n: int, record: bool) -> None:
-        res = w.run(n, gemm=record)
-        if record:
-            out[w.mode]["rows"] += res["rows"]
-            out[w.mode]["gemm"].append(res["gemm"])
-
     groups = [modes] if schedule == "interleaved" else [[m] for m in modes]
     for group in groups:
         workers = [_Worker(ctx, cfg, m, gemm_reps) for m in group]
@@ -167,15 +158,16 @@ def measure(
                 out[w.mode] = {"describe": w.recv(), "rows": [], "gemm": []}
             rounds = warmup + (steps + chunk - 1) // chunk
             for rnd in range(rounds):
-                k = rnd % len(workers)
+                k, record = rnd % len(workers), rnd >= warmup
                 for w in workers[k:] + workers[:k]:  # rotate the order so no mode always follows another
-                    record = rnd >= warmup
-                    collect(w, chunk if record else 1, record)
-                if verbose:
-                    last = ", ".join(f"{w.mode} {out[w.mode]['rows'][-1]['wall']['total']:.2f}s"
-                                     for w in workers if out[w.mode]["rows"])  # fmt: skip
-                    print(f"[bench]   round {rnd + 1}/{rounds} ({'measured' if rnd >= warmup else 'warm-up'})"
-                          + (f": {last}" if rnd >= warmup else ""), flush=True)  # fmt: skip
+                    res = w.run(chunk if record else 1, gemm=record)
+                    if record:
+                        out[w.mode]["rows"] += res["rows"]
+                        out[w.mode]["gemm"].append(res["gemm"])
+                last = ", ".join(f"{w.mode} {out[w.mode]['rows'][-1]['wall']['total']:.2f}s"
+                                 for w in workers if out[w.mode]["rows"])  # fmt: skip
+                print(f"[bench]   round {rnd + 1}/{rounds} ({'measured' if record else 'warm-up'})"
+                      + (f": {last}" if record else ""), flush=True)  # fmt: skip
             for w in workers:
                 out[w.mode].update(w.finish())
         finally:
@@ -305,12 +297,6 @@ def _loadavg() -> list[float]:
 def _meta(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    cpu = ""
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                   if ln.startswith("model name"))  # fmt: skip
-    except (OSError, StopIteration):
-        pass
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 timeout=10).stdout.strip()  # fmt: skip
@@ -324,7 +310,7 @@ def _meta(args: argparse.Namespace) -> dict[str, Any]:
         "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "cpu": cpu,
+        "cpu": cpu_bf16().cpu,
         "cpu_bf16": cpu_bf16().describe(),
         "cpu_count": os.cpu_count(),
         "loadavg_start": _loadavg(),

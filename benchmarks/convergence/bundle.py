@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 
 from benchmarks.common import temporary_environ
 from benchmarks.convergence import deferred
@@ -43,7 +43,8 @@ from repa.config import Config, dump_config, load_config, to_dict
 from repa.data.fashion_mnist import load_fashion_mnist
 from repa.data.sources import balanced_subset
 from repa.encoders import ENCODERS
-from repa.encoders.focus import _RENAME, build_focus_model, focus_weights
+from repa.encoders.focus import _RENAME, _rename, build_focus_model, focus_weights
+from repa.fileio import atomic_file
 
 MANIFEST = "bundle.json"
 DATA = "fashion-mnist"
@@ -139,11 +140,7 @@ def installed_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if set(state) == expected:
         return state
     for table in (_RENAME, {new: old for old, new in _RENAME.items()}):
-        renamed = {}
-        for key, value in state.items():
-            for old, new in table.items():
-                key = key.replace(f".{old}.", f".{new}.")
-            renamed[key] = value
+        renamed = {_rename(key, table): value for key, value in state.items()}
         if set(renamed) == expected:
             return renamed
     missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
@@ -162,11 +159,9 @@ def restore_encoder(bundle: Path, name: str, entry: dict[str, Any], cache: Path)
         state[key] = torch.zeros(shape, dtype=getattr(torch, dtype))
     if ENCODERS[name].family == "focus":
         state = installed_names(state)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     meta = {"source": f"repa convergence bundle ({entry['file']}, float16)", "zeroed_blocks_after": str(entry["layer"])}
-    save_file(state, str(tmp), metadata=meta)
-    tmp.replace(out)
+    with atomic_file(out) as f:
+        f.write(save(state, metadata=meta))
     return out
 
 
@@ -245,12 +240,6 @@ def read_manifest(bundle: Path, verify: bool = True) -> dict[str, Any]:
         if not p.is_file() or p.stat().st_size != f["bytes"] or sha256_file(p) != f["sha256"]:
             raise ValueError(f"{p} is missing or differs from {path}: rebuild or recopy the bundle")
     return manifest
-
-
-def manifest_preset(manifest: dict[str, Any]) -> Preset:
-    values = dict(manifest["preset"])
-    values["seeds"] = tuple(values["seeds"])
-    return Preset(**values)
 
 
 def check_covers(manifest: dict[str, Any], preset: Preset, cfgs: Sequence[Config]) -> None:

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 from benchmarks.convergence import deferred
-from benchmarks.convergence.bundle import DATA, build_bundle, manifest_preset, read_manifest, run_from_bundle
+from benchmarks.convergence.bundle import DATA, build_bundle, read_manifest, run_from_bundle
 from benchmarks.convergence.estimate import estimate
 from benchmarks.convergence.jobs import run_benchmark
-from benchmarks.convergence.presets import PRESETS, ROOT, Preset, parse_ablations
+from benchmarks.convergence.presets import PRESETS, ROOT, Preset, parse_ablations, preset_from_dict
 from benchmarks.convergence.timing import time_arms
 
 DESCRIPTION = (
@@ -109,7 +109,7 @@ def _from_bundle(args: argparse.Namespace, command: str) -> int:
                          "--estimate, --bundle)")  # fmt: skip
     bundle = Path(args.from_bundle)
     manifest = read_manifest(bundle, verify=False)  # `run_from_bundle` verifies every file
-    preset = resolve_preset(args, base=manifest_preset(manifest))
+    preset = resolve_preset(args, base=preset_from_dict(manifest["preset"]))
     name = args.preset or manifest["preset_name"]
     out = Path(args.out or f"runs/bench-convergence-{name}-offline")
     run_from_bundle(bundle, preset, out=out, overrides=args.overrides, ablations=parse_ablations(args.ablate),
@@ -120,9 +120,7 @@ def _from_bundle(args: argparse.Namespace, command: str) -> int:
 def _score(args: argparse.Namespace, command: str) -> int:
     """`--score-samples DIR`: FID of a packed deferred run, then the report."""
     src = Path(args.score_samples)
-    data_root = args.data_root
-    if args.from_bundle:
-        data_root = str(Path(args.from_bundle) / DATA)
+    data_root = str(Path(args.from_bundle) / DATA) if args.from_bundle else args.data_root
     desc = json.loads((src / deferred.DESCRIPTION).read_text())
     out = Path(args.out or f"runs/bench-convergence-{desc['preset_name']}-scored")
     deferred.score(src, out, data_root=data_root, threads=args.threads, command=command)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -29,22 +28,17 @@ import numpy as np
 import torch
 
 from benchmarks.convergence import evaluate
-from benchmarks.convergence.presets import Preset, preset_name
+from benchmarks.convergence.presets import Preset, preset_from_dict, preset_name
 from benchmarks.convergence.report import write_results
 from repa.config import Config, from_dict, to_dict
 from repa.data.sources import fashion_mnist_images
+from repa.fileio import atomic_file, write_json
 
 DESCRIPTION = "deferred.json"
 PACK_DIR = "deferred"
 PACK_BYTES = 15 * 2**20  # raw sample bytes per pack file: under the device's 16 MiB per returned file uncompressed
 MAX_FILES = 8  # the device returns at most 8 files (the script adds its log)
 VERSION = 1
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    tmp.replace(path)
 
 
 def reference_fingerprint(num: int, root: str | None) -> str:
@@ -61,25 +55,25 @@ def write_description(out: Path, *, preset: Preset, arms: list[str], layers: tup
     extra = {}
     if old.is_file():  # a resumed run keeps what `run_from_bundle` recorded
         extra = {k: v for k, v in json.loads(old.read_text()).items() if k in ("bundle",)}
-    _write_json(old, {
+    write_json({
         "version": VERSION, "preset_name": preset_name(preset), "preset": dataclasses.asdict(preset), "arms": arms,
         "layers": list(layers), "base_depth": base_depth, "depths": depths, "command": command,
         "config": to_dict(config), "wall_s": wall_s, "started": time.time(), **extra,
-    })  # fmt: skip
+    }, old, indent=1)  # fmt: skip
 
 
 def note(out: Path, **values: Any) -> None:
     """Add keys to `<out>/deferred.json` (e.g. the bundle's fingerprints)."""
     path = out / DESCRIPTION
     desc = json.loads(path.read_text()) if path.is_file() else {}
-    _write_json(path, {**desc, **values})
+    write_json({**desc, **values}, path, indent=1)
 
 
 def finish_description(out: Path, wall_s: float) -> dict[str, Any]:
     """Record the finished run's wall time; returns the description."""
     desc = json.loads((out / DESCRIPTION).read_text())
     desc["wall_s"] = wall_s
-    _write_json(out / DESCRIPTION, desc)
+    write_json(desc, out / DESCRIPTION, indent=1)
     print(f"[convergence] FID deferred: samples of every evaluation saved ({wall_s / 60:.1f} min); finish with "
           f"`python -m benchmarks.convergence --score-samples {out / PACK_DIR}`", flush=True)  # fmt: skip
     return desc
@@ -143,13 +137,12 @@ def pack(out: Path, dest: Path | None = None) -> list[Path]:
                 rows.append({**row, "samples": [name, key]})
             keys = [k for k in content if not k.endswith("_labels")]
             if previous.get(name) != keys or not (dest / name).is_file():
-                tmp = dest / f".{name}.tmp.npz"
-                np.savez_compressed(tmp, **content)
-                tmp.replace(dest / name)
+                with atomic_file(dest / name) as f:
+                    np.savez_compressed(f, **content)
             files.append(dest / name)
     for stale in set(dest.glob("samples-*.npz")) - set(files):
         stale.unlink()
-    _write_json(dest / DESCRIPTION, {**desc, "rows": rows})
+    write_json({**desc, "rows": rows}, dest / DESCRIPTION, indent=1)
     sizes = [f.stat().st_size for f in files]
     print(f"[convergence] packed {len(rows)} evaluations into {dest}: {DESCRIPTION} + {len(files)} sample file(s), "
           f"{sum(sizes) / 2**20:.1f} MiB (largest {max(sizes, default=0) / 2**20:.1f} MiB)", flush=True)  # fmt: skip
@@ -157,12 +150,6 @@ def pack(out: Path, dest: Path | None = None) -> list[Path]:
         print(f"[convergence] WARNING: a device run returns at most {MAX_FILES} files of 16 MiB (with its log); "
               "this pack does not fit", flush=True)  # fmt: skip
     return [dest / DESCRIPTION, *files]
-
-
-def _preset(desc: dict[str, Any]) -> Preset:
-    values = dict(desc["preset"])
-    values["seeds"] = tuple(values["seeds"])
-    return Preset(**values)
 
 
 def score(src: Path, out: Path, data_root: str | None = None, device: str | None = None, threads: int | None = None,
@@ -183,7 +170,7 @@ def score(src: Path, out: Path, data_root: str | None = None, device: str | None
     desc = json.loads((src / DESCRIPTION).read_text())
     if desc.get("version") != VERSION or "rows" not in desc:
         raise ValueError(f"{src / DESCRIPTION} is not a packed deferred run (write it with a --from-bundle run)")
-    p = _preset(desc)
+    p = preset_from_dict(desc["preset"])
     want = desc.get("bundle", {}).get("fid_reference_sha256")
     if want and reference_fingerprint(p.fid_reference, data_root) != want:
         raise ValueError(f"the FID reference images ({p.fid_reference} test images under {data_root or 'the default search'}) "
@@ -209,18 +196,16 @@ def score(src: Path, out: Path, data_root: str | None = None, device: str | None
                 with np.load(src / name) as z:
                     images = torch.from_numpy(z[key])
                 row["fid"] = evaluate.sample_fid(detector, images.split(p.eval_batch), len(images), mu, sigma)
-                _write_json(cached, {"fid": row["fid"], "samples": packed["samples"]})
+                write_json({"fid": row["fid"], "samples": packed["samples"]}, cached, indent=1)
                 print(f"[convergence] scored {i + 1}/{len(desc['rows'])}: {row['arm']} seed {row['seed']} step "
                       f"{row['step']}: FID {row['fid']:.2f} ({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
             rows.append(row)
     finally:
         torch.set_num_threads(saved)
-    d0 = desc["base_depth"]
-    rows = [{**r, "probe_acc": r[f"probe_acc_l{d0}"], "cknna": r[f"cknna_l{d0}"]} for r in rows]
     if desc.get("unfinished"):
         print("[convergence] note: the deferred run did not finish; the report covers its finished evaluations",
               flush=True)  # fmt: skip
     cmd = " ; ".join(c for c in (desc["command"], command) if c)
-    meta = {"preset": p, "layers": tuple(desc["layers"]), "base_depth": d0, "depths": desc["depths"], "command": cmd,
-            "wall_s": desc["wall_s"], "config": from_dict(desc["config"])}  # fmt: skip
+    meta = {"preset": p, "layers": tuple(desc["layers"]), "base_depth": desc["base_depth"], "depths": desc["depths"],
+            "command": cmd, "wall_s": desc["wall_s"], "config": from_dict(desc["config"])}  # fmt: skip
     return write_results(rows, desc["arms"], out, meta)

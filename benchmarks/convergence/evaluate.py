@@ -3,7 +3,6 @@ pooled hidden states (per alignment block), all through library code."""
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,6 +19,7 @@ from repa.data.sources import fashion_mnist_images
 from repa.data.vae import from_uint8, load_vae
 from repa.evaluation import InceptionDetector, balanced_labels, compute_activations, frechet_distance
 from repa.evaluation.reference import ReferenceStats, reference_stats
+from repa.fileio import atomic_file
 from repa.generate import apply_sample_overrides, decoder_for, generate_batches, run_latent_norm
 from repa.loading import load_model
 
@@ -65,9 +65,8 @@ def prepare_shared(out: Path, cfg: Config, preset: Preset, data_root: str | None
         "probe_test_images": test_images, "probe_test_labels": test_labels,
         "align_targets": cknna_targets(cfg, test_images, device),
     })  # fmt: skip
-    tmp = path.with_suffix(".tmp")
-    torch.save(shared, tmp)
-    tmp.replace(path)
+    with atomic_file(path) as f:
+        torch.save(shared, f)
 
 
 def sample_fid(detector, batches: Iterable[torch.Tensor], num: int, mu: np.ndarray, sigma: np.ndarray) -> float:
@@ -80,10 +79,8 @@ def sample_fid(detector, batches: Iterable[torch.Tensor], num: int, mu: np.ndarr
 
 def save_fid_samples(path: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
     """Write the FID samples of one checkpoint (uint8 (N, C, H, W) and labels) atomically, for deferred scoring."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, images=images.numpy(), labels=labels.numpy())
-    tmp.replace(path)
+    with atomic_file(path) as f:
+        np.savez(f, images=images.numpy(), labels=labels.numpy())
 
 
 def model_inputs(loaded: Any, images: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:

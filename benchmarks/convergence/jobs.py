@@ -23,6 +23,7 @@ from benchmarks.convergence.presets import REPA, VANILLA, Arm, Preset, device_of
 from benchmarks.convergence.report import read_step_times, write_results
 from repa.checkpoint import list_checkpoints
 from repa.config import Config, load_config
+from repa.fileio import write_json
 from repa.training import train
 from repa.training.data import load_train_images
 from repa.training.setup import plan_targets, prepare_targets
@@ -102,10 +103,7 @@ def run_job(job: Job) -> list[dict[str, Any]]:
                    **evaluate.evaluate_checkpoint(ckpts[step], job.preset, job.layers, shared, detector,
                                                   samples_out=samples)}  # fmt: skip
             row.update(_logged(job.run_dir, step))
-            out.parent.mkdir(exist_ok=True)
-            tmp = out.with_suffix(".tmp")  # written after the samples: a finished evaluation has both
-            tmp.write_text(json.dumps(row, indent=1) + "\n")
-            tmp.replace(out)
+            write_json(row, out, indent=1)  # written after the samples: a finished evaluation has both
             fid = "deferred" if row["fid"] is None else f"{row['fid']:.2f}"
             probe = ", ".join(f"block {k} {row[f'probe_acc_l{k}']:.3f}" for k in job.layers)
             print(f"[convergence] {job.run_dir.name} step {step}: FID {fid}, probe {probe}, "
@@ -130,8 +128,7 @@ def _check_out(out: Path, key: dict[str, Any]) -> None:
         if old != key:
             raise ValueError(f"{out} holds a benchmark with other settings ({meta}); pass a new --out")
     else:
-        out.mkdir(parents=True, exist_ok=True)
-        meta.write_text(json.dumps(key, indent=1) + "\n")
+        write_json(key, meta, indent=1)
 
 
 def run_benchmark(preset: Preset, *, out: Path, config: str, overrides: Sequence[str] = (),
@@ -168,17 +165,17 @@ def run_benchmark(preset: Preset, *, out: Path, config: str, overrides: Sequence
     if rows_from is not None:
         import_rows(Path(rows_from), jobs)
     t0, threads = time.perf_counter(), torch.get_num_threads()
+    meta = {"preset": preset, "layers": layers, "base_depth": base_depth, "depths": depths, "command": command,
+            "config": probe.train_config()}  # fmt: skip
     if report_only:
-        return _report_finished(jobs, arms, out, base_depth, depths, command, probe.train_config())
+        return _report_finished(jobs, arms, out, meta)
     if defer_fid:
         from benchmarks.convergence import deferred
 
-        deferred.write_description(out, preset=preset, arms=[a.name for a in arms], layers=layers,
-                                   base_depth=base_depth, depths=depths, command=command,
-                                   config=probe.train_config(), wall_s=None)  # fmt: skip
+        deferred.write_description(out, arms=[a.name for a in arms], wall_s=None, **meta)
     try:
         torch.set_num_threads(max(1, preset.threads * preset.workers))
-        evaluate.prepare_shared(out, probe.train_config(), preset, data_root, fid=not defer_fid)
+        evaluate.prepare_shared(out, meta["config"], preset, data_root, fid=not defer_fid)
         results = _run_jobs(jobs, preset, after_job=(lambda: deferred.pack(out)) if defer_fid else None)
     finally:
         torch.set_num_threads(threads)
@@ -186,17 +183,15 @@ def run_benchmark(preset: Preset, *, out: Path, config: str, overrides: Sequence
         desc = deferred.finish_description(out, wall_s=time.perf_counter() - t0)
         deferred.pack(out)
         return desc
-    meta = {"preset": preset, "layers": layers, "base_depth": base_depth, "depths": depths, "command": command,
-            "wall_s": time.perf_counter() - t0, "config": probe.train_config()}  # fmt: skip
-    return _write_report(results, arms, out, meta)
+    return _write_report(results, arms, out, {**meta, "wall_s": time.perf_counter() - t0})
 
 
 def _write_report(results: Sequence[list[dict[str, Any]]], arms: Sequence[Arm], out: Path,
                   meta: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
-    """`write_results` over the arms that have rows, each row with its probe and CKNNA at the base block."""
-    d0, meta = meta["base_depth"], {**meta, "step_times": read_step_times(out)}
-    rows = [{**r, "probe_acc": r[f"probe_acc_l{d0}"], "cknna": r[f"cknna_l{d0}"]} for res in results for r in res]
-    return write_results(rows, [a.name for a in arms if any(r["arm"] == a.name for r in rows)], out, meta)
+    """`write_results` over the arms that have rows, with the s/step of `--time-steps` where it was run."""
+    rows = [r for res in results for r in res]
+    arms_with_rows = [a.name for a in arms if any(r["arm"] == a.name for r in rows)]
+    return write_results(rows, arms_with_rows, out, {**meta, "step_times": read_step_times(out)})
 
 
 def finished_rows(job: Job) -> list[dict[str, Any]] | None:
@@ -213,7 +208,7 @@ def import_rows(path: Path, jobs: Sequence[Job]) -> list[str]:
         raise FileNotFoundError(f"{path}: no results.csv to import rows from")
     with open(path, newline="") as f:
         table = list(csv.DictReader(f))
-    derived = {"probe_acc", "cknna"}  # added by `_write_report` from the base block's columns
+    derived = {"probe_acc", "cknna"}  # added by `write_results` from the base block's columns
     imported = []
     for job in jobs:
         rows = {int(r["step"]): r for r in table if r["arm"] == job.arm.name and int(r["seed"]) == job.seed}
@@ -222,8 +217,7 @@ def import_rows(path: Path, jobs: Sequence[Job]) -> list[str]:
             continue
         for step in steps:
             row = {k: _csv_value(k, v) for k, v in rows[step].items() if k not in derived}
-            job.eval_path(step).parent.mkdir(parents=True, exist_ok=True)
-            job.eval_path(step).write_text(json.dumps(row, indent=1) + "\n")
+            write_json(row, job.eval_path(step), indent=1)
         imported.append(job.run_dir.name)
     print(f"[convergence] imported {len(imported)} finished runs from {path}: {', '.join(imported) or 'none'}",
           flush=True)  # fmt: skip
@@ -239,15 +233,13 @@ def _csv_value(key: str, value: str) -> Any:
     return None if value == "" else float(value)
 
 
-def _report_finished(jobs: list[Job], arms: list[Arm], out: Path, base_depth: int, depths: dict[str, int],
-                     command: str, config: Config) -> dict[str, Any]:  # fmt: skip
+def _report_finished(jobs: list[Job], arms: list[Arm], out: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """`run_benchmark(report_only=True)`: the report of the finished runs; the others are listed as remaining."""
     done = {job: finished_rows(job) for job in jobs}
     if all(res is None for job, res in done.items() if job.arm.name == "vanilla"):
         raise ValueError(f"{out}: no finished vanilla run yet: the report compares every arm against it")
     remaining = [f"{job.arm.name}-seed{job.seed}" for job, res in done.items() if res is None]
-    meta = {"preset": jobs[0].preset, "layers": jobs[0].layers, "base_depth": base_depth, "depths": depths,
-            "command": command, "wall_s": None, "config": config, "remaining": remaining}  # fmt: skip
+    meta = {**meta, "wall_s": None, "remaining": remaining}
     return _write_report([res for res in done.values() if res], arms, out, meta)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -134,6 +135,11 @@ def eval_steps(p: Preset) -> list[int]:
     """The evaluated steps: every `eval_every` steps, and always the last step."""
     steps = list(range(p.eval_every, p.steps + 1, p.eval_every))
     return steps if steps and steps[-1] == p.steps else [*steps, p.steps]
+
+
+def preset_from_dict(values: dict[str, Any]) -> Preset:
+    """A `Preset` from its `dataclasses.asdict` form as JSON gives it back (seeds as a list)."""
+    return Preset(**{**values, "seeds": tuple(values["seeds"])})
 
 
 def device_of(p: Preset) -> torch.device:

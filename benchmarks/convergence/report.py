@@ -19,11 +19,9 @@ def _fmt(values: Sequence[float], digits: int = 4) -> str:
     if not values:
         return "-"
     mean = statistics.mean(values)
-    return (
-        f"{mean:.{digits}g}"
-        if len(values) == 1
-        else f"{mean:.{digits}g} [{min(values):.{digits}g}, {max(values):.{digits}g}]"
-    )
+    if len(values) == 1:
+        return f"{mean:.{digits}g}"
+    return f"{mean:.{digits}g} [{min(values):.{digits}g}, {max(values):.{digits}g}]"
 
 
 def metric_table(rows: list[dict], key: str, arm: str, base: str = "vanilla") -> list[str]:
@@ -266,9 +264,11 @@ def cost_section(rows: list[dict], arms: list[str], seconds: dict[str, float | N
 
 
 def write_results(rows: list[dict], arms: list[str], out: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    """`results.csv`, `results.md`, `convergence.png`, `summary.json`; prints the verdicts. Returns the summary."""
+    """`results.csv`, `results.md`, `convergence.png`, `summary.json`; prints the verdicts. Returns the summary.
+    Every row gains `probe_acc` and `cknna`: its probe accuracy and CKNNA at the base block `meta["base_depth"]`."""
     p: Preset = meta["preset"]
     d0 = meta["base_depth"]
+    rows = [{**r, "probe_acc": r[f"probe_acc_l{d0}"], "cknna": r[f"cknna_l{d0}"]} for r in rows]
     rows = sorted(rows, key=lambda r: (arms.index(r["arm"]), r["seed"], r["step"]))
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
@@ -295,13 +295,8 @@ def write_results(rows: list[dict], arms: list[str], out: Path, meta: dict[str, 
             md += ablation_section(rows, arm, per_arm, printed)
     md += [*cost_section(rows, arms, seconds, bool(timed), meta["wall_s"]), "![convergence](convergence.png)", ""]
     (out / "results.md").write_text("\n".join(md))
-    plot(
-        rows,
-        arms,
-        out / "convergence.png",
-        f"{preset_name(p)} preset: {p.steps} steps, {len({r['seed'] for r in rows})} seeds, FID-{p.fid_samples}",
-        seconds,
-    )
+    title = f"{preset_name(p)} preset: {p.steps} steps, {len({r['seed'] for r in rows})} seeds, FID-{p.fid_samples}"
+    plot(rows, arms, out / "convergence.png", title, seconds)
     summary = {"setup": setup, "command": meta["command"], "wall_s": meta["wall_s"], "rows": len(rows), "arms": per_arm,
                "remaining": meta.get("remaining", [])}  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")

@@ -29,6 +29,7 @@ import torch
 from benchmarks.convergence.jobs import Job
 from benchmarks.convergence.presets import REPA, VANILLA, Arm, Preset
 from benchmarks.convergence.report import TIMES
+from repa.fileio import write_json
 from repa.hardware import cpu_bf16
 from repa.training import train
 
@@ -95,8 +96,7 @@ def time_arms(preset: Preset, ablations: Sequence[Arm], *, out: Path, config: st
         entry["s_per_step"] = sum(ph["steps"] * ph["s_per_step"] for ph in phases) / sum(ph["steps"] for ph in phases)
     result = {"cpu": cpu_bf16().cpu, "machine": platform.machine(), "threads": preset.threads,
               "batch_size": preset.batch_size, "steps": steps, "rounds": rounds, "window": WINDOW, "arms": per_arm}  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
-    (out / TIMES).write_text(json.dumps(result, indent=1) + "\n")
+    write_json(result, out / TIMES, indent=1)
     for name, v in per_arm.items():
         parts = ", ".join(f"{k} {ph['s_per_step']:.3f} over {ph['steps']} steps" for k, ph in v["phases"].items())
         print(f"[convergence] {name}: {v['s_per_step']:.3f} s/step ({parts}; medians of {WINDOW}-step windows)",

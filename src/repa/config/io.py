@@ -154,11 +154,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML preset (safe-loaded; may name a `base:` preset beside it) <- dotted overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        data = load_yaml(Path(path))
-    data = _merge(data, parse_overrides(overrides or []))
-    return from_dict(data)
+    data = load_yaml(Path(path)) if path is not None else {}
+    return from_dict(_merge(data, parse_overrides(overrides or [])))
 
 
 def load_yaml(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:

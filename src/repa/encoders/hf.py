@@ -135,8 +135,7 @@ class HFEncoder(Encoder):
         self.model = model
         self.global_token_kind = "cls" if fam.cls_token else "mean"
         self.num_prefix = int(fam.cls_token) + int(getattr(cfg, "num_register_tokens", 0) or 0)
-        native = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
-        self.native_resolution = native
+        self.native_resolution = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
         if family == "mae" and getattr(cfg, "mask_ratio", 0.0) != 0.0:
             raise ValueError(f"{name}: MAE must run with mask_ratio 0 (got {cfg.mask_ratio})")
         self.freeze()

@@ -7,6 +7,7 @@ C = 1280 at stride 32 (7x7 at 224 px). `layer=k` stops after the first k of the 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -93,9 +94,7 @@ class MobileNetV2Encoder(Encoder):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             net = MobileNetV2Features()
-        stride = 1
-        for s in net.strides[:k]:
-            stride *= s
+        stride = math.prod(net.strides[:k])
         if random_init:
             source = f"random-init(seed={seed})"
         else:
