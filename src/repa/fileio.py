@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import re
@@ -13,20 +12,22 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from repa.errors import brief
+from repa.errors import OS_REASONS, brief
 
 
 @contextlib.contextmanager
 def atomic_file(dest: str | Path, suffix: str = "") -> Iterator[BinaryIO]:
     """A binary file to write `dest` through: a temporary file beside it (`.<name>.tmp-*`, hidden) that replaces
-    `dest` (mode 0644, whatever the umask) when the block ends, and is deleted if the block raises, so `dest` is
-    never half-written."""
+    `dest` (mode 0644, whatever the umask) when the block ends, fsync'ed first, and is deleted if the block raises, so
+    `dest` is never half-written."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.tmp-", suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
+            f.flush()
+            os.fsync(f.fileno())  # the data reaches the disk before the rename publishes it
         os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
         os.replace(tmp, dest)
     except BaseException:
@@ -52,14 +53,6 @@ def write_json(obj: Any, path: str | Path, indent: int = 2) -> None:
     write_text_atomic(path, json.dumps(obj, indent=indent) + "\n")
 
 
-_REASONS = {
-    errno.ENOSPC: "no space left on device",
-    errno.EROFS: "read-only file system",
-    errno.EACCES: "permission denied",
-    errno.EDQUOT: "disk quota exceeded",
-}
-
-
 def write_error_reason(err: BaseException, root: Path) -> str:
     """A short reason for a failed write. safetensors reports `... (os error 28)` and torch.save a bare
     `unexpected pos` RuntimeError on a full disk, so the free space is checked as well."""
@@ -67,8 +60,8 @@ def write_error_reason(err: BaseException, root: Path) -> str:
     if code is None:
         m = re.search(r"os error (\d+)", str(err))
         code = int(m.group(1)) if m else None
-    if code in _REASONS:
-        return _REASONS[code]
+    if code in OS_REASONS:
+        return OS_REASONS[code][0]
     text = brief(err)
     try:
         free = shutil.disk_usage(root).free

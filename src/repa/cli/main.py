@@ -4,7 +4,6 @@ two lines and its exit code (`repa.errors`), a bug in its traceback (`--debug` /
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
 import os
 import sys
@@ -66,20 +65,9 @@ def _lines(text: str) -> str:
     return "\n".join(lines)
 
 
-_OS_REASONS = {
-    errno.ENOSPC: ("no space left on device", "free some space, then rerun the same command"),
-    errno.EDQUOT: ("disk quota exceeded", "free some space or raise the quota, then rerun the same command"),
-    errno.EFBIG: ("file too large for the file system", "write to another file system"),
-    errno.EROFS: ("read-only file system", "choose a writable location"),
-    errno.EACCES: ("permission denied", "fix the permissions or choose another location"),
-    errno.EPERM: ("operation not permitted", "fix the permissions or choose another location"),
-    errno.EIO: ("input/output error", "check the disk"),
-}
-
-
 def os_error_message(err: OSError) -> tuple[str, int]:
     """What failed, on which file, the reason in words and what to do; the exit code (disk fault or other)."""
-    reason, hint = _OS_REASONS.get(err.errno, (None, None))  # type: ignore[arg-type]
+    reason, hint = errors.OS_REASONS.get(err.errno, (None, None))  # type: ignore[arg-type]
     detail = err.strerror or str(err) or type(err).__name__
     if err.filename is not None:
         names = f"{err.filename}" + (f" -> {err.filename2}" if err.filename2 is not None else "")

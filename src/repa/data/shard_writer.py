@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
-from repa.assets import sha256_file
 from repa.data.shards import FORMAT, STORAGE_DTYPES, VERSION, ShardError
 from repa.data.vae import LatentNorm
-from repa.fileio import fsync_file, write_json
+from repa.fileio import atomic_file, write_json
 
 LATENT_NORMS = ("vae", "dataset")  # `repa prepare --latent-norm`
 
@@ -48,17 +46,12 @@ def record_file(shard: int) -> str:
 
 
 def _save_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> dict[str, Any]:
-    """safetensors to a temporary file, fsync, rename; returns {path, sha256, bytes} of the final file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """safetensors written whole or not at all (`atomic_file`); returns {path, sha256, bytes} of the final file."""
     # one metadata key: safetensors orders several keys arbitrarily, and the bytes must be reproducible
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), {"repa": json.dumps(metadata, sort_keys=True)})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # plain file permissions (the writer may create it private)
-    fsync_file(tmp)
-    digest = sha256_file(tmp)
-    os.replace(tmp, path)
-    return {"path": path.name, "sha256": digest, "bytes": path.stat().st_size}
+    data = save({k: v.contiguous() for k, v in tensors.items()}, {"repa": json.dumps(metadata, sort_keys=True)})
+    with atomic_file(path) as f:
+        f.write(data)
+    return {"path": path.name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
 
 def encoder_entry(encoder: nn.Module) -> dict[str, Any]:
