@@ -89,11 +89,8 @@ def barrier() -> None:
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """Mean of `tensor` over all processes (a copy; the input is untouched)."""
-    out = tensor.detach().clone()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        out /= dist.get_world_size()
-    return out
+    out = all_reduce_sum(tensor)
+    return out / dist.get_world_size() if dist.is_available() and dist.is_initialized() else out
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

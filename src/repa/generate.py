@@ -218,7 +218,6 @@ def to_adm_nhwc(images: torch.Tensor) -> np.ndarray:
 def write_samples(images: torch.Tensor, labels: torch.Tensor, stem: str | Path, nrow: int) -> tuple[Path, Path]:
     """`<stem>.png` (a grid of the first 100 images) and `<stem>.npz` (ADM layout: `arr_0` RGB NHWC, `arr_1`)."""
     stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
     png, npz = stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".npz")
     save_grid(images[:100], png, nrow=nrow)
     save_samples(npz, to_adm_nhwc(images), labels.numpy())

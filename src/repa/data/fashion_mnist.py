@@ -83,7 +83,6 @@ def _candidates(root: str | Path | None) -> list[Path]:
 
 
 def _download(stem: str, dest: Path) -> Path:
-    dest.mkdir(parents=True, exist_ok=True)
     errors = []
     for base in MIRRORS:
         try:

@@ -274,7 +274,6 @@ def check_plan(out: Path, plan: dict[str, Any], rank: int) -> None:
             for stale in out.glob(".*.tmp*"):
                 stale.unlink(missing_ok=True)
     elif rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
         (out / "manifest.json").unlink(missing_ok=True)
         write_json(plan, path, indent=1)
     else:

@@ -272,7 +272,6 @@ def reference_stats(
         split = fashion_split(text)
         path = cache_dir() / "eval" / f"fashion-mnist-{split}-{'all' if limit is None else limit}.npz"
         images, labels = fashion_mnist_images(split, limit, data_root)
-        path.parent.mkdir(parents=True, exist_ok=True)
         save_samples(path, to_adm_nhwc(images), labels.numpy())
         return reference_statistics(path, detector, batch_size, use_precomputed=False, progress=progress)
     if Path(text).is_file() and limit is None:
