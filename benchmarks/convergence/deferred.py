@@ -184,7 +184,6 @@ def score(src: Path, out: Path, data_root: str | None = None, device: str | None
         ref = evaluate.fid_reference(detector, p.fid_reference, data_root)
         mu, sigma = ref.stats["pool"]
         out.mkdir(parents=True, exist_ok=True)
-        (out / "fid").mkdir(exist_ok=True)
         rows, t0 = [], time.perf_counter()
         for i, packed in enumerate(desc["rows"]):
             row = {k: v for k, v in packed.items() if k != "samples"}

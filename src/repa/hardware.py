@@ -8,6 +8,7 @@ runs and why.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import platform
 import subprocess
@@ -55,10 +56,8 @@ def parse_cpuinfo(text: str) -> CpuBf16:
 @functools.lru_cache(maxsize=1)
 def cpu_bf16() -> CpuBf16:
     """This machine's CPU bf16 support (Linux: /proc/cpuinfo; macOS on Apple silicon: sysctl FEAT_BF16)."""
-    try:
+    with contextlib.suppress(OSError):
         return parse_cpuinfo(Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace"))
-    except OSError:
-        pass
     if platform.system() == "Darwin" and platform.machine() == "arm64":
         try:
             out = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16", "machdep.cpu.brand_string"],
