@@ -77,6 +77,14 @@ def test_normalise_then_denormalise_is_the_identity(norm):
     torch.testing.assert_close(norm.normalize(norm.denormalize(z)), z, rtol=1e-6, atol=1e-6)
 
 
+def test_a_vae_module_without_a_config_uses_the_sd_vae_scale():
+    """A bare module with `encode`/`decode` and no diffusers `config`: 0.18215 and no shift unless `scale` is given."""
+    bare = torch.nn.Identity()
+    assert not hasattr(bare, "config")
+    assert VAE(bare).norm == LatentNorm() and VAE(bare).scale == LATENT_SCALE
+    assert VAE(bare, scale=0.5).scale == 0.5
+
+
 def test_sd_vae_default_stays_bit_identical():
     """SD-VAE (scaling_factor 0.18215, no shift): x = z * 0.18215 and decode(x) = vae.decode(x / 0.18215), bit for
     bit the expressions used before normalisations were configurable."""

@@ -237,8 +237,10 @@ class VAE(AutoencoderGeometry):
         self.vae = vae
         if norm is None:
             config = getattr(vae, "config", None)
-            norm = LatentNorm(scale=float(scale)) if scale is not None or config is None else (
-                LatentNorm.from_vae_config(config))  # fmt: skip
+            if scale is not None:
+                norm = LatentNorm(scale=float(scale))
+            else:  # no config: SD-VAE's 0.18215
+                norm = LatentNorm() if config is None else LatentNorm.from_vae_config(config)
         self.norm = norm
         self.source = source
         for p in self.vae.parameters():
