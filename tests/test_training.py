@@ -117,15 +117,19 @@ def test_two_processes_equal_one(tmp_path, fmnist_root):
             assert abs(a[k] - b[k]) <= 1e-5, (k, a[k], b[k])
 
 
-def test_dit_ddpm_with_repa_trains_and_samples(tmp_path, fmnist_root, test_encoder):
-    run = tmp_path / "dit"
-    over = tiny_overrides(run, fmnist_root, "model.name=DiT-T/4", "transport.diffusion=ddpm", "train.max_steps=3",
+@pytest.mark.parametrize("model, channels", [("DiT-T/4", 2), ("SiT-T/4", 1)])
+def test_ddpm_with_repa_trains_and_samples(tmp_path, fmnist_root, test_encoder, model, channels):
+    """DiT learns Sigma (2C outputs, eps MSE + L_vlb); a SiT backbone under `transport.diffusion=ddpm` has C outputs,
+    trains on the eps MSE alone (vb = 0) and samples with the fixed posterior variance."""
+    run = tmp_path / "run"
+    over = tiny_overrides(run, fmnist_root, f"model.name={model}", "transport.diffusion=ddpm", "train.max_steps=3",
                           "sample.num_steps=4")  # fmt: skip
     train(load_config(ROOT / "configs/tiny.yaml", over))
     m = _metrics(run)
     assert len(m) == 3 and all(np.isfinite(r["denoise"]) and np.isfinite(r["vb"]) for r in m)
+    assert all((r["vb"] == 0.0) == (channels == 1) for r in m)
     ck = _final(run)
-    assert ck["model"]["final_layer.linear.weight"].shape[0] == 4 * 4 * 2  # learned sigma: 2C output channels
+    assert ck["model"]["final_layer.linear.weight"].shape[0] == 4 * 4 * channels
     assert (run / "samples" / "step_00000003.png").exists()
 
 

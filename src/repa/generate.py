@@ -67,7 +67,7 @@ def generate(
             guide = cfg_joint_eps_fn if joint else cfg_eps_fn
             eps_fn = guide(eps_fn, s.cfg_scale, model.num_classes, guidance_low=s.guidance_low,  # type: ignore[operator]
                            guidance_high=s.guidance_high)  # fmt: skip
-        diffusion = create_diffusion(str(s.num_steps))
+        diffusion = create_diffusion(str(s.num_steps), learn_sigma=getattr(model, "learn_sigma", True))
         extra = {"cls_noise": common["cls_noise"]} if joint else {}
         if s.sampler == "ddim":
             x = diffusion.ddim_sample_loop(eps_fn, noise, labels, eta=s.ddim_eta, generator=generator(seed, 4), **extra)

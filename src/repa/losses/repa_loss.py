@@ -44,6 +44,8 @@ class RepaLoss:
         diffusion: "flow" (interpolant, default) or "ddpm" (DiT: integer timesteps, eps target + L_vlb with
             learned Sigma; the model must output 2C channels).
         num_timesteps: DDPM steps.
+        learn_sigma: with "ddpm", whether the model learns Sigma (DiT: 2C outputs, eps MSE + L_vlb) or not (SiT
+            backbones: C outputs, eps MSE alone, sampled with the fixed posterior variance).
         spatial_norm_gamma: iREPA's coefficient on the spatial mean (0.6 official); None = off.
         attn_coeff: HASTE's attention-alignment weight (0.5 official).
         attn_pairs: (model block, encoder layer) pairs, 1-indexed (HASTE: (5, 9) .. (8, 12)).
@@ -78,6 +80,7 @@ class RepaLoss:
         self_align_blocks: tuple[int, int] = (8, 20),
         self_align_gap: float = 0.2,
         self_align_kind: SelfAlignKind = "cos",
+        learn_sigma: bool = True,
     ) -> None:
         if prediction != "v":
             raise ValueError(
@@ -101,7 +104,7 @@ class RepaLoss:
         self.time_mean, self.time_std = time_mean, time_std
         self.diffusion = diffusion
         self.ddpm = (
-            create_diffusion(None, num_timesteps=num_timesteps, learn_sigma=True) if diffusion == "ddpm" else None
+            create_diffusion(None, num_timesteps=num_timesteps, learn_sigma=learn_sigma) if diffusion == "ddpm" else None
         )
         self.spatial_norm_gamma = spatial_norm_gamma
         self.attn_coeff, self.attn_pairs = attn_coeff, tuple((int(m), int(e)) for m, e in attn_pairs)

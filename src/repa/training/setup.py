@@ -20,6 +20,7 @@ from repa.data.features import TargetCache, build_target_cache
 from repa.encoders import load_encoder
 from repa.generate import decoder_for, generate, grid_labels, save_grid
 from repa.losses import RepaLoss, align_weight
+from repa.models import MODELS
 from repa.models import build_model as build_backbone
 from repa.training.data import InMemoryImages, TargetSpec, TrainingData
 from repa.training.ema import EMA
@@ -162,7 +163,8 @@ def build_loss(cfg: Config) -> RepaLoss:
                     attn_coeff=r.attention_coeff, attn_pairs=[tuple(p) for p in r.attention_pairs],
                     class_token_coeff=r.class_token_coeff, self_align_coeff=r.self_align_coeff,
                     self_align_blocks=tuple(r.self_align_blocks), self_align_gap=r.self_align_gap,
-                    self_align_kind=r.self_align_kind)  # fmt: skip
+                    self_align_kind=r.self_align_kind,
+                    learn_sigma=MODELS[cfg.model.name]["learn_sigma"])  # fmt: skip
 
 
 def family_step(
