@@ -378,7 +378,7 @@ def test_latent_arms_are_probed_on_their_vaes_latents():
 
     from benchmarks.convergence.evaluate import model_inputs
 
-    from repa.data.vae import load_vae
+    from repa.data.vae_spec import load_vae
 
     images = torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     pixel = SimpleNamespace(vae=lambda: None)

@@ -17,7 +17,8 @@ from repa.cli.main import main as cli_main
 from repa.config import load_config
 from repa.data.shard_writer import run_config
 from repa.data.shards import LatentShards, ShardError, manifest_latent_norm, read_latent_norm
-from repa.data.vae import LATENT_SCALE, RANDOM_VAE_PRESETS, VAE, LatentNorm, load_vae, sample_latents
+from repa.data.vae import LATENT_SCALE, RANDOM_VAE_PRESETS, VAE, LatentNorm, sample_latents
+from repa.data.vae_spec import load_vae
 from repa.generate import decoder_for, generate, run_latent_norm
 
 torch.set_num_threads(2)

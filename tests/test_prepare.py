@@ -19,7 +19,8 @@ from repa.cli.main import main as cli_main
 from repa.data.folder import CorruptImageError, load_image
 from repa.data.prepare import prepare_shards
 from repa.data.shards import LatentShards, ShardError
-from repa.data.vae import LATENT_SCALE, load_vae
+from repa.data.vae import LATENT_SCALE
+from repa.data.vae_spec import load_vae
 from repa.encoders import load_encoder
 
 torch.set_num_threads(2)

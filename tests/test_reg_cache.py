@@ -181,7 +181,7 @@ def test_latent_shards_store_the_global_token_for_reg(tmp_path):
     from repa.data.folder import load_image
     from repa.data.prepare import prepare_shards
     from repa.data.shards import LatentShards, ShardError
-    from repa.data.vae import load_vae
+    from repa.data.vae_spec import load_vae
     from tests.test_prepare import make_folder
 
     src, vae, enc = make_folder(tmp_path / "src", per_class=3), load_vae("random:small", "cpu"), tiny_dinov2(28)

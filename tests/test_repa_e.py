@@ -17,7 +17,8 @@ from repa.checkpoint import latest_checkpoint, load_checkpoint
 from repa.cli.main import main as cli_main
 from repa.config import ConfigError, load_config
 from repa.data.tuned_vae import TunedVAE
-from repa.data.vae import VAE, load_vae
+from repa.data.vae import VAE
+from repa.data.vae_spec import load_vae
 from repa.generate import generate_batches, grid_labels
 from repa.loading import load_model
 from repa.losses import RepaLoss
@@ -264,7 +265,7 @@ def test_latent_bn_starts_from_the_vaes_normalisation():
 def test_train_vae_writes_a_diffusers_folder_that_latent_training_uses(tmp_path, fmnist_root, monkeypatch):
     """`repa train-vae`: the loss falls, the folder loads with its measured per-channel statistics (unit-variance
     latents on the training images), REPA-E starts its BatchNorm from them, and nothing is overwritten."""
-    from repa.data.vae import load_vae
+    from repa.data.vae_spec import load_vae
     from repa.training.autoencoder import _latent_statistics, _pixels
 
     out = tmp_path / "vae"

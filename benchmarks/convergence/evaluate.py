@@ -16,7 +16,8 @@ from repa.analysis import alignment, collect_hidden_states, linear_probe
 from repa.analysis.run import encoder_features
 from repa.config import Config
 from repa.data.sources import fashion_mnist_images
-from repa.data.vae import from_uint8, load_vae
+from repa.data.vae import from_uint8
+from repa.data.vae_spec import load_vae
 from repa.evaluation import InceptionDetector, balanced_labels, compute_activations, frechet_distance
 from repa.evaluation.reference import ReferenceStats, reference_stats
 from repa.fileio import atomic_file

@@ -19,7 +19,8 @@ from repa.config import Config
 from repa.config.validate import check_sampler
 from repa.data.npz import save_samples
 from repa.data.shards import read_latent_norm
-from repa.data.vae import VAE, LatentNorm, load_vae, to_uint8
+from repa.data.vae import VAE, LatentNorm, to_uint8
+from repa.data.vae_spec import load_vae
 from repa.samplers import (
     dopri5_sampler,
     euler_maruyama_sampler,
@@ -133,7 +134,7 @@ def run_latent_norm(cfg: Config) -> LatentNorm | None:
 
 
 def decoder_for(vae: str | None, device: torch.device | str = "cpu", norm: NormSpec = None) -> Decoder:
-    """x (data space) -> uint8 images: pixels directly (`vae` None), latents through that VAE (`repa.data.vae.load_vae`
+    """x (data space) -> uint8 images: pixels directly (`vae` None), latents through that VAE (`repa.data.vae_spec.load_vae`
     spec: hub id, folder, or `random:...`), loaded once per process.
 
     Args:

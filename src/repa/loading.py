@@ -199,7 +199,7 @@ class LoadedModel:
         return self.info["model_kwargs"].get("align_depth")
 
     def vae(self, override: str | None = None) -> str | None:
-        """The VAE (a `repa.data.vae.load_vae` spec) that decodes this model's samples: None for pixel-space
+        """The VAE (a `repa.data.vae_spec.load_vae` spec) that decodes this model's samples: None for pixel-space
         models, else `override`, the checkpoint's own tuned VAE (REPA-E: `vae.safetensors`, with its latent
         BatchNorm's statistics) or the run's `data.vae` (official checkpoints are SD-VAE latent models)."""
         if self.cfg.data.space != "latent":

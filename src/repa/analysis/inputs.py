@@ -17,7 +17,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from repa.data.sources import fashion_mnist_images, folder_images
-from repa.data.vae import VAE, from_uint8, load_vae
+from repa.data.vae import VAE, from_uint8
+from repa.data.vae_spec import load_vae
 from repa.loading import LoadedModel
 
 

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from repa.data.prepare import prepare_shards
-    from repa.data.vae import load_vae
+    from repa.data.vae_spec import load_vae
     from repa.encoders import load_encoder
 
     rank, world, local = _init_distributed()

@@ -22,7 +22,6 @@ manifest (`repa.data.shard_writer.dataset_latent_norm`). `LATENT_SCALE` is the o
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -365,32 +364,3 @@ def sample_latents(
     if isinstance(scale, LatentNorm):
         return scale.normalize(mean + std * eps)
     return (mean + std * eps) * scale
-
-
-def load_vae(spec: str, device: str | torch.device = "cpu") -> VAE:
-    """A `VAE` from a hub id / local folder, or `random[:preset|{json}]` (random init, seed 0).
-
-    Args:
-        spec: "stabilityai/sd-vae-ft-ema", a `save_pretrained` folder, "random:small", 'random:{"layers_per_block": 1}',
-            or a REPA-E checkpoint's `vae.safetensors` (the tuned VAE, normalising with its latent BatchNorm).
-        device: target device.
-
-    Returns:
-        the frozen VAE wrapper.
-    """
-    if spec == "random" or spec.startswith("random:"):
-        what = spec.partition(":")[2] or "tiny"
-        if what.startswith("{"):
-            overrides = json.loads(what)
-        elif what in RANDOM_VAE_PRESETS:
-            overrides = RANDOM_VAE_PRESETS[what]
-        else:
-            raise ValueError(f"VAE {spec!r}: unknown preset {what!r}; use one of {sorted(RANDOM_VAE_PRESETS)} or JSON")
-        vae = VAE.from_config(seed=0, **overrides)
-        vae.source = f"random:{what}"
-        return vae.to(device)
-    if spec.endswith(".safetensors") and Path(spec).is_file():  # REPA-E: a checkpoint's tuned VAE + its BatchNorm
-        from repa.data.tuned_vae import load_tuned_vae
-
-        return load_tuned_vae(spec, device)
-    return VAE.from_pretrained(spec, device=device)

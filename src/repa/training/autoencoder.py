@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from repa.config import Config
 from repa.data.sources import fashion_mnist_images
 from repa.data.tuned_vae import save_with_latent_statistics
-from repa.data.vae import from_uint8, load_vae, to_uint8
+from repa.data.vae import from_uint8, to_uint8
+from repa.data.vae_spec import load_vae
 from repa.generate import save_grid
 from repa.training.data import InMemoryImages, load_train_images
 

@@ -16,7 +16,8 @@ from repa.data.features import images_fingerprint
 from repa.data.folder import load_image_folder
 from repa.data.shards import LatentShards
 from repa.data.sources import balanced_subset, check_labels, fashion_mnist_images
-from repa.data.vae import LatentNorm, from_uint8, load_vae
+from repa.data.vae import LatentNorm, from_uint8
+from repa.data.vae_spec import load_vae
 
 TargetSpec = tuple[str, int, tuple[int, int]]  # (encoder name, embed_dim, token grid)
 
@@ -38,7 +39,7 @@ class TrainingData(Protocol):
 
     @property
     def vae(self) -> str | None:
-        """The VAE that decodes x to images (a `repa.data.vae.load_vae` spec); None when x is pixels."""
+        """The VAE that decodes x to images (a `repa.data.vae_spec.load_vae` spec); None when x is pixels."""
 
     @property
     def latent_norm(self) -> object | None:
@@ -120,17 +121,13 @@ class PrecomputedLatents(InMemoryImages):
 
     mean: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # (num_flips, N, C, h, w) float32
     std: torch.Tensor = field(default_factory=lambda: torch.empty(0))
-    vae_spec: str = ""
+    vae: str = ""  # type: ignore[assignment]  # the frozen VAE's spec (pixel-space data has None)
     norm: LatentNorm = field(default_factory=LatentNorm)  # the VAE's own normalisation (what decoding inverts)
     needs_posterior: ClassVar[bool] = True
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:  # type: ignore[override]
         return tuple(self.mean.shape[2:])  # type: ignore[return-value]
-
-    @property
-    def vae(self) -> str:  # type: ignore[override]
-        return self.vae_spec
 
     def batch(
         self, idx: torch.Tensor, flips: torch.Tensor, device: torch.device, *, eps: torch.Tensor | None = None
@@ -161,7 +158,7 @@ def encode_images(data: InMemoryImages, vae_spec: str, hflip: bool, batch_size: 
         stds.append(torch.cat(s))
     return PrecomputedLatents(data.images, data.labels, data.num_classes, data.name, targets=data.targets,
                          class_tokens=data.class_tokens, mean=torch.stack(means), std=torch.stack(stds),
-                         vae_spec=vae_spec, norm=vae.norm)  # fmt: skip
+                         vae=vae_spec, norm=vae.norm)  # fmt: skip
 
 
 def load_train_images(cfg: Config) -> TrainingData:

@@ -32,7 +32,8 @@ from repa import distributed
 from repa.config import Config
 from repa.data.shards import LatentShards
 from repa.data.tuned_vae import TunedVAE
-from repa.data.vae import from_uint8, load_vae
+from repa.data.vae import from_uint8
+from repa.data.vae_spec import load_vae
 from repa.errors import brief
 from repa.losses import RepaLoss
 from repa.models import MODELS
@@ -45,17 +46,13 @@ class EncodedImages(InMemoryImages):
     channels; grayscale repeated) instead of x, which `EndToEnd.vae_pass` makes; `sample_shape` is the latents'."""
 
     latent_shape: tuple[int, int, int] = (0, 0, 0)
-    vae_spec: str = ""
+    vae: str = ""  # type: ignore[assignment]  # the trainable VAE's spec
     vae_channels: int = 3
     needs_posterior: ClassVar[bool] = True  # the loop draws the posterior sample's eps (latent-shaped)
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:  # type: ignore[override]
         return self.latent_shape
-
-    @property
-    def vae(self) -> str:  # type: ignore[override]
-        return self.vae_spec
 
     def batch(
         self, idx: torch.Tensor, flips: torch.Tensor, device: torch.device, *, eps: torch.Tensor | None = None
@@ -77,7 +74,7 @@ class EncodedShards:
     latent_norm: ClassVar[None] = None
 
     def __init__(self, shards: LatentShards, latent_shape: tuple[int, int, int], vae_spec: str) -> None:
-        self.shards, self.latent_shape, self.vae_spec = shards, latent_shape, vae_spec
+        self.shards, self.latent_shape, self.vae = shards, latent_shape, vae_spec
 
     def __getattr__(self, name: str) -> Any:  # name, num_classes, num_items, target_specs, check_encoders, ...
         return getattr(self.shards, name)
@@ -85,10 +82,6 @@ class EncodedShards:
     @property
     def sample_shape(self) -> tuple[int, int, int]:
         return self.latent_shape
-
-    @property
-    def vae(self) -> str:
-        return self.vae_spec
 
     def batch(
         self, idx: torch.Tensor, flips: torch.Tensor, device: torch.device, *, eps: torch.Tensor | None = None
@@ -144,7 +137,7 @@ class EndToEnd:
                              f"model.name={self.cfg.model.name}")  # fmt: skip
         return EncodedImages(data.images, data.labels, data.num_classes, data.name, targets=data.targets,
                              class_tokens=data.class_tokens, latent_shape=(self.tuned.latent_channels, h // f, w // f),
-                             vae_spec=self.cfg.data.vae, vae_channels=vae_c)  # fmt: skip
+                             vae=self.cfg.data.vae, vae_channels=vae_c)  # fmt: skip
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         """AdamW's groups: the model's (optim.lr), then the VAE's (train.vae_lr)."""
