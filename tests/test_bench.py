@@ -182,7 +182,9 @@ def test_the_guard_benchmark_times_both_update_paths_on_a_preset():
     assert all(v > 0 for k, v in res.items() if not k.startswith("guard"))
     # the guard's phase includes the optimizer step and its finiteness pass
     overhead = res["update phase: UpdateGuard.step()"] - res["update phase: optimizer.step()"]
-    assert res["guard overhead (extra update time / step)"] == pytest.approx(overhead / res["step with optimizer.step()"])
+    assert res["guard overhead (extra update time / step)"] == pytest.approx(
+        overhead / res["step with optimizer.step()"]
+    )
 
 
 def test_the_loop_benchmark_reads_the_median_of_windows_after_the_first(tmp_path):

@@ -81,8 +81,16 @@ def test_parse_ablations():
     with pytest.raises(ValueError, match="unknown method"):
         convergence.parse_ablations(["method=repa-x"])
     board = convergence.parse_ablations(["leaderboard"])
-    assert [a.name for a in board] == ["irepa", "haste", "reg", "sra", "repa-ntxent", "repa-depth4", "ntxent-depth4",
-                                         "irepa-ntxent"]
+    assert [a.name for a in board] == [
+        "irepa",
+        "haste",
+        "reg",
+        "sra",
+        "repa-ntxent",
+        "repa-depth4",
+        "ntxent-depth4",
+        "irepa-ntxent",
+    ]
 
 
 def test_method_arms_resolve_to_valid_configs(tmp_path):
@@ -156,7 +164,7 @@ def test_tiny_benchmark_end_to_end(tmp_path, monkeypatch):
     assert md.count("verdict (FID)") == 3 and "At its own alignment block 2" in md  # vs vanilla x2, vs repa
     assert "## repa-depth2 vs repa" in md and "**Speed-up at every vanilla checkpoint**" in md
     assert summary["arms"]["repa-depth2"]["fid_vs_repa"]["final_verdict"]
-    board = md[md.index("## Leaderboard"):md.index("## Steps to reach")].splitlines()
+    board = md[md.index("## Leaderboard") : md.index("## Steps to reach")].splitlines()
     table = [line for line in board if line.startswith("| ")]
     assert [line.split(" | ")[0] for line in table[1:]] == ["| vanilla", "| repa", "| repa-depth2"]
     assert table[0].count("FID @ ") == 2 and "speed-up vs repa" in table[0] and "train s/step" in table[0]
@@ -182,7 +190,10 @@ def test_tiny_benchmark_end_to_end(tmp_path, monkeypatch):
     assert partial["remaining"] == ["repa-depth2-seed1"] and not last.exists()
     with open(out / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == 3 * 2 * 2 - 2
-    assert "Not finished yet" in (out / "results.md").read_text() and "| repa-depth2 | 1 |" in (out / "results.md").read_text()
+    assert (
+        "Not finished yet" in (out / "results.md").read_text()
+        and "| repa-depth2 | 1 |" in (out / "results.md").read_text()
+    )
     last.write_text(kept)
     # --rows-from: a new folder takes the runs of a report's results.csv as finished; their rows come back unchanged
     (tmp_path / "earlier.csv").write_text(before)

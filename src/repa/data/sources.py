@@ -102,7 +102,9 @@ def source_batches(
     return image_batches(path, batch_size, limit), total
 
 
-def folder_images(root: str | Path, num: int | None, resolution: int, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def folder_images(
+    root: str | Path, num: int | None, resolution: int, progress: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Class-balanced first-N images of an ImageNet-layout folder (ADM centre crop), loading only those."""
     samples, classes = find_images(root)
     labels = torch.tensor([c for _, c in samples])

@@ -104,7 +104,9 @@ class RepaLoss:
         self.time_mean, self.time_std = time_mean, time_std
         self.diffusion = diffusion
         self.ddpm = (
-            create_diffusion(None, num_timesteps=num_timesteps, learn_sigma=learn_sigma) if diffusion == "ddpm" else None
+            create_diffusion(None, num_timesteps=num_timesteps, learn_sigma=learn_sigma)
+            if diffusion == "ddpm"
+            else None
         )
         self.spatial_norm_gamma = spatial_norm_gamma
         self.attn_coeff, self.attn_pairs = attn_coeff, tuple((int(m), int(e)) for m, e in attn_pairs)
